@@ -1,0 +1,484 @@
+"""
+The causal Wan2.1 DiT used by Self-Forcing, Causal Forcing, LongLive and Krea Realtime, with
+multi-adapter LoRA and checkpoint loading. Numerical spec: shared/reference/WAN_SPEC.md.
+
+A video latent [B, F, C, H, W] is cut into 1x2x2 patches (h*w tokens per latent frame), every
+latent frame gets its own diffusion timestep, and the transformer runs *block-causally*: frames
+are grouped into blocks of 3 and a block attends to itself and earlier blocks only. This is
+what lets the model generate a video block by block against a KV cache (kvcache.py, sample.py).
+
+Three forward paths, one attention code path (`SelfAttention` + `_attend`):
+  1. model(x_block, t, ctx, cache=cache, start_frame=s)     one block against a KV cache
+  2. model(x, t, ctx)                                        block-causal training forward
+     (+ local=, sink= for a windowed mask, history= for a detached cache prefix)
+  3. model(x, t, ctx, clean_x=x0)                            teacher forcing (clean context)
+Path 2 loops over query blocks; each attends to exactly the K/V the cache would hold at that
+block (kvcache.visible), so it equals path 1 run block by block (tests/test_model.py).
+
+The parameter names are the checkpoints' own, so released weights load with strict=True.
+
+Test:  python -m pytest tests/test_parity.py tests/test_model.py -q
+
+Shape legend: B batch, F latent frames, C latent channels, H, W latent height/width,
+h, w token grid (H/2, W/2), P tokens per frame (h*w), N tokens (F*P), Dm model dim,
+Hd heads, D head dim, Lt text tokens, Dt text dim, r LoRA rank.
+"""
+import math
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_
+
+from kvcache import KVCache, visible
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple = (1, 2, 2)
+    freq_dim: int = 256
+    text_dim: int = 4096
+    text_len: int = 512
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    frames_per_block: int = 3  # "num_frame_per_block": 3 for every chunkwise checkpoint
+
+
+CONFIGS = {
+    # CPU tests and the demo (pixel-space shapes world, see tiny_world.py)
+    "tiny": ModelConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4, in_dim=3, out_dim=3,
+                        patch_size=(1, 4, 4), text_dim=64, text_len=16),
+    # Wan2.1-T2V-1.3B: Self-Forcing, Causal Forcing, LongLive
+    "wan-1.3b": ModelConfig(),
+    # Wan2.1-T2V-14B: Krea Realtime Video
+    "wan-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Embeddings: sinusoidal timestep features and 3D RoPE
+
+def sinusoid(t: torch.Tensor, freq_dim: int) -> torch.Tensor:
+    """[cos(t w_j) | sin(t w_j)], w_j = 10000^(-j/half), computed in float64 (as the reference)."""
+    half = freq_dim // 2
+    t = t.to(torch.float64)
+    w = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    arg = torch.outer(t, w)  # (N, half)
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)  # (N, freq_dim) float64
+
+
+def rope_dims(head_dim: int):
+    """Real dims per axis (frame, height, width): d - 4*floor(d/6), 2*floor(d/6), 2*floor(d/6)."""
+    s = 2 * (head_dim // 6)
+    return head_dim - 2 * s, s, s
+
+
+def rope_freqs(head_dim, start_frame, frames, h, w, device="cpu") -> torch.Tensor:
+    """Complex rotations for a (frames, h, w) grid whose first frame is `start_frame`.
+
+    theta_j = 10000^(-2j/D) per axis, freq[p] = exp(i p theta), in float64; the table is built
+    for the requested positions only, so there is no 1024-frame limit (the reference has one).
+    """
+    def axis(pos0, n, dim):
+        inv = 1.0 / torch.pow(10000, torch.arange(0, dim, 2, dtype=torch.float64,
+                                                  device=device).div(dim))
+        ang = torch.outer(torch.arange(pos0, pos0 + n, dtype=torch.float64, device=device), inv)
+        return torch.polar(torch.ones_like(ang), ang)  # (n, dim/2) complex128
+    dt, dh, dw = rope_dims(head_dim)
+    ft, fh, fw = axis(start_frame, frames, dt), axis(0, h, dh), axis(0, w, dw)
+    grid = torch.cat([ft[:, None, None].expand(frames, h, w, -1),
+                      fh[None, :, None].expand(frames, h, w, -1),
+                      fw[None, None, :].expand(frames, h, w, -1)], dim=-1)
+    return grid.reshape(frames * h * w, 1, head_dim // 2)  # (N, 1, D/2) complex128
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) as complex numbers, in float64 (reference order)."""
+    B, N, Hd, D = x.shape
+    xc = torch.view_as_complex(x.to(torch.float64).reshape(B, N, Hd, D // 2, 2))
+    return torch.view_as_real(xc * freqs).flatten(3).to(x.dtype)  # (B, N, Hd, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back, times a learned weight."""
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back (Wan's WanLayerNorm)."""
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus named low-rank adapters: y = W x + b + (alpha/r) B A x.
+
+    Adapters live in `self.lora[name]` as A (r, in) and B (out, r), PEFT's layout. `active`
+    names the adapter in use (None = base weights only). The base weight keeps its checkpoint
+    name, so state dicts without adapters are exactly the checkpoint's.
+    """
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.lora = nn.ModuleDict()
+        self.scale = {}
+        self.active = None
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.active is not None:
+            ad = self.lora[self.active]
+            # adapters are kept in float32 even when the base runs in bf16
+            y = y + self.scale[self.active] * F_.linear(F_.linear(x.to(ad.A.dtype), ad.A), ad.B).to(y.dtype)
+        return y
+
+
+def _attend(q, k, v, ranges):
+    """softmax(q k^T / sqrt(D)) v of the query tokens against the K/V token `ranges`.
+
+    q: (B, Nq, Hd, D); k, v: (B, Nk, Hd, D); ranges: list of (lo, hi) runs of k to attend.
+    One contiguous run is a view (no copy); a sink U window or clean-prefix U self set is two.
+    """
+    if len(ranges) == 1:
+        (lo, hi), = ranges
+        k, v = k[:, lo:hi], v[:, lo:hi]
+    else:
+        k = torch.cat([k[:, lo:hi] for lo, hi in ranges], dim=1)
+        v = torch.cat([v[:, lo:hi] for lo, hi in ranges], dim=1)
+    o = F_.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return o.transpose(1, 2)  # (B, Nq, Hd, D)
+
+
+class SelfAttention(nn.Module):
+    """q, k, v, o projections with RMSNorm on q and k (over the full dim, before the head split)."""
+    def __init__(self, dim, num_heads, eps):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (LoRALinear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def qkv(self, x):
+        B, N, _ = x.shape
+        split = lambda t: t.view(B, N, self.num_heads, -1)  # noqa: E731  (B, N, Hd, D)
+        return split(self.norm_q(self.q(x))), split(self.norm_k(self.k(x))), split(self.v(x))
+
+    def forward(self, x, freqs, plan, layer):
+        q, k, v = self.qkv(x)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        K, V = plan.keys_values(layer, k, v)  # cache write or [history ; this clip]
+        out = [_attend(q[:, lo:hi], K, V, ranges) for (lo, hi), ranges in plan.blocks]
+        out = out[0] if len(out) == 1 else torch.cat(out, dim=1)
+        return self.o(out.flatten(2))  # (B, N, Dm)
+
+
+class CrossAttention(SelfAttention):
+    """Text cross-attention: no RoPE, no mask; text K/V can be cached once per prompt."""
+    def forward(self, x, ctx, cache=None, layer=0):
+        B, N, _ = x.shape
+        q = self.norm_q(self.q(x)).view(B, N, self.num_heads, -1)
+        if cache is not None and cache.cross[layer] is not None:
+            k, v = cache.cross[layer]
+        else:
+            k = self.norm_k(self.k(ctx)).view(B, ctx.shape[1], self.num_heads, -1)
+            v = self.v(ctx).view(B, ctx.shape[1], self.num_heads, -1)
+            if cache is not None:
+                cache.cross[layer] = (k, v)
+        return self.o(_attend(q, k, v, [(0, k.shape[1])]).flatten(2))  # (B, N, Dm)
+
+
+class Block(nn.Module):
+    """adaLN transformer block: self-attn (modulated, gated), cross-attn, FFN (modulated, gated)."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dim
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+        self.norm1 = LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm(d, cfg.eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
+        self.norm2 = LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(LoRALinear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 LoRALinear(cfg.ffn_dim, d))
+
+    def forward(self, x, e0, ctx, freqs, plan, layer):
+        B, N, D = x.shape
+        Fr = e0.shape[1]
+        per_frame = lambda t: t.view(B, Fr, N // Fr, D)  # noqa: E731  (B, F, P, Dm)
+        # M = modulation + e0 -> shift/scale/gate for attention and FFN, one set per frame
+        sh_a, sc_a, g_a, sh_f, sc_f, g_f = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        # x = x + gate * SelfAttn(norm1(x) * (1 + scale) + shift)
+        y = self.self_attn((per_frame(self.norm1(x)) * (1 + sc_a) + sh_a).flatten(1, 2), freqs, plan,
+                           layer)
+        x = x + (per_frame(y) * g_a).flatten(1, 2)
+        # x = x + CrossAttn(norm3(x), text)      (no modulation, no gate)
+        x = x + self.cross_attn(self.norm3(x), ctx, plan.cache, layer)
+        # x = x + gate * FFN(norm2(x) * (1 + scale) + shift)
+        y = self.ffn((per_frame(self.norm2(x)) * (1 + sc_f) + sh_f).flatten(1, 2))
+        return x + (per_frame(y) * g_f).flatten(1, 2)  # (B, N, Dm)
+
+
+class _Plan:
+    """Who attends to what in one forward call, shared by all layers.
+
+    blocks: list of ((q_lo, q_hi), [(k_lo, k_hi), ...]) in token units of this call's
+    queries and of the K/V sequence returned by keys_values().
+    """
+    def __init__(self, blocks, cache=None, slot=None, history=None):
+        self.blocks, self.cache, self.slot, self.history = blocks, cache, slot, history
+
+    def keys_values(self, i, k, v):
+        if self.slot is not None:  # inference: write into the cache, attend to its valid part
+            self.cache.write(i, self.slot, k, v)
+            return self.cache.layer(i)
+        if self.history is not None:  # streaming: a detached cache prefix, then this clip
+            hk, hv = self.history.layer(i)
+            return torch.cat([hk, k], dim=1), torch.cat([hv, v], dim=1)
+        return k, v
+
+
+def _runs(mask, tpf):
+    """Contiguous True runs of a per-frame mask, as token ranges."""
+    runs, lo = [], None
+    for i, m in enumerate(list(mask) + [False]):
+        if m and lo is None:
+            lo = i
+        if not m and lo is not None:
+            runs.append((lo * tpf, i * tpf))
+            lo = None
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+class CausalWanModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        assert cfg.patch_size[0] == 1, "causal blocks need one latent frame per token (patch_t = 1)"
+        assert d % cfg.num_heads == 0 and (d // cfg.num_heads) % 2 == 0
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
+                                            nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Wan's initialisation (matters only when training from scratch, e.g. tiny_world.py)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in [*self.text_embedding, *self.time_embedding]:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)  # the model starts by predicting v = 0
+
+    def forward(self, x, t, context, *, cache: KVCache = None, start_frame=0, clean_x=None,
+                history: KVCache = None, local=-1, sink=0):
+        """Flow (velocity) prediction v for noisy latents x at per-frame timesteps t.
+
+        x: (B, F, C, H, W) noisy latents, frame 0 is absolute frame `start_frame`
+        t: (B, F) float32 timesteps in [0, 1000]; context: (B, Lt' <= Lt, Dt) text embeddings
+        cache:   inference. x is one block, attending to the cache + itself; K/V are written.
+        history: training on a window: a (read-only) cache prefix every block may attend to.
+        clean_x: teacher forcing. Each noisy block sees the clean frames of earlier blocks.
+        local, sink: the attention window of the training mask (see kvcache.visible); with a
+                 cache they are the cache's own.
+        returns: (B, F, C, H, W) flow prediction
+        """
+        cfg = self.cfg
+        B, Fr, C, H, W = x.shape
+        ph, pw = cfg.patch_size[1:]
+        h, w = H // ph, W // pw
+        tpf, nfpb = h * w, cfg.frames_per_block
+        tc = None if clean_x is None else torch.zeros_like(t)  # clean half at t = 0 ("aug_t")
+        xs = x if clean_x is None else torch.cat([clean_x, x], dim=1)
+        ts = t if clean_x is None else torch.cat([tc, t], dim=1)
+        nf = xs.shape[1]
+
+        # patchify: Conv3d with kernel = stride = patch, tokens ordered (f, h, w)
+        tok = self.patch_embedding(xs.transpose(1, 2)).flatten(2).transpose(1, 2)  # (B, N, Dm)
+        # time: e = MLP(sinusoid(t)) per frame; e0 = 6 modulation vectors per frame
+        e = self.time_embedding(sinusoid(ts.flatten(), cfg.freq_dim).to(tok.dtype))  # (B*F, Dm)
+        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (B, nf))  # (B, F, 6, Dm)
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"context has {context.shape[1]} text tokens; the model takes at most "
+                             f"text_len={cfg.text_len} (truncate the prompt embeddings)")
+        # text: zero-pad to text_len rows, then the MLP (no key mask: pad rows are attended)
+        ctx = self.text_embedding(F_.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])))
+
+        # RoPE: absolute frame positions; both halves of teacher forcing share them
+        freqs = rope_freqs(cfg.dim // cfg.num_heads, start_frame, Fr, h, w, x.device)
+        if clean_x is not None:
+            freqs = torch.cat([freqs, freqs], dim=0)
+
+        # who attends to what
+        if cache is not None:
+            lo, _ = cache.begin(start_frame, Fr)
+            plan = _Plan([((0, nf * tpf), [(0, cache.length)])], cache=cache, slot=lo)
+        else:
+            hist = [] if history is None else list(history.frames)
+            if history is not None:
+                local, sink = history.local, history.sink
+            frames = list(range(start_frame, start_frame + Fr))
+            blocks = []
+            for a in range(0, Fr, nfpb):
+                b = min(a + nfpb, Fr)
+                end = start_frame + b  # the query block ends (exclusive) at this absolute frame
+                ctx_frames = hist + frames
+                if clean_x is None:  # block-causal over [history ; this clip]
+                    mask = [visible(f, end, sink, local) for f in ctx_frames]
+                    q = (a * tpf, b * tpf)
+                else:  # [history ; clean clip ; noisy clip]: noisy block sees earlier clean blocks
+                    mask = [f < start_frame + a and visible(f, end, sink, local) for f in ctx_frames]
+                    mask += [a <= i < b for i in range(Fr)]
+                    q = ((Fr + a) * tpf, (Fr + b) * tpf)
+                    blocks.append(((a * tpf, b * tpf), _runs(
+                        [visible(f, end, sink, local) for f in ctx_frames] + [False] * Fr, tpf)))
+                blocks.append((q, _runs(mask, tpf)))
+            blocks.sort()
+            plan = _Plan(blocks, history=history)
+
+        for i, block in enumerate(self.blocks):
+            tok = block(tok, e0, ctx, freqs, plan, i)
+
+        if clean_x is not None:  # only the noisy half goes through the head
+            tok, e = tok[:, Fr * tpf:], e.unflatten(0, (B, nf))[:, Fr:].flatten(0, 1)
+        out = self.head(tok, e.unflatten(0, (B, Fr)))  # (B, F, P, ph*pw*C)
+        # unpatchify: features ordered (pt, ph, pw, c); -> (B, F, C, H, W)
+        out = out.view(B, Fr, h, w, ph, pw, cfg.out_dim)
+        return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, Fr, cfg.out_dim, H, W)
+
+    # ---- LoRA adapters -------------------------------------------------------------------
+    def lora_layers(self):
+        """(name, LoRALinear) for every linear inside the blocks (10 per block)."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, LoRALinear)]
+
+    def add_adapter(self, name, rank=256, alpha=256.0):
+        """Add adapter `name` (A ~ kaiming-uniform as PEFT, B = 0: starts as the base model)."""
+        for _, m in self.lora_layers():
+            p = m.weight
+            A = torch.empty(rank, m.in_features, device=p.device, dtype=torch.float32)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            ad = nn.Module()
+            ad.A = nn.Parameter(A)  # (r, in)
+            ad.B = nn.Parameter(torch.zeros(m.out_features, rank, device=p.device))  # (out, r)
+            m.lora[name], m.scale[name] = ad, alpha / rank
+
+    def adapters(self):
+        _, m = self.lora_layers()[0]
+        return list(m.lora.keys())
+
+    def set_adapter(self, name):
+        """Use adapter `name` in every forward from now on (None = base model, adapters off)."""
+        if name is not None and name not in self.adapters():
+            raise KeyError(f"no adapter {name!r}; have {self.adapters()}")
+        for _, m in self.lora_layers():
+            m.active = name
+
+    @contextmanager
+    def adapter(self, name):
+        """Temporarily switch adapter: `with model.adapter("old"): ...`"""
+        prev = self.lora_layers()[0][1].active
+        self.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.set_adapter(prev)
+
+    def adapter_params(self, name):
+        return [p for _, m in self.lora_layers() for p in m.lora[name].parameters()]
+
+    @torch.no_grad()
+    def copy_adapter(self, src, dst):
+        """dst <- src (adds dst if missing)."""
+        if dst not in self.adapters():
+            m = self.lora_layers()[0][1]
+            self.add_adapter(dst, m.lora[src].A.shape[0], m.scale[src] * m.lora[src].A.shape[0])
+        for a, b in zip(self.adapter_params(src), self.adapter_params(dst)):
+            b.copy_(a)
+
+    @torch.no_grad()
+    def lerp_adapter(self, dst, src, decay):
+        """dst <- decay * dst + (1 - decay) * src (old-policy and EMA updates)."""
+        for d, s in zip(self.adapter_params(dst), self.adapter_params(src)):
+            d.mul_(decay).add_(s.to(d.dtype), alpha=1 - decay)
+
+    def adapter_state_dict(self, name):
+        """PEFT layout: base_model.model.blocks.{i}.<path>.lora_{A,B}.weight."""
+        sd = {}
+        for n, m in self.lora_layers():
+            sd[f"base_model.model.{n}.lora_A.weight"] = m.lora[name].A.detach()
+            sd[f"base_model.model.{n}.lora_B.weight"] = m.lora[name].B.detach()
+        return sd
+
+    @torch.no_grad()
+    def load_adapter(self, name, sd, alpha=None):
+        """Load PEFT / LongLive LoRA tensors into adapter `name` (created with the file's rank).
+
+        alpha: LoRA alpha; default = rank (scale 1, as LongLive and Astrolabe use).
+        """
+        pat = re.compile(r"(blocks\.\d+\.(?:self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02])"
+                         r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+        found = {}
+        for key, val in sd.items():
+            m = pat.search(key)
+            if m:
+                found[(m.group(1), m.group(2))] = val
+        layers = dict(self.lora_layers())
+        missing = [n for n in layers if (n, "A") not in found or (n, "B") not in found]
+        if missing:
+            raise ValueError(f"LoRA file has no weights for {len(missing)} of {len(layers)} "
+                             f"layers (first: {missing[:3]}); expected PEFT keys like "
+                             f"'base_model.model.blocks.0.self_attn.q.lora_A.weight'")
+        rank = found[(missing or list(layers))[0], "A"].shape[0]
+        if name not in self.adapters():
+            self.add_adapter(name, rank, alpha or rank)
+        for n, m in layers.items():
+            for ab in "AB":
+                p, v = getattr(m.lora[name], ab), found[(n, ab)]
+                if p.shape != v.shape:
+                    raise ValueError(f"LoRA {n}.lora_{ab}: file {tuple(v.shape)} vs model "
+                                     f"{tuple(p.shape)} (rank or model size differ)")
+                p.copy_(v)
+
+
+class Head(nn.Module):
+    """Output head: out = Linear(norm(x) * (1 + scale) + shift), modulated by e per frame."""
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.dim
+        self.norm = LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(d, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, d) / d ** 0.5)
+
+    def forward(self, x, e):  # x (B, N, Dm), e (B, F, Dm)
+        B, Fr = e.shape[:2]
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)  # (B, F, 1, Dm)
+        x = self.norm(x).view(B, Fr, -1, x.shape[-1])
+        return self.head(x * (1 + scale) + shift)  # (B, F, P, ph*pw*C)

@@ -1,0 +1,301 @@
+"""
+Few-step autoregressive sampling of a causal video DiT (Self-Forcing's 4-step sampler, used
+unchanged by LongLive and Astrolabe; WAN_SPEC.md §6) and the sampling CLI.
+
+For each block of 3 latent frames, left to right:
+    x = noise                                   t_j in [1000, 937.5, 833.33, 625] (warped)
+    for j in 0..3:  x0 = x - sigma_j * v(x, t_j)            (flow -> x0, float64)
+                    x  = (1 - sigma_{j+1}) x0 + sigma_{j+1} * fresh_noise      (j < 3)
+    write x0 into the KV cache with one more call at t = 0 ("context_noise" = 0)
+The same function is train.py's rollout. All randomness comes from an explicit noise source
+(per-sample torch.Generators, or stored tensors), so a rollout is reproducible whatever the
+batch layout, and the reference fixtures can be replayed exactly.
+
+Run:   python sample.py --model tiny                 (random weights, writes an mp4)
+       python sample.py --help
+Test:  python -m pytest tests/test_parity.py tests/test_sample.py -q
+
+Shape legend: B batch, F latent frames, n frames per block, C channels, H, W latent size.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+from tqdm import tqdm
+
+from kvcache import KVCache
+from model import CONFIGS, CausalWanModel
+
+
+# ----------------------------------------------------------------------------------------------
+# Flow-matching schedule (FlowMatchScheduler: shift 5, sigma_min 0, 1000 steps, extra_one_step)
+
+def flow_schedule(shift=5.0, steps=1000):
+    """The 1000-entry grid: sigma_i = s u_i / (1 + (s - 1) u_i), u = linspace(1, 0, 1001)[:1000]."""
+    u = torch.linspace(1.0, 0.0, steps + 1)[:-1]  # float32, like the reference
+    sigmas = shift * u / (1 + (shift - 1) * u)
+    return sigmas * 1000, sigmas  # (timesteps, sigmas), float32
+
+
+def sampler_timesteps(step_list=(1000, 750, 500, 250), shift=5.0, warp=True):
+    """Denoising timesteps of the few-step sampler and their sigmas (float32).
+
+    warp: t <- cat(grid, [0])[1000 - t], so [1000, 750, 500, 250] -> [1000, 937.5, 833.33, 625].
+    """
+    grid, _ = flow_schedule(shift)
+    ts = torch.tensor(step_list, dtype=torch.float32)
+    if warp:
+        ts = torch.cat([grid, torch.zeros(1)])[1000 - torch.tensor(step_list)]
+    return ts, sigma_of(ts, shift)
+
+
+def sigma_of(t, shift=5.0):
+    """Sigma of the nearest grid timestep (every lookup in the reference goes through the grid)."""
+    grid, sigmas = flow_schedule(shift)
+    t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+    return sigmas[(grid[None] - t[:, None].cpu()).abs().argmin(dim=1)]
+
+
+def flow_to_x0(x_t, flow, t, shift=5.0):
+    """x0 = x_t - sigma(t) * v, in float64 and cast back (the wrapper's conversion).
+
+    x_t, flow: (B, F, C, H, W); t: (B, F) timesteps.
+    """
+    sig = sigma_of(t.reshape(-1), shift).double().to(x_t.device).view(*t.shape, 1, 1, 1)
+    return (x_t.double() - sig * flow.double()).to(flow.dtype)
+
+
+def add_noise(x0, noise, sigma):
+    """Forward process x_t = (1 - sigma) x0 + sigma eps (float32)."""
+    return (1 - sigma) * x0 + sigma * noise
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise sources
+
+class GeneratorNoise:
+    """Per-sample torch.Generators: sample i's noise depends on its own generator only.
+
+    Draw order per block: the block's initial noise, then one re-noise per denoising step.
+    """
+    def __init__(self, generators, frame_shape, device="cpu", dtype=torch.float32):
+        self.gens, self.shape, self.device, self.dtype = generators, tuple(frame_shape), device, dtype
+
+    def _draw(self, n):
+        return torch.stack([torch.randn((n, *self.shape), generator=g, device=g.device)
+                            for g in self.gens]).to(self.device, self.dtype)  # (B, n, C, H, W)
+
+    def initial(self, block, n):
+        return self._draw(n)
+
+    def renoise(self, block, step, n):
+        return self._draw(n)
+
+
+class TensorNoise:
+    """Stored noise: initial (B, F, C, H, W) and renoise (blocks, steps-1, B, n, C, H, W)."""
+    def __init__(self, initial, renoise):
+        self.init, self.re = initial, renoise
+
+    def initial(self, block, n):
+        return self.init[:, block * n:(block + 1) * n]
+
+    def renoise(self, block, step, n):
+        return self.re[block, step]
+
+
+def make_generators(seeds, device="cpu"):
+    """One torch.Generator per sample, seeded e.g. by hash((seed, step, prompt, k))."""
+    return [torch.Generator(device).manual_seed(int(s) % (2 ** 63)) for s in seeds]
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler
+
+@torch.no_grad()
+def generate(model, context, cache: KVCache, num_frames, noise, start_frame=0,
+             timesteps=None, shift=5.0, progress=False, on_block=None):
+    """Generate `num_frames` latent frames after those the cache already holds.
+
+    context: (B, Lt, Dt) text embeddings; cache: a KVCache (empty, or holding a prefix that
+    ends at start_frame); noise: GeneratorNoise / TensorNoise.
+    on_block(k, x0_steps) is called after each block with the 4 per-step x0 (tests, fixtures).
+    returns: (B, num_frames, C, H, W) clean latents
+    """
+    n = model.cfg.frames_per_block
+    if num_frames % n:
+        raise ValueError(f"num_frames={num_frames} must be a multiple of the block size {n}")
+    ts, sig = sampler_timesteps(shift=shift) if timesteps is None else (timesteps, sigma_of(timesteps, shift))
+    B = context.shape[0]
+    out = []
+    for k in tqdm(range(num_frames // n), desc="blocks", disable=not progress, leave=False):
+        s = start_frame + k * n
+        x = noise.initial(k, n)  # (B, n, C, H, W)
+        x0_steps = []
+        for j, t_j in enumerate(ts):
+            t = torch.full((B, n), float(t_j), device=x.device)  # float32 timesteps
+            x0 = flow_to_x0(x, model(x, t, context, cache=cache, start_frame=s), t, shift)
+            x0_steps.append(x0)
+            if j + 1 < len(ts):  # re-noise to the next level with fresh noise
+                x = add_noise(x0, noise.renoise(k, j, n), sig[j + 1].to(x.device))
+        # cache-update pass: the clean block at t = 0 overwrites this block's K/V
+        model(x0, torch.zeros(B, n, device=x.device), context, cache=cache, start_frame=s)
+        out.append(x0)
+        if on_block is not None:
+            on_block(k, x0_steps)
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def recache(model, cache: KVCache, latents, context):
+    """LongLive-style re-cache after a prompt switch: re-run the frames the cache holds (sink +
+    recent, clean, t = 0) with the new prompt, so the history speaks the new prompt's language.
+
+    latents: (B, F_total, C, H, W) every frame generated so far (index = absolute frame).
+    """
+    held, n = list(cache.frames), model.cfg.frames_per_block
+    cache.reset()
+    runs = []  # regroup the held frames into their original blocks
+    for f in held:
+        if runs and runs[-1][-1] == f - 1 and runs[-1][0] // n == f // n:
+            runs[-1].append(f)
+        else:
+            runs.append([f])
+    for r in runs:
+        x = latents[:, r[0]:r[-1] + 1]
+        model(x, torch.zeros(x.shape[:2], device=x.device), context, cache=cache, start_frame=r[0])
+
+
+@torch.no_grad()
+def generate_multi_prompt(model, contexts, switch_frames, cache, num_frames, noise, progress=False):
+    """Long video with prompt switches: contexts[i] is used from switch_frames[i-1] on.
+
+    At each switch the text K/V are rebuilt and the self-attention cache is re-cached.
+    """
+    bounds = [0, *switch_frames, num_frames]
+    n = model.cfg.frames_per_block
+    if any(b % n for b in bounds) or bounds != sorted(bounds) or len(contexts) != len(bounds) - 1:
+        raise ValueError("need one context per segment and block-aligned, increasing switch frames")
+    out = []
+    for i, ctx in enumerate(contexts):
+        if i > 0:
+            recache(model, cache, torch.cat(out, dim=1), ctx)  # also resets the text K/V
+        out.append(generate(model, ctx, cache, bounds[i + 1] - bounds[i], _Offset(noise, bounds[i] // n),
+                            start_frame=bounds[i], progress=progress))
+    return torch.cat(out, dim=1)
+
+
+class _Offset:
+    """A noise source seen from block `k0` on (continuing a video in segments)."""
+    def __init__(self, src, k0):
+        self.src, self.k0 = src, k0
+
+    def initial(self, block, n):
+        return self.src.initial(self.k0 + block, n)
+
+    def renoise(self, block, step, n):
+        return self.src.renoise(self.k0 + block, step, n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Video files
+
+def save_video(path, video, fps=16):
+    """Write (F, 3, H, W) floats in [0, 1] as an H.264 mp4 (imageio + its bundled ffmpeg).
+
+    Written to a temporary file first and renamed, so a crash never leaves half a video.
+    """
+    import imageio.v2 as imageio
+    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.mp4"
+    imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8,
+                     pixelformat="yuv420p", macro_block_size=1)
+    os.replace(tmp, path)
+
+
+def toy_text_embed(prompts, text_len, text_dim, seed=0):
+    """A weight-free text encoder: each word gets a fixed pseudo-random vector (seeded by the
+    word itself), one row per word, zero-padded to text_len rows like umT5's output.
+
+    returns: (B, text_len, text_dim)
+    """
+    import zlib
+    out = torch.zeros(len(prompts), text_len, text_dim)
+    for i, p in enumerate(prompts):
+        for j, word in enumerate(p.lower().split()[:text_len]):
+            g = torch.Generator().manual_seed(zlib.crc32(word.encode()) + seed)
+            out[i, j] = torch.randn(text_dim, generator=g)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+@dataclass
+class Args:
+    model: Literal["tiny", "wan-1.3b", "wan-14b"] = "tiny"
+    """model size (CONFIGS in model.py)"""
+    ckpt: Optional[str] = None
+    """checkpoint to load (default for tiny: assets/tiny_world.safetensors if present, else random)"""
+    prompts: list = field(default_factory=lambda: ["a red circle moving left"])
+    """prompts; with --switch-frames, one per segment of a single long video"""
+    switch_frames: list = field(default_factory=list)
+    """latent frames at which the prompt switches (block-aligned)"""
+    num_frames: int = 21
+    """latent frames to generate (multiple of the block size 3)"""
+    height: int = 64
+    """frame height in pixels"""
+    width: int = 64
+    """frame width in pixels"""
+    local: int = -1
+    """rolling KV cache window in latent frames (-1: global cache)"""
+    sink: int = 0
+    """sink frames kept forever in a rolling cache"""
+    seed: int = 0
+    """noise seed (sample i uses seed + i)"""
+    out: str = "out/sample.mp4"
+    """output mp4 path"""
+    fps: int = 16
+    """frames per second of the mp4"""
+
+
+def main(args: Args):
+    if args.model != "tiny":
+        raise SystemExit(f"--model {args.model} decodes with the Wan VAE and encodes prompts with "
+                         f"umT5; that path is not built yet. Use --model tiny.")
+    cfg = CONFIGS[args.model]
+    model = CausalWanModel(cfg).eval()  # eval: inference only, no dropout anywhere anyway
+    ckpt = args.ckpt or ("assets/tiny_world.safetensors"
+                         if os.path.exists("assets/tiny_world.safetensors") else None)
+    if ckpt:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(ckpt))
+    else:
+        torch.manual_seed(args.seed)
+        model.init_weights()
+        for p in model.head.parameters():  # random weights: make the output non-trivial
+            torch.nn.init.normal_(p, std=0.02)
+        print("no checkpoint: sampling from random weights")
+    H, W = args.height // cfg.patch_size[1] * cfg.patch_size[1], args.width // cfg.patch_size[2] * cfg.patch_size[2]
+    multi = len(args.switch_frames) > 0
+    prompts = args.prompts if not multi else args.prompts[:1]
+    ctx = toy_text_embed(args.prompts, cfg.text_len, cfg.text_dim)
+    cache = KVCache.for_model(cfg, len(prompts), args.num_frames, (H, W), args.sink, args.local)
+    noise = GeneratorNoise(make_generators([args.seed + i for i in range(len(prompts))]),
+                           (cfg.in_dim, H, W))
+    if multi:
+        lat = generate_multi_prompt(model, [c[None] for c in ctx], [int(s) for s in args.switch_frames],
+                                    cache, args.num_frames, noise, progress=True)
+    else:
+        lat = generate(model, ctx, cache, args.num_frames, noise, progress=True)
+    for i in range(lat.shape[0]):
+        path = args.out if lat.shape[0] == 1 else args.out.replace(".mp4", f"_{i}.mp4")
+        save_video(path, (lat[i] + 1) / 2, args.fps)  # pixel-space model: [-1, 1] -> [0, 1]
+        print(f"wrote {path} ({args.num_frames} frames, {H}x{W})")
+
+
+if __name__ == "__main__":
+    import tyro
+    main(tyro.cli(Args))
