@@ -23,15 +23,18 @@ Shape legend: B batch, F latent frames, C latent channels, H, W latent height/wi
 h, w token grid (H/2, W/2), P tokens per frame (h*w), N tokens (F*P), Dm model dim,
 Hd heads, D head dim, Lt text tokens, Dt text dim, r LoRA rank.
 """
+import json
 import math
 import os
 import re
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_
+from safetensors.torch import load_file, save_file
 
 from kvcache import KVCache, visible
 
@@ -83,30 +86,37 @@ def rope_dims(head_dim: int):
     return head_dim - 2 * s, s, s
 
 
-def rope_freqs(head_dim, start_frame, frames, h, w, device="cpu") -> torch.Tensor:
-    """Complex rotations for a (frames, h, w) grid whose first frame is `start_frame`.
+def rope_freqs(head_dim, start_frame, frames, h, w, device="cpu"):
+    """cos and sin of the 3D RoPE angles for a (frames, h, w) grid starting at `start_frame`.
 
-    theta_j = 10000^(-2j/D) per axis, freq[p] = exp(i p theta), in float64; the table is built
-    for the requested positions only, so there is no 1024-frame limit (the reference has one).
+    theta_j = 10000^(-2j/D) per axis, angle = position * theta_j, computed in float64 like the
+    reference table, for the requested positions only (so no 1024-frame limit, unlike the
+    reference). Returns float32 (cos, sin), each (N, 1, D/2), in the order [frame | h | w].
     """
     def axis(pos0, n, dim):
-        inv = 1.0 / torch.pow(10000, torch.arange(0, dim, 2, dtype=torch.float64,
-                                                  device=device).div(dim))
-        ang = torch.outer(torch.arange(pos0, pos0 + n, dtype=torch.float64, device=device), inv)
-        return torch.polar(torch.ones_like(ang), ang)  # (n, dim/2) complex128
+        inv = 1.0 / torch.pow(10000, torch.arange(0, dim, 2, dtype=torch.float64, device=device).div(dim))
+        return torch.outer(torch.arange(pos0, pos0 + n, dtype=torch.float64, device=device), inv)
     dt, dh, dw = rope_dims(head_dim)
-    ft, fh, fw = axis(start_frame, frames, dt), axis(0, h, dh), axis(0, w, dw)
-    grid = torch.cat([ft[:, None, None].expand(frames, h, w, -1),
-                      fh[None, :, None].expand(frames, h, w, -1),
-                      fw[None, None, :].expand(frames, h, w, -1)], dim=-1)
-    return grid.reshape(frames * h * w, 1, head_dim // 2)  # (N, 1, D/2) complex128
+    at, ah, aw = axis(start_frame, frames, dt), axis(0, h, dh), axis(0, w, dw)
+    ang = torch.cat([at[:, None, None].expand(frames, h, w, -1),
+                     ah[None, :, None].expand(frames, h, w, -1),
+                     aw[None, None, :].expand(frames, h, w, -1)], dim=-1)
+    ang = ang.reshape(frames * h * w, 1, head_dim // 2)  # (N, 1, D/2) float64
+    return ang.cos().float(), ang.sin().float()
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) as complex numbers, in float64 (reference order)."""
+def apply_rope(x: torch.Tensor, freqs) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) by the angles: a complex multiply, written out.
+
+    The reference multiplies in complex128; float32 here differs by ~1 ulp (fixtures: <= 2e-6)
+    at a fraction of the time and no float64 activations kept for backward.
+    """
+    cos, sin = freqs
     B, N, Hd, D = x.shape
-    xc = torch.view_as_complex(x.to(torch.float64).reshape(B, N, Hd, D // 2, 2))
-    return torch.view_as_real(xc * freqs).flatten(3).to(x.dtype)  # (B, N, Hd, D)
+    xe, xo = x.float().view(B, N, Hd, D // 2, 2).unbind(-1)  # (B, N, Hd, D/2) each
+    # (xe + i xo) * (cos + i sin) = (xe cos - xo sin) + i (xe sin + xo cos)
+    out = torch.stack([xe * cos - xo * sin, xe * sin + xo * cos], dim=-1)
+    return out.flatten(3).to(x.dtype)  # (B, N, Hd, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,15 +185,14 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (LoRALinear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def qkv(self, x):
+    def forward(self, x, freqs, plan, layer, kv_only=False):
         B, N, _ = x.shape
         split = lambda t: t.view(B, N, self.num_heads, -1)  # noqa: E731  (B, N, Hd, D)
-        return split(self.norm_q(self.q(x))), split(self.norm_k(self.k(x))), split(self.v(x))
-
-    def forward(self, x, freqs, plan, layer):
-        q, k, v = self.qkv(x)
-        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        k, v = apply_rope(split(self.norm_k(self.k(x))), freqs), split(self.v(x))
         K, V = plan.keys_values(layer, k, v)  # cache write or [history ; this clip]
+        if kv_only:  # a cache-update pass needs nothing more from the last layer
+            return None
+        q = apply_rope(split(self.norm_q(self.q(x))), freqs)
         out = [_attend(q[:, lo:hi], K, V, ranges) for (lo, hi), ranges in plan.blocks]
         out = out[0] if len(out) == 1 else torch.cat(out, dim=1)
         return self.o(out.flatten(2))  # (B, N, Dm)
@@ -218,21 +227,48 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(LoRALinear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  LoRALinear(cfg.ffn_dim, d))
 
-    def forward(self, x, e0, ctx, freqs, plan, layer):
+    def forward(self, x, e0, ctx, freqs, plan, layer, kv_only=False):
         B, N, D = x.shape
         Fr = e0.shape[1]
         per_frame = lambda t: t.view(B, Fr, N // Fr, D)  # noqa: E731  (B, F, P, Dm)
         # M = modulation + e0 -> shift/scale/gate for attention and FFN, one set per frame
         sh_a, sc_a, g_a, sh_f, sc_f, g_f = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
         # x = x + gate * SelfAttn(norm1(x) * (1 + scale) + shift)
-        y = self.self_attn((per_frame(self.norm1(x)) * (1 + sc_a) + sh_a).flatten(1, 2), freqs, plan,
-                           layer)
-        x = x + (per_frame(y) * g_a).flatten(1, 2)
+        y = self.self_attn(torch.addcmul(sh_a, per_frame(self.norm1(x)), 1 + sc_a).flatten(1, 2),
+                           freqs, plan, layer, kv_only)
+        if kv_only:
+            return None
+        x = torch.addcmul(per_frame(x), per_frame(y), g_a).flatten(1, 2)
         # x = x + CrossAttn(norm3(x), text)      (no modulation, no gate)
         x = x + self.cross_attn(self.norm3(x), ctx, plan.cache, layer)
         # x = x + gate * FFN(norm2(x) * (1 + scale) + shift)
-        y = self.ffn((per_frame(self.norm2(x)) * (1 + sc_f) + sh_f).flatten(1, 2))
-        return x + (per_frame(y) * g_f).flatten(1, 2)  # (B, N, Dm)
+        y = self.ffn(torch.addcmul(sh_f, per_frame(self.norm2(x)), 1 + sc_f).flatten(1, 2))
+        return torch.addcmul(per_frame(x), per_frame(y), g_f).flatten(1, 2)  # (B, N, Dm)
+
+
+def attention_plan(frames, tpf, nfpb, start_frame=0, local=-1, sink=0, history=(),
+                   teacher_forcing=False):
+    """Block-causal attention as a list of ((q_lo, q_hi), [(k_lo, k_hi), ...]) token ranges.
+
+    The K/V sequence is [history frames ; this clip] (teacher forcing: [history ; clean clip ;
+    noisy clip]). Query block [a, b) of the clip, ending at absolute frame e, sees
+      plain:            every frame f with visible(f, e), its own block included
+      teacher forcing:  clean blocks: as plain;  noisy block: clean/history frames f < start of
+                        the block with visible(f, e), plus its own noisy block (not its clean copy)
+    """
+    ctx = list(history) + list(range(start_frame, start_frame + frames))
+    plan = []
+    for a in range(0, frames, nfpb):
+        b = min(a + nfpb, frames)
+        e = start_frame + b  # the query block ends (exclusive) at this absolute frame
+        causal = [visible(f, e, sink, local) for f in ctx]
+        if not teacher_forcing:
+            plan.append(((a * tpf, b * tpf), _runs(causal, tpf)))
+            continue
+        plan.append(((a * tpf, b * tpf), _runs(causal + [False] * frames, tpf)))
+        noisy = [f < start_frame + a and v for f, v in zip(ctx, causal)] + [a <= i < b for i in range(frames)]
+        plan.append((((frames + a) * tpf, (frames + b) * tpf), _runs(noisy, tpf)))
+    return sorted(plan)
 
 
 class _Plan:
@@ -299,7 +335,7 @@ class CausalWanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)  # the model starts by predicting v = 0
 
     def forward(self, x, t, context, *, cache: KVCache = None, start_frame=0, clean_x=None,
-                history: KVCache = None, local=-1, sink=0):
+                history: KVCache = None, local=-1, sink=0, kv_only=False):
         """Flow (velocity) prediction v for noisy latents x at per-frame timesteps t.
 
         x: (B, F, C, H, W) noisy latents, frame 0 is absolute frame `start_frame`
@@ -309,6 +345,8 @@ class CausalWanModel(nn.Module):
         clean_x: teacher forcing. Each noisy block sees the clean frames of earlier blocks.
         local, sink: the attention window of the training mask (see kvcache.visible); with a
                  cache they are the cache's own.
+        kv_only: with a cache, only write K/V (the sampler's t = 0 pass): skips the last
+                 layer's attention output, cross-attention, FFN and the head; returns None.
         returns: (B, F, C, H, W) flow prediction
         """
         cfg = self.cfg
@@ -329,43 +367,31 @@ class CausalWanModel(nn.Module):
         if context.shape[1] > cfg.text_len:
             raise ValueError(f"context has {context.shape[1]} text tokens; the model takes at most "
                              f"text_len={cfg.text_len} (truncate the prompt embeddings)")
-        # text: zero-pad to text_len rows, then the MLP (no key mask: pad rows are attended)
-        ctx = self.text_embedding(F_.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])))
+        # text: zero-pad to text_len rows, then the MLP (no key mask: pad rows are attended);
+        # skipped when the cache already holds this prompt's cross-attention K/V
+        ctx = None if cache is not None and all(c is not None for c in cache.cross) else \
+            self.text_embedding(F_.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])))
 
         # RoPE: absolute frame positions; both halves of teacher forcing share them
         freqs = rope_freqs(cfg.dim // cfg.num_heads, start_frame, Fr, h, w, x.device)
         if clean_x is not None:
-            freqs = torch.cat([freqs, freqs], dim=0)
+            freqs = tuple(torch.cat([f, f], dim=0) for f in freqs)
 
         # who attends to what
         if cache is not None:
             lo, _ = cache.begin(start_frame, Fr)
             plan = _Plan([((0, nf * tpf), [(0, cache.length)])], cache=cache, slot=lo)
         else:
-            hist = [] if history is None else list(history.frames)
-            if history is not None:
+            if history is not None:  # a window continuing a rollout: the cache's own window rule
                 local, sink = history.local, history.sink
-            frames = list(range(start_frame, start_frame + Fr))
-            blocks = []
-            for a in range(0, Fr, nfpb):
-                b = min(a + nfpb, Fr)
-                end = start_frame + b  # the query block ends (exclusive) at this absolute frame
-                ctx_frames = hist + frames
-                if clean_x is None:  # block-causal over [history ; this clip]
-                    mask = [visible(f, end, sink, local) for f in ctx_frames]
-                    q = (a * tpf, b * tpf)
-                else:  # [history ; clean clip ; noisy clip]: noisy block sees earlier clean blocks
-                    mask = [f < start_frame + a and visible(f, end, sink, local) for f in ctx_frames]
-                    mask += [a <= i < b for i in range(Fr)]
-                    q = ((Fr + a) * tpf, (Fr + b) * tpf)
-                    blocks.append(((a * tpf, b * tpf), _runs(
-                        [visible(f, end, sink, local) for f in ctx_frames] + [False] * Fr, tpf)))
-                blocks.append((q, _runs(mask, tpf)))
-            blocks.sort()
+            blocks = attention_plan(Fr, tpf, cfg.frames_per_block, start_frame, local, sink,
+                                    [] if history is None else history.frames, clean_x is not None)
             plan = _Plan(blocks, history=history)
 
         for i, block in enumerate(self.blocks):
-            tok = block(tok, e0, ctx, freqs, plan, i)
+            tok = block(tok, e0, ctx, freqs, plan, i, kv_only and i == len(self.blocks) - 1)
+        if kv_only:
+            return None
 
         if clean_x is not None:  # only the noisy half goes through the head
             tok, e = tok[:, Fr * tpf:], e.unflatten(0, (B, nf))[:, Fr:].flatten(0, 1)
@@ -379,8 +405,15 @@ class CausalWanModel(nn.Module):
         """(name, LoRALinear) for every linear inside the blocks (10 per block)."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, LoRALinear)]
 
-    def add_adapter(self, name, rank=256, alpha=256.0):
-        """Add adapter `name` (A ~ kaiming-uniform as PEFT, B = 0: starts as the base model)."""
+    def add_adapter(self, name, rank=256, alpha=None):
+        """Add adapter `name` (A ~ kaiming-uniform as PEFT, B = 0: starts as the base model).
+
+        alpha: LoRA alpha, scale = alpha / rank; default alpha = rank (scale 1, as LongLive and
+        Astrolabe: r = alpha = 256).
+        """
+        if not name.isidentifier() or hasattr(nn.ModuleDict(), name):
+            raise ValueError(f"adapter name {name!r} is not allowed (use e.g. 'default', 'old', 'ref')")
+        alpha = rank if alpha is None else alpha
         for _, m in self.lora_layers():
             p = m.weight
             A = torch.empty(rank, m.in_features, device=p.device, dtype=torch.float32)
@@ -456,9 +489,12 @@ class CausalWanModel(nn.Module):
             raise ValueError(f"LoRA file has no weights for {len(missing)} of {len(layers)} "
                              f"layers (first: {missing[:3]}); expected PEFT keys like "
                              f"'base_model.model.blocks.0.self_attn.q.lora_A.weight'")
-        rank = found[(missing or list(layers))[0], "A"].shape[0]
+        rank = found[next(iter(layers)), "A"].shape[0]
         if name not in self.adapters():
-            self.add_adapter(name, rank, alpha or rank)
+            self.add_adapter(name, rank, alpha)
+        elif alpha is not None:
+            for m in layers.values():
+                m.scale[name] = alpha / rank
         for n, m in layers.items():
             for ab in "AB":
                 p, v = getattr(m.lora[name], ab), found[(n, ab)]
@@ -482,3 +518,160 @@ class Head(nn.Module):
         shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)  # (B, F, 1, Dm)
         x = self.norm(x).view(B, Fr, -1, x.shape[-1])
         return self.head(x * (1 + scale) + shift)  # (B, F, P, ph*pw*C)
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- Checkpoint loading
+# Every released generator is `WanDiffusionWrapper.state_dict()` inside some container
+# (WAN_SPEC.md §9); unwrap it, strip the wrapper prefixes and the keys are exactly ours.
+
+_PREFIXES = ("model.", "_fsdp_wrapped_module.", "diffusion_model.", "module.", "_orig_mod.")
+_LORA_TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]  # PEFT suffix match: 10 linears per block
+
+
+def _read(path):
+    """The raw contents of a .safetensors or torch file, with one clear error if unreadable."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; expected a checkpoint file "
+                                f"(.pt / .pth / .safetensors)")
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        # mmap: a 14B checkpoint is never copied into RAM whole; legacy (non-zip) files can't be
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # garbage, truncated, or pickled Python objects besides tensors
+        kind = "safetensors" if path.endswith(".safetensors") else "torch.save (dict of tensors)"
+        # torch's weights_only refusal buries the actual reason in a long paragraph
+        why = " ".join(str(e).split()).split("WeightsUnpickler error: ")[-1]
+        raise ValueError(f"cannot read {path} as a {kind} checkpoint: {type(e).__name__}: "
+                         f"{why.split(' Check the documentation')[0][:300]}") from None
+
+
+def _strip(sd):
+    """Drop leading wrapper prefixes, repeatedly: 'model._fsdp_wrapped_module.blocks.0...'."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(_PREFIXES):
+            k = k[len(next(p for p in _PREFIXES if k.startswith(p))):]
+        out[k] = v
+    return out
+
+
+def _state_dict(obj, path, ema):
+    """Pick the generator state dict out of a checkpoint container."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}; expected a dict of tensors")
+    if "generator_ema" in obj or "generator" in obj:  # Self-Forcing, Causal Forcing, LongLive
+        want = "generator_ema" if ema else "generator"
+        if want not in obj:
+            raise ValueError(f"{path} has no {want!r} (keys: {list(obj)}); "
+                             f"use ema={not ema} to load {'generator' if ema else 'generator_ema'!r}")
+        obj = obj[want]
+    else:  # generic trainers' containers, else a bare state dict (generator_lora: for the hint)
+        obj = next((obj[k] for k in ("model", "state_dict", "generator_lora")
+                    if isinstance(obj.get(k), dict)), obj)
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path} is not a state dict: entries {bad[:5]} are not tensors (top-level "
+                         f"keys: {list(obj)[:8]}; expected generator_ema / generator / model / "
+                         f"state_dict or a bare state dict)")
+    return _strip(obj)
+
+
+def _check_keys(model, sd, path):
+    """Raise one ValueError listing every key problem and the likely cause (strict=True, explained)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".lora." not in k}
+    have = {k: tuple(v.shape) for k, v in sd.items()}
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    shaped = [f"{k}: file {have[k]} vs model {want[k]}" for k in want if k in have and have[k] != want[k]]
+    if not (missing or unexpected or shaped):
+        return
+    cfg = model.cfg
+    if any("lora_A" in k for k in have):
+        why = "this looks like a LoRA file; pass it as lora="
+    elif "patch_embedding.weight" in have:
+        # size from the checkpoint itself: dim from the patch embedding, depth from block indices
+        dim = have["patch_embedding.weight"][0]
+        n = 1 + max((int(m.group(1)) for k in have if (m := re.match(r"blocks\.(\d+)\.", k))),
+                    default=-1)
+        name = next((f"a {c} checkpoint" for c, m in CONFIGS.items()
+                     if (m.dim, m.num_layers) == (dim, n)), "a different-size checkpoint")
+        why = (f"this looks like {name} (dim {dim}, {n} blocks) but the model is built with dim "
+               f"{cfg.dim}, {cfg.num_layers} blocks: pass the matching --model"
+               if (dim, n) != (cfg.dim, cfg.num_layers) else
+               "same dim and depth, so another layout or variant (channels, patch, text dim?)")
+    else:
+        why = "no Wan DiT keys found (expected e.g. 'patch_embedding.weight', 'blocks.0.self_attn.q.weight')"
+    raise ValueError(
+        f"checkpoint {path} does not match the model ({len(missing)} missing, {len(unexpected)} "
+        f"unexpected, {len(shaped)} mis-shaped keys, after stripping {'/'.join(_PREFIXES)}):\n"
+        f"  missing:     {missing[:4]}\n  unexpected:  {unexpected[:4]}\n"
+        f"  mis-shaped:  {shaped[:4]}\n  likely cause: {why}")
+
+
+def load_checkpoint(model, path, *, ema=True, lora=None, lora_adapter="default"):
+    """Load a released generator (Self-Forcing / Causal Forcing / LongLive .pt, Krea .safetensors).
+
+    ema: take `generator_ema` (what Astrolabe trains from) rather than `generator`.
+    lora: a LongLive lora.pt, PEFT adapter file or folder, loaded into adapter `lora_adapter`
+          (not activated: call model.set_adapter(lora_adapter) to use it).
+    A model built under `torch.device("meta")` gets the file's tensors assigned (no second copy);
+    otherwise they are copied into the existing parameters, in their dtype and device.
+    """
+    sd = _state_dict(_read(path), path, ema)
+    _check_keys(model, sd, path)  # our check, so strict=False below can only skip the adapters
+    meta = any(v.is_meta for k, v in model.state_dict().items() if ".lora." not in k)
+    model.load_state_dict(sd, strict=False, assign=meta)  # copy_ casts to the parameter dtype
+    if lora is not None:
+        load_adapter_file(model, lora_adapter, lora)
+    return model
+
+
+def _write_atomic(path, write):
+    """write(tmp) then rename, so a crash never leaves a half-written file under `path`."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(model, name, path_dir):
+    """Save adapter `name` as a PEFT folder: adapter_model.safetensors + adapter_config.json."""
+    os.makedirs(path_dir, exist_ok=True)
+    sd = {k: v.cpu().contiguous() for k, v in model.adapter_state_dict(name).items()}
+    m = model.lora_layers()[0][1]
+    r = m.lora[name].A.shape[0]
+    cfg = dict(peft_type="LORA", r=r, lora_alpha=m.scale[name] * r, lora_dropout=0.0, bias="none",
+               target_modules=_LORA_TARGETS)
+    _write_atomic(os.path.join(path_dir, "adapter_model.safetensors"),
+                  lambda p: save_file(sd, p, metadata={"format": "pt"}))
+
+    def write_json(p):
+        with open(p, "w") as f:
+            json.dump(cfg, f, indent=2)
+    _write_atomic(os.path.join(path_dir, "adapter_config.json"), write_json)
+
+
+def load_adapter_file(model, name, path):
+    """Load a PEFT folder / adapter file or a LongLive lora.pt into adapter `name`.
+
+    alpha comes from adapter_config.json beside the weights when there is one, else alpha = r.
+    """
+    if os.path.isdir(path):  # PEFT folder: ours (.safetensors) or Astrolabe's (.bin)
+        files = [os.path.join(path, f) for f in ("adapter_model.safetensors", "adapter_model.bin")]
+        if not any(map(os.path.isfile, files)):
+            raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {path}")
+        path = next(f for f in files if os.path.isfile(f))
+    sd = _read(path)
+    sd = sd.get("generator_lora", sd) if isinstance(sd, dict) else sd  # LongLive wraps it
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} holds a {type(sd).__name__}; expected a LoRA state dict")
+    cfg = os.path.join(os.path.dirname(path), "adapter_config.json")
+    alpha = None
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            alpha = json.load(f)["lora_alpha"]
+    model.load_adapter(name, sd, alpha)

@@ -140,7 +140,7 @@ def generate(model, context, cache: KVCache, num_frames, noise, start_frame=0,
             if j + 1 < len(ts):  # re-noise to the next level with fresh noise
                 x = add_noise(x0, noise.renoise(k, j, n), sig[j + 1].to(x.device))
         # cache-update pass: the clean block at t = 0 overwrites this block's K/V
-        model(x0, torch.zeros(B, n, device=x.device), context, cache=cache, start_frame=s)
+        model(x0, torch.zeros(B, n, device=x.device), context, cache=cache, start_frame=s, kv_only=True)
         out.append(x0)
         if on_block is not None:
             on_block(k, x0_steps)
@@ -164,7 +164,8 @@ def recache(model, cache: KVCache, latents, context):
             runs.append([f])
     for r in runs:
         x = latents[:, r[0]:r[-1] + 1]
-        model(x, torch.zeros(x.shape[:2], device=x.device), context, cache=cache, start_frame=r[0])
+        model(x, torch.zeros(x.shape[:2], device=x.device), context, cache=cache, start_frame=r[0],
+              kv_only=True)
 
 
 @torch.no_grad()
@@ -265,6 +266,7 @@ def main(args: Args):
     if args.model != "tiny":
         raise SystemExit(f"--model {args.model} decodes with the Wan VAE and encodes prompts with "
                          f"umT5; that path is not built yet. Use --model tiny.")
+    torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
     cfg = CONFIGS[args.model]
     model = CausalWanModel(cfg).eval()  # eval: inference only, no dropout anywhere anyway
     ckpt = args.ckpt or ("assets/tiny_world.safetensors"
