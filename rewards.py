@@ -1,0 +1,355 @@
+"""
+Rewards: one signature, a registry, weight-free scores, and the multi-reward sum.
+
+Every reward is a plain function with one signature (TRL style), higher = better:
+    fn(videos: Tensor[B, F, 3, H, W] float in [0, 1], prompts: list[str]) -> Tensor[B]
+so a user's own reward is one function in one file: `--rewards path/to/my.py:fn=0.5`.
+
+What is here (RL_NOTES.md §4, ASTROLABE_METHOD.md §3):
+  weight-free   sharpness, colorfulness (frame-level, top-30% aggregated), flicker, smoothness,
+                motion (+ motion_gray), and two prompt-aware toys for the tiny shapes world:
+                color_match ("a red ...") and direction_match ("... moving left").
+  helpers       top_fraction (Astrolabe's top-30% frame aggregation), grayscale (Astrolabe's
+                trick against colour hacking of motion scores).
+  plumbing      REWARDS registry, get_reward("name" | "file.py:fn"), parse_rewards(["NAME=W"]),
+                MultiReward: calls, validates, and sums R = sum_j w_j R_j on raw scores.
+Learned rewards (HPSv3, VideoAlign) plug in through the same signature. No project imports.
+
+Shapes: B videos, F frames, H, W pixels, N pixels per frame (H*W), P palette colours.
+Test: python -m pytest tests/test_rewards.py -q
+"""
+import hashlib
+import importlib.util
+import math
+import os
+import re
+import sys
+from functools import wraps
+
+import torch
+import torch.nn.functional as Fn
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for R, G, B
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+def top_fraction(frame_scores, frac=0.3):
+    """Mean of the best `frac` of the frames, k = max(1, floor(frac * F)): [B, F] -> [B].
+    Astrolabe keeps the top-30% mean of per-frame HPSv3 scores: weak frames do not sink a video.
+
+    >>> top_fraction(torch.tensor([[1., 5., 3., 2., 4., 0., 0., 0., 0., 0.]]))  # top 3 of 10
+    tensor([4.])
+    """
+    k = max(1, int(frac * frame_scores.shape[1] + 1e-9))  # + 1e-9: 0.3 * 10 stays 3
+    return frame_scores.topk(k, dim=1).values.mean(1)  # [B]
+
+
+def _luma(videos):
+    w = torch.tensor(LUMA, dtype=torch.float32, device=videos.device).view(1, 1, 3, 1, 1)
+    return (videos.float() * w).sum(2)  # [B, F, H, W]
+
+
+def grayscale(fn):
+    """Wrap a reward so it sees the videos in grayscale (BT.601 luma repeated to 3 channels).
+    Astrolabe feeds its motion-quality model grayscale frames so the policy cannot raise the
+    motion score by playing with colours: a colour change that keeps the luma is invisible.
+
+    >>> v = torch.zeros(1, 2, 3, 4, 4); v[:, 0, 1] = 0.299  # frame 0: dark green
+    >>> v[:, 1, 0] = 0.587                                 # frame 1: dark red, the same luma
+    >>> grayscale(lambda v, p: v[:, 1] - v[:, 0])(v, [""]).abs().max()  # nothing changed
+    tensor(0.)
+    """
+    @wraps(fn)
+    def gray_fn(videos, prompts):
+        return fn(_luma(videos).unsqueeze(2).expand(-1, -1, 3, -1, -1), prompts)  # [B,F,3,H,W]
+    gray_fn.__name__ = getattr(fn, "__name__", "reward") + "_gray"
+    return gray_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# weight-free rewards: visual quality (per frame, then top 30% as Astrolabe does for image rewards)
+def sharpness(videos, prompts):
+    """Variance of the Laplacian of the luma per frame (OpenCV's focus measure / 255^2), top-30%
+    mean. Monotone in blur, but noise raises it too: pair it with `flicker` or `smoothness`.
+
+    >>> v = torch.zeros(1, 2, 3, 8, 8); v[..., ::2, :] = 1.0  # horizontal stripes: max contrast
+    >>> sharpness(v, [""])
+    tensor([4.])
+    """
+    B, F, _, H, W = videos.shape
+    lap = torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]], device=videos.device)
+    y = Fn.conv2d(_luma(videos).reshape(B * F, 1, H, W), lap.view(1, 1, 3, 3))  # [B*F,1,H-2,W-2]
+    return top_fraction(y.flatten(1).var(1, unbiased=False).view(B, F))  # [B]
+
+
+def colorfulness(videos, prompts):
+    """Hasler & Suesstrunk (2003) colourfulness per frame, top-30% mean, in [0, 1] pixel units
+    (the paper's value / 255); gray -> 0. rg = R - G, yb = (R + G)/2 - B,
+    C = sqrt(std_rg^2 + std_yb^2) + 0.3 sqrt(mean_rg^2 + mean_yb^2).
+
+    >>> v = torch.zeros(1, 1, 3, 4, 4); v[:, :, 0] = 1.0  # pure red: rg = 1, yb = 0.5, no spread
+    >>> colorfulness(v, [""])
+    tensor([0.3354])
+    """
+    R, G, Bl = videos.float().unbind(2)  # [B, F, H, W] each
+    rg, yb = R - G, 0.5 * (R + G) - Bl
+    std = (rg.flatten(2).var(2, unbiased=False) + yb.flatten(2).var(2, unbiased=False)).sqrt()
+    mean = (rg.flatten(2).mean(2) ** 2 + yb.flatten(2).mean(2) ** 2).sqrt()
+    return top_fraction(std + 0.3 * mean)  # [B]
+
+
+# ----------------------------------------------------------------------------------------------
+# weight-free rewards: motion (whole-video scores)
+def flicker(videos, prompts):
+    """VBench temporal flickering (255 - mean_t mean|f_t - f_{t-1}|) / 255 = 1 - mean|diff| here,
+    VBench's number up to its 8-bit rounding. 1 = static, so it rewards a frozen video: pair it
+    with `motion`. A single frame scores 1.
+
+    >>> v = torch.zeros(2, 4, 3, 8, 8); v[1, ::2] = 1.0  # video 1 blinks white/black
+    >>> flicker(v, ["", ""])
+    tensor([1., 0.])
+    """
+    v = videos.float()
+    if v.shape[1] < 2:
+        return torch.ones(v.shape[0], device=v.device)
+    return 1 - (v[:, 1:] - v[:, :-1]).abs().flatten(1).mean(1)  # [B]
+
+
+def smoothness(videos, prompts):
+    """Motion smoothness, weight-free: 1 - mean|f_t - (f_{t-1} + f_{t+1})/2| (RL_NOTES §4).
+
+    VBench scores (255 - MAE)/255 against AMT-interpolated frames; the interpolator here is the
+    neighbours' mean, so steady fades score 1 and jerks less, but unlike AMT it cannot follow a
+    moving object (a steadily moving square loses a little at its edges). < 3 frames -> 1.
+
+    >>> t = torch.linspace(0, 1, 5).view(1, 5, 1, 1, 1).expand(1, 5, 3, 4, 4)  # linear fade
+    >>> smoothness(torch.cat([t, t[:, [0, 4, 0, 4, 0]]]), ["", ""])           # fade vs blink
+    tensor([1., 0.])
+    """
+    v = videos.float()
+    if v.shape[1] < 3:
+        return torch.ones(v.shape[0], device=v.device)
+    return 1 - (v[:, 1:-1] - 0.5 * (v[:, :-2] + v[:, 2:])).abs().flatten(1).mean(1)  # [B]
+
+
+def motion(videos, prompts, top=0.05):
+    """Motion magnitude (dynamic-degree proxy): per frame pair the mean of the top 5% pixel
+    changes |f_t - f_{t-1}| (channel mean), averaged over pairs; in [0, 1].
+
+    VBench's dynamic degree thresholds the top-5% RAFT flow magnitudes per pair; we take the top
+    5% pixel changes (RL_NOTES §4), unthresholded, so a small moving object is not diluted by the
+    background. Colour changes count too (use `motion_gray`). A single frame scores 0.
+
+    >>> v = torch.zeros(2, 3, 3, 20, 20); v[1, 1, :, :5, :4] = 1.0  # video 1: a square blinks
+    >>> motion(v, ["", ""])
+    tensor([0., 1.])
+    """
+    v = videos.float()
+    if v.shape[1] < 2:
+        return torch.zeros(v.shape[0], device=v.device)
+    d = (v[:, 1:] - v[:, :-1]).abs().mean(2).flatten(2)  # [B, F-1, N]
+    return d.topk(max(1, int(top * d.shape[2])), dim=2).values.mean((1, 2))  # [B]
+
+
+# ----------------------------------------------------------------------------------------------
+# prompt-aware toys for the tiny shapes world. Assumption: a plain background covering more than
+# half of every frame (black in tiny_world); its colour is the per-channel median of the video.
+
+COLORS = {  # the words a prompt may name -> RGB; tiny_world should draw with these values
+    "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0), "white": (1.0, 1.0, 1.0), "purple": (1.0, 0.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0), "orange": (1.0, 0.5, 0.0),
+}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y down
+
+
+def _word(prompt, table):
+    """First word of `prompt` that is a key of `table`, or None."""
+    return next((w for w in re.findall(r"[a-z]+", prompt.lower()) if w in table), None)
+
+
+def _foreground(videos, thresh=0.25):
+    """Pixels farther than `thresh` (max over channels) from the video's median colour."""
+    v = videos.float()
+    bg = v.permute(0, 2, 1, 3, 4).flatten(2).median(2).values  # [B, 3]
+    return (v - bg.view(-1, 1, 3, 1, 1)).abs().amax(2) > thresh  # [B, F, H, W]
+
+
+def color_match(videos, prompts):
+    """Fraction of the foreground pixels whose nearest palette colour (COLORS) is the colour the
+    prompt names; 0 if the prompt names no colour or nothing differs from the background.
+    Per foreground pixel, so the shape's size does not matter; nearest palette colour, not a
+    fixed radius, so shading is tolerated (dark red is red).
+
+    >>> v = torch.zeros(1, 2, 3, 8, 8); v[:, :, 0, 2:4, 2:4] = 0.8   # a dark red square on black
+    >>> color_match(v.expand(3, -1, -1, -1, -1), ["a red square", "a blue square", "a square"])
+    tensor([1., 0., 0.])
+    """
+    v, fg = videos.float(), _foreground(videos)  # [B, F, 3, H, W], [B, F, H, W]
+    pal = torch.tensor(list(COLORS.values()), device=v.device)  # [P, 3]
+    out = torch.zeros(v.shape[0], device=v.device)
+    for b, p in enumerate(prompts):  # one video at a time: the distances are P times the video
+        c = _word(p, COLORS)
+        if c is not None and fg[b].any():
+            dist = ((v[b].unsqueeze(1) - pal.view(1, -1, 3, 1, 1)) ** 2).sum(2)  # [F, P, H, W]
+            nearest = pal[dist.argmin(1)]  # [F, H, W, 3] RGB of the nearest palette colour
+            hit = (nearest == pal.new_tensor(COLORS[c])).all(-1)  # purple == magenta: same RGB
+            out[b] = (hit & fg[b]).sum() / fg[b].sum()
+    return out
+
+
+def direction_match(videos, prompts, eps=0.05):
+    """Fraction of frame pairs in which the foreground centroid moves (by more than `eps` pixels)
+    in the direction the prompt names (left, right, up, down); in [0, 1]. 0 if the prompt names
+    no direction, the shape stands still, or a frame has no foreground.
+
+    >>> v = torch.zeros(1, 4, 3, 8, 8)
+    >>> for t in range(4): v[0, t, :, 3:5, 5 - t:7 - t] = 1.0     # a white square moving left
+    >>> direction_match(v.expand(2, -1, -1, -1, -1), ["moving left", "moving right"])
+    tensor([1., 0.])
+    """
+    fg = _foreground(videos).float()  # [B, F, H, W]
+    B, F, H, W = fg.shape
+    mass = fg.sum((2, 3))  # [B, F] foreground pixels per frame
+    cx = (fg.sum(2) * torch.arange(W, device=fg.device)).sum(2) / mass.clamp(min=1)  # [B, F]
+    cy = (fg.sum(3) * torch.arange(H, device=fg.device)).sum(2) / mass.clamp(min=1)  # [B, F]
+    out = torch.zeros(B, device=fg.device)
+    for b, p in enumerate(prompts):
+        word = _word(p, DIRECTIONS)
+        if word is not None and F > 1:
+            dx, dy = DIRECTIONS[word]
+            step = dx * cx[b].diff() + dy * cy[b].diff()  # [F-1] centroid motion along the word
+            out[b] = ((step > eps) & (mass[b, 1:] > 0) & (mass[b, :-1] > 0)).float().mean()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# registry and loading
+
+REWARDS = {
+    "sharpness": sharpness, "colorfulness": colorfulness, "flicker": flicker,
+    "smoothness": smoothness, "motion": motion, "motion_gray": grayscale(motion),
+    "color_match": color_match, "direction_match": direction_match,
+}
+
+
+def get_reward(spec):
+    """A reward function from a registry name or "path/to/file.py:function".
+
+    >>> get_reward("flicker") is flicker
+    True
+    """
+    if spec in REWARDS:
+        return REWARDS[spec]
+    fix = f"use one of {sorted(REWARDS)} or path/to/file.py:function"
+    if ":" not in spec:
+        raise ValueError(f"unknown reward '{spec}': {fix}")
+    path, name = spec.rsplit(":", 1)  # the last ':', so a Windows drive letter survives
+    if not os.path.isfile(path) or not path.endswith(".py"):
+        raise ValueError(f"reward '{spec}': no Python file '{path}'; {fix}")
+    key = "user_reward_" + hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    module = sys.modules.get(key)
+    if module is None:  # load each file once, under a name no other module can have
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(key, path))
+        sys.modules[key] = module  # registered before running, as importlib's recipe does
+        try:
+            module.__spec__.loader.exec_module(module)
+        except BaseException:  # a file that fails to run is not cached
+            sys.modules.pop(key)
+            raise
+    fn, todo = getattr(module, name, None), f"define def {name}(videos, prompts) -> Tensor[B]"
+    if fn is None:
+        found = [n for n, f in vars(module).items() if callable(f) and not n.startswith("_")]
+        raise ValueError(f"reward '{spec}': '{path}' has no '{name}' (it has {found}); {todo}")
+    if not callable(fn):
+        raise ValueError(f"reward '{spec}': '{name}' is a {type(fn).__name__}, not a function; "
+                         f"{todo}")
+    return fn
+
+
+def parse_rewards(items):
+    """["NAME=WEIGHT", "NAME", ...] -> [(name, fn, weight)]; a bare NAME means weight 1.0.
+    Splits on the last "=" (a weight never contains ":", so "a=b/r.py:fn" alone is a file).
+    Weight 0 = compute and log only. A file reward is named "<file stem>.<function>".
+
+    >>> [(n, w) for n, _, w in parse_rewards(["flicker=0.5", "motion"])]
+    [('flicker', 0.5), ('motion', 1.0)]
+    """
+    out = []
+    for item in [items] if isinstance(items, str) else items:
+        spec, sep, w = item.rpartition("=")
+        if not sep or ":" in w:
+            spec, w = item, "1.0"
+        try:
+            weight = float(w)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise ValueError(f"--rewards '{item}': bad weight '{w}', expected NAME=FLOAT "
+                             f"(e.g. sharpness=0.5) or NAME alone for weight 1")
+        fn = get_reward(spec)
+        path, _, func = spec.rpartition(":")
+        name = spec if spec in REWARDS else os.path.splitext(os.path.basename(path))[0] + "." + func
+        if name in [n for n, _, _ in out]:  # names key the logs and the selective mask
+            raise ValueError(f"--rewards: '{name}' given twice; give each reward once")
+        out.append((name, fn, weight))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# combining rewards
+def weighted_total(scores, weights):
+    """R = sum_j w_j R_j over a dict of [B] raw scores (Astrolabe). For --reward-norm
+    per-reward, train.py normalises each reward within its group first (nft_loss.group_normalize).
+
+    >>> weighted_total({"a": torch.tensor([1., 2.]), "b": torch.tensor([4., 0.])}, {"a": 1.0, "b": 0.5})
+    tensor([3., 2.])
+    """
+    return torch.stack([w * scores[n] for n, w in weights.items()]).sum(0)  # [B]
+
+
+class MultiReward:
+    """Calls each reward, checks what it returns, and sums them with their weights.
+
+    >>> mr = MultiReward(["flicker=2", "motion"])  # or MultiReward(parse_rewards([...]))
+    >>> total, scores = mr(torch.zeros(2, 3, 3, 8, 8), ["a", "b"])
+    >>> total, sorted(scores)
+    (tensor([2., 2.]), ['flicker', 'motion'])
+    """
+
+    def __init__(self, specs):
+        """specs: the --rewards strings ["NAME=WEIGHT", ...] or parse_rewards' (name, fn, w)."""
+        if isinstance(specs, str) or (specs and isinstance(specs[0], str)):
+            specs = parse_rewards(specs)
+        if not specs:
+            raise ValueError("no rewards given; e.g. --rewards flicker=1 motion_gray=0.5")
+        self.names, self.fns, self.weights = map(list, zip(*specs))  # in --rewards order
+
+    @torch.no_grad()
+    def __call__(self, videos, prompts):
+        """-> (total [B] on raw scores, {name: scores [B]}), float32 on the videos' device."""
+        if videos.dim() != 5 or videos.shape[2] != 3 or not videos.is_floating_point():
+            raise ValueError(f"videos must be float [B, F, 3, H, W] in [0, 1], got "
+                             f"{videos.dtype} {tuple(videos.shape)}")
+        if len(prompts) != len(videos):
+            raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts")
+        scores = {n: self._check(n, fn(videos, prompts), len(videos), videos.device)
+                  for n, fn in zip(self.names, self.fns)}
+        return weighted_total(scores, dict(zip(self.names, self.weights))), scores
+
+    @staticmethod
+    def _check(name, out, B, device):
+        """Anything convertible to B finite floats ([B] or [B, 1]) -> float32 [B]."""
+        try:
+            t = torch.as_tensor(out, dtype=torch.float32, device=device).detach()
+        except Exception as e:
+            raise ValueError(f"reward '{name}' returned {type(out).__name__}, which is not "
+                             f"convertible to a tensor ({e}); return Tensor[B]") from None
+        t = t[:, 0] if t.dim() == 2 and t.shape[1] == 1 else t
+        if t.shape != (B,):
+            raise ValueError(f"reward '{name}' returned shape {tuple(t.shape)}, expected ({B},): "
+                             f"one score per video")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"reward '{name}' returned non-finite scores {t.tolist()}")
+        return t

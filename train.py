@@ -1,0 +1,488 @@
+"""
+Online forward-process RL (negative-aware fine-tuning, DiffusionNFT) of a distilled
+autoregressive video model, as Astrolabe does it (shared/reference/ASTROLABE_METHOD.md §1-5, §8).
+
+One step (DESIGN.md §2):
+  1. rollout   K videos per prompt with the `old` LoRA adapter, 4-step AR sampler, no grad
+  2. reward    decode, score with every reward, total R = sum_j w_j R_j (gathered over ranks)
+  3. advantage A = (R - mean over the prompt's group) / (std over the step + 1e-4) -> r in [0, 1]
+  4. update    x_t = (1 - sigma) x0 + sigma eps; three x0 predictions on the same x_t
+               (theta with grad, old and ref without); NFT loss + lambda * ||x_theta - x_ref||^2
+  5. AdamW step (one per RL step, after accumulating every micro-batch), EMA, reference reset,
+     old <- d * old + (1 - d) * theta
+Nothing is stored from the sampler's trajectory: only the clean videos (forward-process RL).
+
+Run:   python train.py                                        (tiny model, CPU, minutes)
+       python train.py --rewards sharpness=1 examples/my_reward.py:reward=0.5
+       torchrun --standalone --nproc_per_node=2 train.py --steps 10
+       python train.py --help
+Test:  python -m pytest tests/test_train.py -q
+
+Shape legend: B samples, F latent frames, C channels, H, W latent size, Lt/Dt text tokens/dim.
+"""
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------
+# Config: one dataclass; presets are named instances of it (python train.py <preset> --flag ...)
+
+
+@dataclass
+class Args:
+    # ---- run
+    out_dir: str = "out/tiny"
+    """where metrics.jsonl, eval videos and checkpoints go"""
+    steps: int = 30
+    """RL steps (one optimizer step each)"""
+    seed: int = 42
+    """seed of everything: prompts, rollout noise, training noise and timesteps"""
+    ckpt_every: int = 10
+    """checkpoint every N steps (0: only at the end)"""
+    keep_ckpts: int = 2
+    """keep the last N checkpoints"""
+    eval_every: int = 10
+    """evaluate (fixed prompts and seeds, mp4 + eval/reward_mean) every N steps (0: never)"""
+    resume: Optional[str] = None
+    """'latest' (newest ckpt_* in out_dir) or a checkpoint folder"""
+    track: bool = False
+    """log to Weights & Biases (wandb must be installed; off by default)"""
+    progress: bool = True
+    """rank-0 tqdm bar (off: one print line per step only)"""
+    # ---- model
+    model: Literal["tiny", "wan-1.3b", "wan-14b"] = "tiny"
+    """model size (model.CONFIGS)"""
+    ckpt: Optional[str] = None
+    """base weights (tiny: assets/tiny_world.safetensors if present, else random init)"""
+    lora_rank: int = 16
+    """LoRA rank of the adapters (Astrolabe: 256)"""
+    lora_alpha: float = 16.0
+    """LoRA alpha (scale = alpha / rank; Astrolabe: 256)"""
+    height: int = 32
+    """frame height (pixels for the tiny pixel-space model)"""
+    width: int = 32
+    """frame width"""
+    num_frames: int = 6
+    """latent frames per video (a multiple of the block size 3)"""
+    local: int = -1
+    """rolling KV cache window in latent frames (-1: global attention)"""
+    sink: int = 0
+    """sink frames of the rolling cache"""
+    # ---- rollout and reward
+    prompts: list = field(default_factory=list)
+    """training prompts (default: the shapes-world prompts)"""
+    prompts_per_step: int = 4
+    """distinct prompts per RL step (global, over all ranks)"""
+    group_size: int = 4
+    """K: videos per prompt; advantages are relative within a prompt's group"""
+    rewards: list = field(default_factory=lambda: ["colorfulness=1"])
+    """NAME=WEIGHT ...: registry names (rewards.REWARDS) or path/to/file.py:function"""
+    reward_norm: Literal["none", "per-reward"] = "none"
+    """none: weighted sum of raw scores (Astrolabe); per-reward: normalise each within its group first"""
+    # ---- NFT objective
+    beta: float = 0.1
+    """NFT mixing beta of the implicit positive/negative policies"""
+    adv_clip: float = 5.0
+    """advantage clip A_max; r = 0.5 + clip(A)/(2 A_max)"""
+    global_std: bool = True
+    """advantage std over the whole step (Astrolabe); False: per prompt group"""
+    kl_weight: float = 1e-4
+    """lambda of the reference term ||x_theta - x_ref||^2"""
+    adaptive_weight: bool = False
+    """DiffusionNFT's per-sample adaptive loss weighting (Astrolabe: plain MSE)"""
+    train_timesteps: Literal["sampler", "raw"] = "sampler"
+    """sampler: train at the warped timesteps the rollout used; raw: Astrolabe's [1000,750,500,250]
+    with x_t = (1 - t/1000) x0 + t/1000 eps but the grid sigma in the x0 conversion (its quirk)"""
+    window_context: Literal["noisy", "clean"] = "noisy"
+    """noisy: every block attends to noisy earlier blocks (Astrolabe's release); clean: to the clean
+    ones, as at inference (teacher forcing)"""
+    micro_batch: int = 4
+    """samples per forward/backward (per rank)"""
+    # ---- optimisation
+    lr: float = 3e-4
+    """AdamW learning rate (Astrolabe on 1.3B: 1e-5)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """gradient-norm clip"""
+    old_decay: Literal["linear", "on-policy", "delayed"] = "linear"
+    """old-policy update: linear d = min(0.001 step, 0.5) (Astrolabe); on-policy d = 0; delayed
+    (DiffusionNFT)"""
+    ema: bool = True
+    """keep an EMA of theta (decay min((1+n)/(10+n), 0.9)) for eval and export"""
+    selective: bool = False
+    """uncertainty-aware selective reference term + dynamic reference (needs >= 2 rewards)"""
+    # ---- eval
+    eval_prompts: int = 4
+    """number of fixed eval prompts (the first N training prompts)"""
+
+
+PRESETS = {"tiny": Args()}  # the real-model presets (self-forcing, longlive, ...) come with the VAE path
+
+
+def parse_args(argv=None):
+    """`train.py [PRESET] [--flags]`: the preset is a named Args default, flags override it."""
+    import tyro
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = argv.pop(0) if argv and not argv[0].startswith("-") else "tiny"
+    if name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return tyro.cli(Args, args=argv, default=PRESETS[name],
+                    description=__doc__.split("\n\n")[0] + f"\n\nPresets: {', '.join(PRESETS)}")
+
+
+def shapes_prompts():
+    """The tiny world's vocabulary: '<colour> <shape> moving <direction>'."""
+    return [f"a {c} {s} moving {d}" for c in ("red", "green", "blue", "yellow")
+            for s in ("circle", "square") for d in ("left", "right", "up", "down")]
+
+
+def seed_of(*parts) -> int:
+    """A 63-bit seed from any tuple, e.g. (seed, step, prompt, k): same on every rank and layout."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of one step (module level, so bench.py and the tests can call them)
+
+def predict_x0(model, adapter, x_t, t, sigma_t, ctx, args, x0_clean=None):
+    """x0 prediction of one adapter: x0 = x_t - sigma * v(x_t, t). (B, F, C, H, W)"""
+    with model.adapter(adapter):
+        v = model(x_t, t, ctx, local=args.local, sink=args.sink,
+                  clean_x=x0_clean if args.window_context == "clean" else None)
+    return x_t - sigma_t.view(-1, 1, 1, 1, 1) * v.float()
+
+
+def training_noise(args, x0, step, j0):
+    """One timestep per micro-batch and fresh noise per sample, all from (seed, step, sample)."""
+    from sample import sampler_timesteps, sigma_of
+    g = torch.Generator().manual_seed(seed_of(args.seed, step, "t", j0))
+    if args.train_timesteps == "sampler":
+        ts, sig = sampler_timesteps()
+        i = torch.randint(len(ts), (1,), generator=g).item()
+        t, s_noise = ts[i], sig[i]
+        s_x0 = s_noise  # the same sigma for noising and the x0 conversion
+    else:  # Astrolabe: raw t, noised with t/1000 but converted back with the nearest grid sigma
+        raw = torch.tensor([1000.0, 750.0, 500.0, 250.0])
+        t = raw[torch.randint(4, (1,), generator=g).item()]
+        s_noise, s_x0 = t / 1000, sigma_of(t)[0]
+    eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
+        seed_of(args.seed, step, "eps", j0 + i))) for i in range(len(x0))]).to(x0)
+    x_t = (1 - s_noise) * x0 + s_noise * eps  # forward process on the clean rollout
+    B, F = x0.shape[:2]
+    return x_t, torch.full((B, F), float(t), device=x0.device), s_x0.expand(B).to(x0.device)
+
+
+def decode(latents):
+    """Latents -> videos in [0, 1], (B, F, 3, H, W). The tiny model works in pixel space."""
+    return ((latents.float() + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def rollout(model, ctx, seeds, args, adapter="old"):
+    """Generate one video per seed with `adapter`, no grad: (B, F, C, H, W) clean latents."""
+    from kvcache import KVCache
+    from sample import GeneratorNoise, generate, make_generators
+    cfg, dev = model.cfg, ctx.device
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.for_model(cfg, len(seeds), args.num_frames, (args.height, args.width),
+                              args.sink, args.local, dtype, dev)
+    noise = GeneratorNoise(make_generators(seeds), (cfg.in_dim, args.height, args.width), dev, dtype)
+    with model.adapter(adapter):
+        return generate(model, ctx.to(dtype), cache, args.num_frames, noise).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: tensors in safetensors, everything else in JSON; written to a temp folder, renamed
+
+def save_ckpt(path, model, opt, state):
+    from safetensors.torch import save_file
+    from model import save_adapter
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    ad = {f"{n}/{k}": v.cpu().contiguous() for n in model.adapters() for k, v in model.adapter_state_dict(n).items()}
+    save_file(ad, os.path.join(tmp, "adapters.safetensors"))
+    sd = opt.state_dict()
+    save_file({f"{i}.{k}": v.cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()},
+              os.path.join(tmp, "optim.safetensors"))
+    state = dict(state, param_groups=sd["param_groups"])
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    # the policy to use for sampling / export, in PEFT layout (EMA if kept, as Astrolabe saves)
+    save_adapter(model, "ema" if "ema" in model.adapters() else "default", os.path.join(tmp, "lora"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_ckpt(path, model, opt):
+    from safetensors.torch import load_file
+    ad = load_file(os.path.join(path, "adapters.safetensors"))
+    for n in model.adapters():
+        model.load_adapter(n, {k[len(n) + 1:]: v for k, v in ad.items() if k.startswith(n + "/")})
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    flat = load_file(os.path.join(path, "optim.safetensors"))
+    osd = {"state": {}, "param_groups": state.pop("param_groups")}
+    for k, v in flat.items():
+        i, name = k.split(".", 1)
+        osd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(osd)
+    return state
+
+
+def find_ckpt(out_dir, resume):
+    if resume != "latest":
+        if not os.path.isfile(os.path.join(resume, "state.json")):
+            raise SystemExit(f"--resume {resume}: not a checkpoint folder (no state.json)")
+        return resume
+    found = sorted(glob.glob(os.path.join(out_dir, "ckpt_[0-9]*[0-9]")))
+    return found[-1] if found else None
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(args: Args):
+    import nft_loss as nft
+    from model import CONFIGS, CausalWanModel, load_checkpoint
+    from rewards import MultiReward
+    from sample import save_video, toy_text_embed
+    from tqdm import tqdm
+
+    # ---- distributed setup: plain `python train.py` is one process; torchrun sets RANK etc.
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    else:
+        rank, world, device = 0, 1, "cuda" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    master = rank == 0
+    torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
+    log = print if master else (lambda *a, **k: None)
+
+    # ---- the batch layout must be the same whatever the world size
+    N, K = args.prompts_per_step * args.group_size, args.group_size
+    if N % world or (N // world) % args.micro_batch:
+        raise SystemExit(f"prompts_per_step x group_size = {N} samples must split evenly over "
+                         f"{world} ranks and then into micro-batches of {args.micro_batch}; change "
+                         f"--prompts-per-step, --group-size or --micro-batch")
+    n_local = N // world
+    if args.num_frames % 3:
+        raise SystemExit(f"--num-frames {args.num_frames} must be a multiple of the block size 3")
+
+    # ---- model: frozen base + LoRA adapters default (trained), old (rollout), ref, ema
+    if args.model != "tiny":
+        raise SystemExit(f"--model {args.model} needs the Wan VAE and umT5 text encoder; that path "
+                         f"is not built yet. Use the tiny preset.")
+    cfg = CONFIGS[args.model]
+    model = CausalWanModel(cfg)
+    ckpt = args.ckpt or ("assets/tiny_world.safetensors" if os.path.exists("assets/tiny_world.safetensors") else None)
+    if ckpt:
+        load_checkpoint(model, ckpt)
+    else:
+        torch.manual_seed(args.seed)
+        model.init_weights()
+        torch.nn.init.normal_(model.head.head.weight, std=0.02)  # random but not all-zero videos
+        log("no base checkpoint: RL starts from a randomly initialised tiny model")
+    dtype = torch.bfloat16 if cuda else torch.float32  # frozen base in bf16 on GPU
+    model.to(device, dtype).requires_grad_(False)
+    model.add_adapter("default", args.lora_rank, args.lora_alpha)  # adapters stay float32
+    model.to(device)
+    for name in ["old", "ref"] + (["ema"] if args.ema else []):
+        model.copy_adapter("default", name)
+    params = model.adapter_params("default")
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+
+    # ---- prompts, text embeddings (computed once), rewards
+    prompts = args.prompts or shapes_prompts()
+    embed = lambda ps: toy_text_embed(ps, cfg.text_len, cfg.text_dim).to(device)  # noqa: E731
+    multi = MultiReward(args.rewards)
+    names = multi.names
+    if args.selective and len(names) < 2:
+        raise SystemExit("--selective needs at least two rewards (the first is the main one)")
+    compensator, dynref = nft.RiskCompensator(), nft.DynamicReference()
+
+    # ---- resume
+    start, bad_steps = 0, 0
+    os.makedirs(args.out_dir, exist_ok=True)
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    path = find_ckpt(args.out_dir, args.resume) if args.resume else None
+    if path:
+        state = load_ckpt(path, model, opt)
+        start, bad_steps = state["step"], state["bad_steps"]
+        compensator.load_state_dict(state["compensator"])
+        dynref.load_state_dict(state["dynref"])
+        log(f"resumed from {path} at step {start}")
+        if master and os.path.exists(metrics_path):  # drop rows a crashed run wrote after the ckpt
+            rows = [r for r in open(metrics_path) if json.loads(r)["step"] <= start]
+            open(metrics_path, "w").writelines(rows)
+    elif master and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    wandb = None
+    if args.track and master:
+        import wandb
+        wandb.init(project="astrolabe", config=dataclasses.asdict(args), dir=args.out_dir)
+    log(f"{world} rank(s) on {device} ({dtype}); {args.prompts_per_step} prompts x {K} videos = {N} "
+        f"per step, micro-batch {args.micro_batch}; rewards {args.rewards}")
+
+    def gather(x):  # (n_local, ...) -> (N, ...) in global sample order
+        if world == 1:
+            return x
+        out = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    def write_row(row):
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if wandb:
+                wandb.log(row, step=row["step"])
+
+    def evaluate(n):
+        """Fixed prompts and seeds through the EMA (or current) policy; mp4 + reward."""
+        eval_p = prompts[:args.eval_prompts]
+        lat = rollout(model, embed(eval_p), [seed_of(args.seed, "eval", i) for i in range(len(eval_p))],
+                      args, "ema" if args.ema else "default")
+        videos = decode(lat)
+        total, per = multi(videos, eval_p)
+        save_video(os.path.join(args.out_dir, "eval", f"step_{n:06d}.mp4"),
+                   torch.cat(list(videos), dim=-1))  # the eval prompts side by side
+        row = {"step": n, "eval/reward_mean": total.mean().item(),
+               **{f"eval/rewards/{k}/mean": v.mean().item() for k, v in per.items()}}
+        write_row(row)
+        log(f"eval step {n}: reward {row['eval/reward_mean']:.4f}")
+
+    if master and args.eval_every and start == 0:
+        evaluate(0)  # the "before" picture
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not (master and args.progress),
+               dynamic_ncols=True, desc="RL")
+    for step in bar:
+        t0 = time.time()
+        # ------------------------------------------------------------------ 1. rollout (old)
+        rng = random.Random(seed_of(args.seed, step, "prompts"))
+        step_prompts = rng.sample(prompts, args.prompts_per_step) if len(prompts) >= args.prompts_per_step \
+            else [rng.choice(prompts) for _ in range(args.prompts_per_step)]
+        js = range(rank * n_local, (rank + 1) * n_local)  # this rank's global sample indices
+        my_prompts = [step_prompts[j // K] for j in js]
+        ctx = embed(my_prompts)  # (n_local, Lt, Dt)
+        model.eval()
+        lat = torch.cat([rollout(model, ctx[i:i + args.micro_batch],
+                                 [seed_of(args.seed, step, j // K, j % K) for j in js[i:i + args.micro_batch]], args)
+                         for i in range(0, n_local, args.micro_batch)])
+        t_roll = time.time() - t0
+        # ------------------------------------------------------------------ 2. reward
+        total, per = multi(decode(lat), my_prompts)
+        scores = gather(torch.stack([total] + [per[k] for k in names], 1).to(device))  # (N, 1 + J)
+        groups = torch.arange(N, device=device) // K
+        # ------------------------------------------------------------------ 3. advantage -> r
+        R = scores[:, 0] if args.reward_norm == "none" else \
+            sum(w * nft.group_normalize(scores[:, 1 + i], groups) for i, w in enumerate(multi.weights))
+        adv = nft.group_advantages(R, groups, global_std=args.global_std)
+        r = nft.optimality_prob(adv, args.adv_clip)  # (N,)
+        if args.selective:  # where the rewards disagree, keep theta close to the reference
+            u = nft.uncertainty(scores[:, 1], [scores[:, 2 + i] for i in range(len(names) - 1)])
+            mask = nft.selective_mask(u, compensator.update(u))  # rho adapts to this step's u
+        else:
+            mask = torch.ones(N, dtype=torch.bool, device=device)
+        # ------------------------------------------------------------------ 4. NFT update
+        model.train()
+        t1, n_micro = time.time(), n_local // args.micro_batch
+        stats = torch.zeros(5, device=device)  # loss, kl (masked), kl (all), non-finite flag, count
+        for mb in range(n_micro):
+            sl = slice(mb * args.micro_batch, (mb + 1) * args.micro_batch)
+            j0 = js[0] + mb * args.micro_batch
+            x0, c, gsl = lat[sl], ctx[sl], slice(j0, j0 + args.micro_batch)
+            x_t, t, sig = training_noise(args, x0, step, j0)
+            with autocast:
+                with torch.no_grad():  # old and ref predictions on the same x_t
+                    x_old = predict_x0(model, "old", x_t, t, sig, c, args, x0)
+                    x_ref = predict_x0(model, "ref" if args.selective else None, x_t, t, sig, c, args, x0)
+                x_th = predict_x0(model, "default", x_t, t, sig, c, args, x0)
+            loss_pol, _ = nft.nft_policy_loss(x_th, x_old, x0, r[gsl], args.beta, args.adaptive_weight)
+            loss_ref = nft.ref_loss(x_th, x_ref, mask[gsl])
+            # L = L_NFT + lambda_KL * mean_{b in mask} ||x_theta - x_ref||^2
+            loss = loss_pol + args.kl_weight * loss_ref
+            if torch.isfinite(loss):
+                (loss / n_micro).backward()  # accumulate; one optimizer step per RL step
+            stats += torch.stack([loss.detach(), loss_ref.detach(), nft.ref_loss(x_th.detach(), x_ref),
+                                  (~torch.isfinite(loss)).float(), torch.ones((), device=device)])
+        if world > 1:  # one all-reduce per step: grads (averaged) and the stats (summed)
+            flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
+                              for p in params] + [stats])
+            dist.all_reduce(flat)
+            i = 0
+            for p in params:
+                p.grad = flat[i:i + p.numel()].view_as(p) / world
+                i += p.numel()
+            stats = flat[i:]
+        loss_m, kl_m, kl_all = (stats[:3] / stats[4]).tolist()  # means over micro-batches and ranks
+        bad = stats[3].item() > 0
+        # ------------------------------------------------------------------ 5. optimizer, EMA, ref, old
+        if bad:  # a non-finite loss anywhere: skip the whole step on every rank
+            opt.zero_grad(set_to_none=True)
+            bad_steps += 1
+            log(f"step {step + 1}: non-finite loss, step skipped ({bad_steps} in a row)")
+            if bad_steps >= 3:
+                raise SystemExit("3 steps in a row had a non-finite loss; lower --lr or check the rewards")
+            grad_norm = float("nan")
+        else:
+            bad_steps = 0
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if args.ema:
+                model.lerp_adapter("ema", "default", nft.ema_decay(step))
+            if args.selective and dynref.step(kl_m):  # the reference drifted too far / too long
+                model.copy_adapter("default", "ref")
+            # theta_old <- d theta_old + (1 - d) theta, d from the step count after this update
+            model.lerp_adapter("old", "default", nft.old_decay(step + 1, args.old_decay))
+        # ------------------------------------------------------------------ 6. log, eval, ckpt
+        n = step + 1
+        row = {"step": n, "reward_mean": scores[:, 0].mean().item(), "reward_std": scores[:, 0].std().item(),
+               **{f"rewards/{k}/mean": scores[:, 1 + i].mean().item() for i, k in enumerate(names)},
+               "r_mean": r.mean().item(), "loss": loss_m, "kl": kl_m, "kl_all": kl_all, "mask_frac": mask.float().mean().item(),
+               "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "skipped": bad,
+               "time/rollout_s": t_roll, "time/update_s": time.time() - t1, "time/step_s": time.time() - t0}
+        write_row(row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{loss_m:.4f}", kl=f"{kl_m:.2e}")
+        msg = (f"step {n}/{args.steps} | reward {row['reward_mean']:.4f} | loss {loss_m:.5f} | kl {kl_m:.2e} "
+               f"| r {row['r_mean']:.3f} | grad {grad_norm:.2e} | {row['time/step_s']:.1f}s")
+        (bar.write if master and args.progress else log)(msg)
+        if master and args.eval_every and (n % args.eval_every == 0 or n == args.steps):
+            evaluate(n)
+        if (args.ckpt_every and n % args.ckpt_every == 0) or n == args.steps:
+            if master:
+                save_ckpt(os.path.join(args.out_dir, f"ckpt_{n:06d}"), model, opt,
+                          {"step": n, "bad_steps": bad_steps, "args": dataclasses.asdict(args),
+                           "compensator": compensator.state_dict(), "dynref": dynref.state_dict()})
+                for old in sorted(glob.glob(os.path.join(args.out_dir, "ckpt_[0-9]*[0-9]")))[:-args.keep_ckpts]:
+                    shutil.rmtree(old)
+            if ddp:
+                dist.barrier()
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())
