@@ -268,6 +268,7 @@ def main(args: Args):
                          f"umT5; that path is not built yet. Use --model tiny.")
     torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
     cfg = CONFIGS[args.model]
+    torch.manual_seed(args.seed)
     model = CausalWanModel(cfg).eval()  # eval: inference only, no dropout anywhere anyway
     ckpt = args.ckpt or ("assets/tiny_world.safetensors"
                          if os.path.exists("assets/tiny_world.safetensors") else None)
@@ -275,8 +276,6 @@ def main(args: Args):
         from safetensors.torch import load_file
         model.load_state_dict(load_file(ckpt))
     else:
-        torch.manual_seed(args.seed)
-        model.init_weights()
         for p in model.head.parameters():  # random weights: make the output non-trivial
             torch.nn.init.normal_(p, std=0.02)
         print("no checkpoint: sampling from random weights")

@@ -291,13 +291,12 @@ def main(args: Args):
         raise SystemExit(f"--model {args.model} needs the Wan VAE and umT5 text encoder; that path "
                          f"is not built yet. Use the tiny preset.")
     cfg = CONFIGS[args.model]
+    torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
     model = CausalWanModel(cfg)
     ckpt = args.ckpt or ("assets/tiny_world.safetensors" if os.path.exists("assets/tiny_world.safetensors") else None)
     if ckpt:
         load_checkpoint(model, ckpt)
     else:
-        torch.manual_seed(args.seed)
-        model.init_weights()
         torch.nn.init.normal_(model.head.head.weight, std=0.02)  # random but not all-zero videos
         log("no base checkpoint: RL starts from a randomly initialised tiny model")
     dtype = torch.bfloat16 if cuda else torch.float32  # frozen base in bf16 on GPU

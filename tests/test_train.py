@@ -1,0 +1,131 @@
+"""
+train.py as a user runs it: the artifacts of a short run, exact resume, the same numbers under
+torchrun with 2 processes, user reward files, selective mode, and the non-finite-loss guard.
+Runs are tiny (16x16 pixels, 3 frames, 4 videos per step) so the file takes well under a minute.
+
+Run:  python -m pytest tests/test_train.py -q
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+
+SMALL = ["--height", "16", "--width", "16", "--num-frames", "3", "--prompts-per-step", "2",
+         "--group-size", "2", "--micro-batch", "2", "--eval-prompts", "2", "--no-progress"]
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+TIMING = ("time/",)
+
+
+def run(args, out, cmd=None):
+    cmd = cmd or [sys.executable, "train.py"]
+    r = subprocess.run(cmd + SMALL + ["--out-dir", str(out)] + args, cwd=ROOT, capture_output=True,
+                       text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def rows(out, evals=False):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rs = [json.loads(line) for line in f]
+    return [r for r in rs if ("eval/reward_mean" in r) == evals]
+
+
+def strip_times(r):
+    return {k: v for k, v in r.items() if not k.startswith(TIMING)}
+
+
+def test_help_is_instant_and_offline():
+    r = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env=ENV, timeout=60)
+    assert r.returncode == 0 and "--rewards" in r.stdout and "--group-size" in r.stdout
+    assert "Presets" in r.stdout
+
+
+def test_smoke_artifacts(tmp_path):
+    out = tmp_path / "run"
+    run(["--steps", "2", "--ckpt-every", "1", "--eval-every", "2", "--keep-ckpts", "1",
+         "--rewards", "colorfulness=1", "sharpness=0.5"], out)
+    ck = out / "ckpt_000002"
+    assert sorted(os.listdir(out)) == ["ckpt_000002", "eval", "metrics.jsonl"]  # keep-ckpts 1
+    for f in ["adapters.safetensors", "optim.safetensors", "state.json", "lora/adapter_model.safetensors",
+              "lora/adapter_config.json"]:
+        assert (ck / f).is_file(), f
+    state = json.loads((ck / "state.json").read_text())
+    assert state["step"] == 2 and state["args"]["steps"] == 2
+    train_rows = rows(out)
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for key in ["step", "reward_mean", "rewards/colorfulness/mean", "rewards/sharpness/mean", "loss", "kl",
+                "r_mean", "mask_frac", "grad_norm", "lr", "time/step_s"]:
+        assert key in train_rows[0], key
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    ev = rows(out, evals=True)
+    assert [r["step"] for r in ev] == [0, 2] and "eval/rewards/sharpness/mean" in ev[0]
+    assert sorted(os.listdir(out / "eval")) == ["step_000000.mp4", "step_000002.mp4"]
+    # the total is the weighted sum of the logged rewards
+    r0 = train_rows[0]
+    assert abs(r0["reward_mean"] - (r0["rewards/colorfulness/mean"] + 0.5 * r0["rewards/sharpness/mean"])) < 1e-5
+
+
+def test_resume_is_exact(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--ckpt-every", "2", "--eval-every", "0", "--keep-ckpts", "3"]
+    run(["--steps", "4"] + common, a)
+    run(["--steps", "2"] + common, b)
+    with open(b / "metrics.jsonl", "a") as f:  # a crashed run may have logged past its checkpoint
+        f.write(json.dumps({"step": 3, "reward_mean": -1.0}) + "\n")
+    run(["--steps", "4", "--resume", "latest"] + common, b)
+    ra, rb = rows(a), rows(b)
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb):
+        assert strip_times(x) == strip_times(y)
+    assert ra[3]["loss"] != ra[2]["loss"]  # the comparison is not trivially true
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--steps", "2", "--ckpt-every", "0", "--eval-every", "0"]
+    run(common, one)
+    run(common, two, cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "train.py"])
+    for x, y in zip(rows(one), rows(two)):
+        for k in ["reward_mean", "rewards/colorfulness/mean", "loss", "kl", "r_mean", "grad_norm"]:
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-7), k
+
+
+def test_impossible_layout_fails_clearly(tmp_path):
+    r = subprocess.run([sys.executable, "train.py"] + SMALL + ["--micro-batch", "3", "--out-dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode != 0 and "micro-batches of 3" in r.stderr
+
+
+def test_user_reward_file_and_selective_mode(tmp_path):
+    f = tmp_path / "mine.py"
+    f.write_text("def score(videos, prompts):\n    return videos.mean(dim=(1, 2, 3, 4))\n")
+    out = tmp_path / "run"
+    run(["--steps", "2", "--ckpt-every", "0", "--eval-every", "0", "--selective", "--prompts-per-step", "4",
+         "--rewards", f"{f}:score=1", "colorfulness=1"], out)
+    rs = rows(out)
+    assert "rewards/mine.score/mean" in rs[0]
+    # the selective mask picks a strict subset (the top u; ties at the threshold may leave none)
+    assert all(r["mask_frac"] < 1 for r in rs) and any(r["mask_frac"] > 0 for r in rs)
+
+
+def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
+    args = train.parse_args(SMALL + ["--steps", "5", "--eval-every", "0", "--ckpt-every", "0",
+                                     "--out-dir", str(tmp_path)])
+    import nft_loss
+    monkeypatch.setattr(nft_loss, "nft_policy_loss", lambda *a, **k: (torch.tensor(float("nan")), None))
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        train.main(args)
+    rs = rows(tmp_path)
+    assert [r["skipped"] for r in rs] == [True, True]  # the third raises before logging
+    assert not any(p.name.startswith("ckpt") for p in tmp_path.iterdir())
+    shutil.rmtree(tmp_path)
