@@ -6,6 +6,8 @@ float32, B = 1, 2 threads).
 
     python bench.py rollout              tiny + bench sizes, global and rolling cache
     python bench.py train                bench size, forward and forward+backward, 21 frames
+    python bench.py update               one NFT update (3 forwards, 1 backward) vs one plain
+                                         flow-matching step on the same batch (LoRA rank 64)
     python bench.py rollout --sizes wan-1.3b --device cuda     (the real size, on a GPU)
 
 Every case runs in a fresh subprocess; peak memory is the RSS growth over the value just before
@@ -37,8 +39,11 @@ LATENT = {"tiny": (64, 64), "bench": (30, 52), "wan-1.3b": (60, 104), "wan-14b":
 
 @dataclass
 class Args:
-    what: tyro.conf.Positional[Literal["rollout", "train"]] = "rollout"
-    """rollout: AR sampling (global and rolling cache); train: block-causal forward / +backward"""
+    what: tyro.conf.Positional[Literal["rollout", "train", "update"]] = "rollout"
+    """rollout: AR sampling (global and rolling cache); train: block-causal forward / +backward;
+    update: an NFT update vs a flow-matching step"""
+    frames: int = 21
+    """latent frames of the train / update cases"""
     sizes: list = field(default_factory=lambda: ["tiny", "bench"])
     """model sizes to measure (tiny, bench, wan-1.3b, wan-14b)"""
     device: str = "cpu"
@@ -79,7 +84,8 @@ def peak_growth(device, base):
 
 
 def run_case(args, spec):
-    """spec = 'rollout:<size>:<frames>:<local>:<sink>' or 'train:<size>:<frames>:<backward>'."""
+    """spec = 'rollout:<size>:<frames>:<local>:<sink>', 'train:<size>:<frames>:<backward>' or
+    'update:<size>:<frames>:<nft|fm>'."""
     kind, size, frames, *rest = spec.split(":")
     frames = int(frames)
     torch.set_num_threads(args.threads)
@@ -118,6 +124,8 @@ def run_case(args, spec):
         out.update(local=local, sink=sink, seconds=total, latent_fps=frames / total,
                    block_s=per_block, kv_cache_mb=cache.nbytes() / 2 ** 20,
                    peak_mem_mb=peak_growth(dev, base))
+    elif kind == "update":
+        out.update(mode=rest[0], **update_step(model, rest[0], frames, (H, W), ctx, dev))
     else:
         backward = rest[0] == "1"
         g = torch.Generator(dev).manual_seed(0)
@@ -137,6 +145,45 @@ def run_case(args, spec):
     return out
 
 
+def update_step(model, mode, frames, hw, ctx, dev):
+    """One NFT update (old and ref predictions without grad, theta with grad, loss, backward), or
+    for contrast one plain flow-matching step (theta forward + backward) on the same batch."""
+    import nft_loss as nft
+    from train import Args as TrainArgs, predict_x0
+    cfg = model.cfg
+    model.requires_grad_(False)
+    for name in ("default", "old"):
+        model.add_adapter(name, rank=64)
+    for p in model.adapter_params("default"):
+        p.requires_grad_(True)
+    targs = TrainArgs(model="tiny")
+    g = torch.Generator(dev).manual_seed(0)
+    B = 2
+    x0 = torch.randn(B, frames, cfg.in_dim, *hw, generator=g, device=dev)
+    eps = torch.randn(x0.shape, generator=g, device=dev)
+    sig = torch.full((B,), 0.625, device=dev)
+    x_t = (1 - 0.625) * x0 + 0.625 * eps
+    t = torch.full((B, frames), 625.0, device=dev)
+    c = ctx.expand(B, -1, -1)
+    base = reset_peak(dev)
+    t0 = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev == "cuda"):
+        if mode == "nft":
+            with torch.no_grad():
+                x_old = predict_x0(model, "old", x_t, t, sig, c, targs)
+                x_ref = predict_x0(model, None, x_t, t, sig, c, targs)
+            x_th = predict_x0(model, "default", x_t, t, sig, c, targs)
+            loss = nft.nft_policy_loss(x_th, x_old, x0, torch.rand(B, device=dev))[0] \
+                + 1e-4 * nft.ref_loss(x_th, x_ref)
+        else:  # flow matching: || v_theta(x_t, t) - (eps - x0) ||^2
+            with model.adapter("default"):
+                loss = (model(x_t, t, c).float() - (eps - x0)).pow(2).mean()
+    loss.backward()
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return dict(seconds=time.perf_counter() - t0, peak_mem_mb=peak_growth(dev, base))
+
+
 def main(args: Args):
     if args.case:
         print(json.dumps(run_case(args, args.case)))
@@ -145,8 +192,10 @@ def main(args: Args):
     for size in args.sizes:
         if args.what == "rollout":  # 21 frames on a global cache; 42 on LongLive's rolling cache
             specs += [f"rollout:{size}:21:-1:0", f"rollout:{size}:42:12:3"]
+        elif args.what == "train":
+            specs += [f"train:{size}:{args.frames}:0", f"train:{size}:{args.frames}:1"]
         else:
-            specs += [f"train:{size}:21:0", f"train:{size}:21:1"]
+            specs += [f"update:{size}:{args.frames}:fm", f"update:{size}:{args.frames}:nft"]
     results = []
     for spec in specs:
         runs = []
@@ -167,6 +216,15 @@ def main(args: Args):
                   f"{res['latent_fps']:7.2f} latent frames/s  KV cache {res['kv_cache_mb']:7.1f} MiB  "
                   f"peak +{res['peak_mem_mb']:7.1f} MiB  block s: first {blocks[0]:.2f} "
                   f"last {blocks[-1]:.2f}", flush=True)
+        elif res["case"].startswith("update"):
+            what = "NFT update (3 fwd + 1 bwd)" if res["mode"] == "nft" else "flow-matching step"
+            ratio = ""
+            if res["mode"] == "nft" and results[-2]["case"].endswith(":fm"):
+                fm = results[-2]
+                ratio = (f"  = {res['seconds'] / fm['seconds']:.2f}x time, "
+                         f"{res['peak_mem_mb'] / max(fm['peak_mem_mb'], 1e-9):.2f}x memory of flow matching")
+            print(f"update  {res['size']:>8} {res['frames']:3d} frames {what:27s} {res['seconds']:7.2f} s "
+                  f"peak +{res['peak_mem_mb']:8.1f} MiB{ratio}", flush=True)
         else:
             what = "forward+backward" if res["backward"] else "forward"
             print(f"train   {res['size']:>8} {res['frames']:3d} frames {what:17s} {res['seconds']:7.2f} s "

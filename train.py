@@ -111,8 +111,8 @@ class Args:
     micro_batch: int = 4
     """samples per forward/backward (per rank)"""
     # ---- optimisation
-    lr: float = 3e-4
-    """AdamW learning rate (Astrolabe on 1.3B: 1e-5)"""
+    lr: float = 3e-2
+    """AdamW learning rate (tiny LoRA: 3e-2; Astrolabe on 1.3B: 1e-5)"""
     weight_decay: float = 1e-4
     """AdamW weight decay"""
     grad_clip: float = 1.0

@@ -159,8 +159,11 @@ def test_user_reward_file_loads_once_and_is_called(tmp_path):
 def test_example_reward_file_from_the_docs():
     path = os.path.join(ROOT, "examples", "my_reward.py")
     [(name, fn, w)] = parse_rewards([path + ":reward=0.5"])
-    out = fn(torch.full((2, F, 3, H, W), 0.5), ["a", "b"])
-    assert name == "my_reward.reward" and w == 0.5 and out.tolist() == [1.0, 1.0]
+    warm = torch.zeros(2, F, 3, H, W)
+    warm[0, :, 0] = 1.0  # all red
+    warm[1, :, 2] = 1.0  # all blue
+    out = fn(warm, ["a", "b"])
+    assert name == "my_reward.reward" and w == 0.5 and out.tolist() == [1.0, -1.0]
 
 
 def test_unknown_name_lists_the_registry():
