@@ -8,6 +8,9 @@ float32, B = 1, 2 threads).
     python bench.py train                bench size, forward and forward+backward, 21 frames
     python bench.py update               one NFT update (3 forwards, 1 backward) vs one plain
                                          flow-matching step on the same batch (LoRA rank 64)
+    python bench.py streaming --json s.json   one streaming RL step (window 21, last) per video
+                                         length, tiny model, 32x32, rolling cache 12 / sink 3,
+                                         vs back-propagating through the whole video
     python bench.py rollout --sizes wan-1.3b --device cuda     (the real size, on a GPU)
 
 Every case runs in a fresh subprocess; peak memory is the RSS growth over the value just before
@@ -30,21 +33,25 @@ import tyro
 from kvcache import KVCache
 from model import CONFIGS, CausalWanModel
 from sample import GeneratorNoise, generate, make_generators
+from train import peak_growth, reset_peak
 
 # DESIGN.md §6: a Wan-shaped model small enough for a 2-core CPU (8190 tokens in 21 frames)
 SIZES = dict(CONFIGS, bench=replace(CONFIGS["wan-1.3b"], dim=768, ffn_dim=3072, num_heads=6,
                                     num_layers=4))
 LATENT = {"tiny": (64, 64), "bench": (30, 52), "wan-1.3b": (60, 104), "wan-14b": (60, 104)}
+STREAM_HW = (32, 32)  # frame size of the streaming bench
 
 
 @dataclass
 class Args:
-    what: tyro.conf.Positional[Literal["rollout", "train", "update"]] = "rollout"
+    what: tyro.conf.Positional[Literal["rollout", "train", "update", "streaming"]] = "rollout"
     """rollout: AR sampling (global and rolling cache); train: block-causal forward / +backward;
-    update: an NFT update vs a flow-matching step"""
+    update: an NFT update vs a flow-matching step; streaming: one RL step per video length"""
+    lengths: list[int] = field(default_factory=lambda: [21, 42, 84, 168, 240])
+    """video lengths (latent frames) of the streaming bench; the window is 21"""
     frames: int = 21
     """latent frames of the train / update cases"""
-    sizes: list = field(default_factory=lambda: ["tiny", "bench"])
+    sizes: list[str] = field(default_factory=lambda: ["tiny", "bench"])
     """model sizes to measure (tiny, bench, wan-1.3b, wan-14b)"""
     device: str = "cpu"
     """cpu or cuda"""
@@ -56,31 +63,6 @@ class Args:
     """also write the results to this JSON file"""
     case: str = ""
     """(internal) run one case in this process and print its JSON"""
-
-
-def rss_mb(field_name="VmRSS"):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def reset_peak(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2 ** 20
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (peak RSS) to the current RSS
-        f.write("5")
-    return rss_mb()
-
-
-def peak_growth(device, base):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2 ** 20 - base
-    return rss_mb("VmHWM") - base
 
 
 def run_case(args, spec):
@@ -126,6 +108,8 @@ def run_case(args, spec):
                    peak_mem_mb=peak_growth(dev, base))
     elif kind == "update":
         out.update(mode=rest[0], **update_step(model, rest[0], frames, (H, W), ctx, dev))
+    elif kind == "naive":  # back-propagate through the whole video (streaming bench's contrast)
+        out.update(update_step(model, "fm", frames, STREAM_HW, ctx, dev, local=12, sink=3))
     else:
         backward = rest[0] == "1"
         g = torch.Generator(dev).manual_seed(0)
@@ -145,7 +129,7 @@ def run_case(args, spec):
     return out
 
 
-def update_step(model, mode, frames, hw, ctx, dev):
+def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0):
     """One NFT update (old and ref predictions without grad, theta with grad, loss, backward), or
     for contrast one plain flow-matching step (theta forward + backward) on the same batch."""
     import nft_loss as nft
@@ -156,7 +140,7 @@ def update_step(model, mode, frames, hw, ctx, dev):
         model.add_adapter(name, rank=64)
     for p in model.adapter_params("default"):
         p.requires_grad_(True)
-    targs = TrainArgs(model="tiny")
+    targs = TrainArgs(model="tiny", local_attn=local, sink=sink)
     g = torch.Generator(dev).manual_seed(0)
     B = 2
     x0 = torch.randn(B, frames, cfg.in_dim, *hw, generator=g, device=dev)
@@ -184,9 +168,52 @@ def update_step(model, mode, frames, hw, ctx, dev):
     return dict(seconds=time.perf_counter() - t0, peak_mem_mb=peak_growth(dev, base))
 
 
+def subprocess_json(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def streaming(args):
+    """One full streaming RL step per video length (a fresh train.py process each): the window is
+    always the last 21 frames, so the history before it grows with the length; memory must not."""
+    import tempfile
+    rows = []
+    print(f"{'frames':>6} {'rollout s':>10} {'update s':>9} {'step peak MiB':>14} | "
+          f"{'naive fwd+bwd s':>15} {'naive peak MiB':>14}")
+    for n in args.lengths:
+        with tempfile.TemporaryDirectory() as out:
+            subprocess_json([sys.executable, "train.py", "--steps", "1", "--num-frames", str(n), "--window", "21",
+                             "--window-select", "last", "--local-attn", "12", "--sink", "3", "--height", str(STREAM_HW[0]),
+                             "--width", str(STREAM_HW[1]), "--prompts-per-step", "1", "--group-size", "2",
+                             "--micro-batch", "2", "--eval-every", "0", "--ckpt-every", "0", "--no-progress",
+                             "--out-dir", out])
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                m = json.loads(f.readlines()[-1])
+        naive = json.loads(subprocess_json([sys.executable, __file__, "--case", f"naive:tiny:{n}",
+                                            "--threads", str(args.threads)]).strip().splitlines()[-1])
+        rows.append({"frames": n, "peak_mem_mb": m["mem/peak_mb"], "update_s": m["time/update_s"],
+                     "rollout_s": m["time/rollout_s"], "naive_peak_mem_mb": naive["peak_mem_mb"],
+                     "naive_s": naive["seconds"]})
+        r = rows[-1]
+        print(f"{n:6d} {r['rollout_s']:10.2f} {r['update_s']:9.2f} {r['peak_mem_mb']:14.1f} | "
+              f"{r['naive_s']:15.2f} {r['naive_peak_mem_mb']:14.1f}", flush=True)
+    print(f"peak memory longest / shortest: streaming {rows[-1]['peak_mem_mb'] / rows[0]['peak_mem_mb']:.3f}, "
+          f"naive {rows[-1]['naive_peak_mem_mb'] / rows[0]['naive_peak_mem_mb']:.2f}")
+    return rows
+
+
 def main(args: Args):
     if args.case:
         print(json.dumps(run_case(args, args.case)))
+        return
+    if args.what == "streaming":
+        results = streaming(args)
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
         return
     specs = []
     for size in args.sizes:

@@ -162,6 +162,21 @@ class KVCache:
                      for c in self.cross]
         return new
 
+    @staticmethod
+    def stack(caches) -> "KVCache":
+        """Concatenate caches at the same point of a video (same frames) along the batch."""
+        if any(c.frames != caches[0].frames for c in caches):
+            raise ValueError("can only stack caches that hold the same frames")
+        new = KVCache.__new__(KVCache)
+        new.__dict__.update(caches[0].__dict__)
+        new.k = torch.cat([c.k for c in caches], dim=1)  # (Ly, sum B, T, Hd, D)
+        new.v = torch.cat([c.v for c in caches], dim=1)
+        new.frames = list(caches[0].frames)
+        new.cross = [None if any(c.cross[i] is None for c in caches) else
+                     tuple(torch.cat([c.cross[i][j] for c in caches]) for j in range(2))
+                     for i in range(len(caches[0].cross))]
+        return new
+
     def nbytes(self) -> int:
         """Memory held by the self-attention K/V buffers (bytes)."""
         return self.k.numel() * self.k.element_size() * 2

@@ -115,13 +115,14 @@ def make_generators(seeds, device="cpu"):
 
 @torch.no_grad()
 def generate(model, context, cache: KVCache, num_frames, noise, start_frame=0,
-             timesteps=None, shift=5.0, progress=False, on_block=None):
+             timesteps=None, shift=5.0, progress=False, on_block=None, keep=True):
     """Generate `num_frames` latent frames after those the cache already holds.
 
     context: (B, Lt, Dt) text embeddings; cache: a KVCache (empty, or holding a prefix that
     ends at start_frame); noise: GeneratorNoise / TensorNoise.
     on_block(k, x0_steps) is called after each block with the 4 per-step x0 (tests, fixtures).
-    returns: (B, num_frames, C, H, W) clean latents
+    keep=False: only advance the cache (a streaming prefix), so memory does not grow with length.
+    returns: (B, num_frames, C, H, W) clean latents (None if keep=False)
     """
     n = model.cfg.frames_per_block
     if num_frames % n:
@@ -141,10 +142,11 @@ def generate(model, context, cache: KVCache, num_frames, noise, start_frame=0,
                 x = add_noise(x0, noise.renoise(k, j, n), sig[j + 1].to(x.device))
         # cache-update pass: the clean block at t = 0 overwrites this block's K/V
         model(x0, torch.zeros(B, n, device=x.device), context, cache=cache, start_frame=s, kv_only=True)
-        out.append(x0)
+        if keep:
+            out.append(x0)
         if on_block is not None:
             on_block(k, x0_steps)
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1) if keep else None
 
 
 @torch.no_grad()
@@ -240,9 +242,9 @@ class Args:
     """model size (CONFIGS in model.py)"""
     ckpt: Optional[str] = None
     """checkpoint to load (default for tiny: assets/tiny_world.safetensors if present, else random)"""
-    prompts: list = field(default_factory=lambda: ["a red circle moving left"])
+    prompts: list[str] = field(default_factory=lambda: ["a red circle moving left"])
     """prompts; with --switch-frames, one per segment of a single long video"""
-    switch_frames: list = field(default_factory=list)
+    switch_frames: list[int] = field(default_factory=list)
     """latent frames at which the prompt switches (block-aligned)"""
     num_frames: int = 21
     """latent frames to generate (multiple of the block size 3)"""
@@ -250,7 +252,7 @@ class Args:
     """frame height in pixels"""
     width: int = 64
     """frame width in pixels"""
-    local: int = -1
+    local_attn: int = -1
     """rolling KV cache window in latent frames (-1: global cache)"""
     sink: int = 0
     """sink frames kept forever in a rolling cache"""
@@ -283,7 +285,7 @@ def main(args: Args):
     multi = len(args.switch_frames) > 0
     prompts = args.prompts if not multi else args.prompts[:1]
     ctx = toy_text_embed(args.prompts, cfg.text_len, cfg.text_dim)
-    cache = KVCache.for_model(cfg, len(prompts), args.num_frames, (H, W), args.sink, args.local)
+    cache = KVCache.for_model(cfg, len(prompts), args.num_frames, (H, W), args.sink, args.local_attn)
     noise = GeneratorNoise(make_generators([args.seed + i for i in range(len(prompts))]),
                            (cfg.in_dim, H, W))
     if multi:

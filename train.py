@@ -75,19 +75,30 @@ class Args:
     width: int = 32
     """frame width"""
     num_frames: int = 6
-    """latent frames per video (a multiple of the block size 3)"""
-    local: int = -1
-    """rolling KV cache window in latent frames (-1: global attention)"""
+    """latent frames per video N (a multiple of the block size 3)"""
+    window: int = 0
+    """latent frames W trained per step (streaming; multiple of 3); 0: the whole video"""
+    window_select: Literal["first", "last", "random", "random_choice"] = "random"
+    """where the window starts: first (0), last (N - W), random (any block), random_choice
+    (from --window-starts; Astrolabe's streaming config)"""
+    window_starts: list[int] = field(default_factory=list)
+    """window starts (latent frames) for --window-select random_choice, e.g. 0 18 36"""
+    group_mode: Literal["shared-prefix", "independent"] = "shared-prefix"
+    """shared-prefix: the K videos of a prompt share the history before the window and differ
+    only inside it (clip-level group sampling); independent: K unrelated rollouts"""
+    local_attn: int = -1
+    """rolling KV cache window in latent frames, the reference's local_attn_size (-1: global
+    attention; named --local-attn because torchrun would take --local for one of its own flags)"""
     sink: int = 0
     """sink frames of the rolling cache"""
     # ---- rollout and reward
-    prompts: list = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
     """training prompts (default: the shapes-world prompts)"""
     prompts_per_step: int = 4
     """distinct prompts per RL step (global, over all ranks)"""
     group_size: int = 4
     """K: videos per prompt; advantages are relative within a prompt's group"""
-    rewards: list = field(default_factory=lambda: ["colorfulness=1"])
+    rewards: list[str] = field(default_factory=lambda: ["colorfulness=1"])
     """NAME=WEIGHT ...: registry names (rewards.REWARDS) or path/to/file.py:function"""
     reward_norm: Literal["none", "per-reward"] = "none"
     """none: weighted sum of raw scores (Astrolabe); per-reward: normalise each within its group first"""
@@ -154,13 +165,43 @@ def seed_of(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
+def rss_mb(field_name="VmRSS"):
+    """Resident memory of this process (MiB) from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1]) / 1024 for line in f if line.startswith(field_name)), 0.0)
+
+
+def reset_peak(device):
+    """Start a peak-memory measurement; returns the baseline (MiB)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2 ** 20
+    if os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (peak RSS) to the current RSS
+            f.write("5")
+    return rss_mb()
+
+
+def peak_growth(device, base):
+    """Peak memory since reset_peak, above its baseline (MiB): allocated on GPU, RSS on CPU."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2 ** 20 - base
+    return rss_mb("VmHWM") - base
+
+
 # ----------------------------------------------------------------------------------------------
 # Pieces of one step (module level, so bench.py and the tests can call them)
 
-def predict_x0(model, adapter, x_t, t, sigma_t, ctx, args, x0_clean=None):
-    """x0 prediction of one adapter: x0 = x_t - sigma * v(x_t, t). (B, F, C, H, W)"""
+def predict_x0(model, adapter, x_t, t, sigma_t, ctx, args, x0_clean=None, start=0, history=None):
+    """x0 prediction of one adapter: x0 = x_t - sigma * v(x_t, t). (B, F, C, H, W)
+
+    The window [start, start + F) attends to `history` (the detached rollout cache at `start`,
+    sink + recent frames, so its size never depends on start) and block-causally to itself.
+    """
     with model.adapter(adapter):
-        v = model(x_t, t, ctx, local=args.local, sink=args.sink,
+        v = model(x_t, t, ctx, local=args.local_attn, sink=args.sink, start_frame=start, history=history,
                   clean_x=x0_clean if args.window_context == "clean" else None)
     return x_t - sigma_t.view(-1, 1, 1, 1, 1) * v.float()
 
@@ -190,18 +231,61 @@ def decode(latents):
     return ((latents.float() + 1) / 2).clamp(0, 1)
 
 
-@torch.no_grad()
-def rollout(model, ctx, seeds, args, adapter="old"):
-    """Generate one video per seed with `adapter`, no grad: (B, F, C, H, W) clean latents."""
+def new_cache(model, batch, args, dtype, device):
     from kvcache import KVCache
+    return KVCache.for_model(model.cfg, batch, args.num_frames, (args.height, args.width), args.sink,
+                             args.local_attn, dtype, device)
+
+
+@torch.no_grad()
+def rollout(model, ctx, seeds, frames, args, adapter="old", cache=None, start=0, keep=True):
+    """`frames` latent frames per seed with `adapter`, no grad, continuing `cache` (a new one if
+    None) from frame `start`. Returns (B, frames, C, H, W) clean latents (None if keep=False)."""
     from sample import GeneratorNoise, generate, make_generators
-    cfg, dev = model.cfg, ctx.device
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.for_model(cfg, len(seeds), args.num_frames, (args.height, args.width),
-                              args.sink, args.local, dtype, dev)
-    noise = GeneratorNoise(make_generators(seeds), (cfg.in_dim, args.height, args.width), dev, dtype)
+    dtype, dev = next(model.parameters()).dtype, ctx.device
+    cache = new_cache(model, len(seeds), args, dtype, dev) if cache is None else cache
+    noise = GeneratorNoise(make_generators(seeds), (model.cfg.in_dim, args.height, args.width), dev, dtype)
     with model.adapter(adapter):
-        return generate(model, ctx.to(dtype), cache, args.num_frames, noise).float()
+        lat = generate(model, ctx.to(dtype), cache, frames, noise, start_frame=start, keep=keep)
+    return None if lat is None else lat.float()
+
+
+def window_start(args, step):
+    """Block-aligned start s of this step's window, the same on every rank."""
+    W = args.window or args.num_frames
+    rng = random.Random(seed_of(args.seed, step, "window"))
+    return {"first": 0, "last": args.num_frames - W,
+            "random": rng.randrange(0, args.num_frames - W + 1, 3),
+            "random_choice": rng.choice(args.window_starts or [0])}[args.window_select]
+
+
+@torch.no_grad()
+def group_rollout(model, ctx, js, K, step, s, args):
+    """The window [s, s + W) of every sample j in js (prompt j // K, candidate j % K), after a
+    history [0, s) generated once per prompt (shared-prefix: the K candidates branch from one
+    cache snapshot) or once per sample (independent). Returns the window latents
+    (n, W, C, H, W) and history(rows) -> a stacked copy of those rows' caches at s (None if s = 0).
+    Each history is a cache snapshot: sink + recent frames, so its size never depends on s.
+    """
+    W, dtype = args.window or args.num_frames, next(model.parameters()).dtype
+    shared = args.group_mode == "shared-prefix"
+    key = (lambda j: j // K) if shared else (lambda j: j)  # noqa: E731
+    hist = {}
+    for i, j in enumerate(js):
+        if key(j) not in hist:
+            hist[key(j)] = new_cache(model, 1, args, dtype, ctx.device)
+            if s:  # noise of the prefix from (seed, step, prompt): the same on every rank
+                prefix_seed = seed_of(args.seed, step, j // K) if shared else seed_of(args.seed, step, j // K, j % K, "prefix")
+                rollout(model, ctx[i][None], [prefix_seed], s, args, cache=hist[key(j)], keep=False)
+
+    def history(rows):
+        from kvcache import KVCache
+        return KVCache.stack([hist[key(j)] for j in rows]) if s else None
+    m = args.micro_batch
+    lat = torch.cat([rollout(model, ctx[i:i + m], [seed_of(args.seed, step, j // K, j % K) for j in js[i:i + m]],
+                             W, args, cache=history(js[i:i + m]), start=s)  # branches from a copy
+                     for i in range(0, len(js), m)])
+    return lat, history
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,8 +367,14 @@ def main(args: Args):
                          f"{world} ranks and then into micro-batches of {args.micro_batch}; change "
                          f"--prompts-per-step, --group-size or --micro-batch")
     n_local = N // world
-    if args.num_frames % 3:
-        raise SystemExit(f"--num-frames {args.num_frames} must be a multiple of the block size 3")
+    W = args.window or args.num_frames
+    if args.num_frames % 3 or W % 3 or W > args.num_frames:
+        raise SystemExit(f"--num-frames {args.num_frames} and --window {W} must be multiples of the "
+                         f"block size 3, with the window inside the video")
+    bad = [x for x in args.window_starts if x % 3 or not 0 <= x <= args.num_frames - W]
+    if bad or (args.window_select == "random_choice" and not args.window_starts):
+        raise SystemExit(f"--window-starts {args.window_starts}: give block-aligned starts in "
+                         f"[0, {args.num_frames - W}] for --window-select random_choice")
 
     # ---- model: frozen base + LoRA adapters default (trained), old (rollout), ref, ema
     if args.model != "tiny":
@@ -361,7 +451,7 @@ def main(args: Args):
         """Fixed prompts and seeds through the EMA (or current) policy; mp4 + reward."""
         eval_p = prompts[:args.eval_prompts]
         lat = rollout(model, embed(eval_p), [seed_of(args.seed, "eval", i) for i in range(len(eval_p))],
-                      args, "ema" if args.ema else "default")
+                      args.num_frames, args, "ema" if args.ema else "default")  # the whole video
         videos = decode(lat)
         total, per = multi(videos, eval_p)
         save_video(os.path.join(args.out_dir, "eval", f"step_{n:06d}.mp4"),
@@ -376,7 +466,7 @@ def main(args: Args):
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not (master and args.progress),
                dynamic_ncols=True, desc="RL")
     for step in bar:
-        t0 = time.time()
+        t0, mem0 = time.time(), reset_peak(device)
         # ------------------------------------------------------------------ 1. rollout (old)
         rng = random.Random(seed_of(args.seed, step, "prompts"))
         step_prompts = rng.sample(prompts, args.prompts_per_step) if len(prompts) >= args.prompts_per_step \
@@ -385,9 +475,8 @@ def main(args: Args):
         my_prompts = [step_prompts[j // K] for j in js]
         ctx = embed(my_prompts)  # (n_local, Lt, Dt)
         model.eval()
-        lat = torch.cat([rollout(model, ctx[i:i + args.micro_batch],
-                                 [seed_of(args.seed, step, j // K, j % K) for j in js[i:i + args.micro_batch]], args)
-                         for i in range(0, n_local, args.micro_batch)])
+        s = window_start(args, step)
+        lat, history = group_rollout(model, ctx, js, K, step, s, args)  # (n_local, W, C, H, W)
         t_roll = time.time() - t0
         # ------------------------------------------------------------------ 2. reward
         total, per = multi(decode(lat), my_prompts)
@@ -412,11 +501,12 @@ def main(args: Args):
             j0 = js[0] + mb * args.micro_batch
             x0, c, gsl = lat[sl], ctx[sl], slice(j0, j0 + args.micro_batch)
             x_t, t, sig = training_noise(args, x0, step, j0)
+            h = history(js[sl])  # the detached context before the window (None for s = 0)
             with autocast:
                 with torch.no_grad():  # old and ref predictions on the same x_t
-                    x_old = predict_x0(model, "old", x_t, t, sig, c, args, x0)
-                    x_ref = predict_x0(model, "ref" if args.selective else None, x_t, t, sig, c, args, x0)
-                x_th = predict_x0(model, "default", x_t, t, sig, c, args, x0)
+                    x_old = predict_x0(model, "old", x_t, t, sig, c, args, x0, s, h)
+                    x_ref = predict_x0(model, "ref" if args.selective else None, x_t, t, sig, c, args, x0, s, h)
+                x_th = predict_x0(model, "default", x_t, t, sig, c, args, x0, s, h)
             loss_pol, _ = nft.nft_policy_loss(x_th, x_old, x0, r[gsl], args.beta, args.adaptive_weight)
             loss_ref = nft.ref_loss(x_th, x_ref, mask[gsl])
             # L = L_NFT + lambda_KL * mean_{b in mask} ||x_theta - x_ref||^2
@@ -459,9 +549,10 @@ def main(args: Args):
         n = step + 1
         row = {"step": n, "reward_mean": scores[:, 0].mean().item(), "reward_std": scores[:, 0].std().item(),
                **{f"rewards/{k}/mean": scores[:, 1 + i].mean().item() for i, k in enumerate(names)},
-               "r_mean": r.mean().item(), "loss": loss_m, "kl": kl_m, "kl_all": kl_all, "mask_frac": mask.float().mean().item(),
+               "window_start": s, "r_mean": r.mean().item(), "loss": loss_m, "kl": kl_m, "kl_all": kl_all, "mask_frac": mask.float().mean().item(),
                "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "skipped": bad,
-               "time/rollout_s": t_roll, "time/update_s": time.time() - t1, "time/step_s": time.time() - t0}
+               "time/rollout_s": t_roll, "time/update_s": time.time() - t1, "time/step_s": time.time() - t0,
+               "mem/peak_mb": peak_growth(device, mem0)}
         write_row(row)
         bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{loss_m:.4f}", kl=f"{kl_m:.2e}")
         msg = (f"step {n}/{args.steps} | reward {row['reward_mean']:.4f} | loss {loss_m:.5f} | kl {kl_m:.2e} "
