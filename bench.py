@@ -168,6 +168,14 @@ def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0):
     return dict(seconds=time.perf_counter() - t0, peak_mem_mb=peak_growth(dev, base))
 
 
+def write_json(path, results):
+    """Results to `path` (if given), through a temp file so a crash leaves no half file."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
 def subprocess_json(cmd):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     if r.returncode:
@@ -209,12 +217,7 @@ def main(args: Args):
         print(json.dumps(run_case(args, args.case)))
         return
     if args.what == "streaming":
-        results = streaming(args)
-        if args.json:
-            with open(args.json + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(args.json + ".tmp", args.json)
-        return
+        return write_json(args.json, streaming(args))
     specs = []
     for size in args.sizes:
         if args.what == "rollout":  # 21 frames on a global cache; 42 on LongLive's rolling cache
@@ -227,12 +230,9 @@ def main(args: Args):
     for spec in specs:
         runs = []
         for _ in range(args.repeats):
-            cmd = [sys.executable, __file__, "--case", spec, "--device", args.device,
-                   "--threads", str(args.threads)]
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-            if r.returncode:
-                raise SystemExit(f"case {spec} failed:\n{r.stderr}")
-            runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            out = subprocess_json([sys.executable, __file__, "--case", spec, "--device", args.device,
+                                   "--threads", str(args.threads)])
+            runs.append(json.loads(out.strip().splitlines()[-1]))
         res = dict(runs[len(runs) // 2], seconds=statistics.median(x["seconds"] for x in runs),
                    seconds_all=[x["seconds"] for x in runs])
         results.append(res)
@@ -256,10 +256,7 @@ def main(args: Args):
             what = "forward+backward" if res["backward"] else "forward"
             print(f"train   {res['size']:>8} {res['frames']:3d} frames {what:17s} {res['seconds']:7.2f} s "
                   f"peak +{res['peak_mem_mb'] / 1024:6.2f} GiB", flush=True)
-    if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":
