@@ -144,6 +144,12 @@ def test_window_over_snapshot_equals_longer_forward(local, sink):
         cln = m(x[:, s:], t[:, s:], ctx, start_frame=s, history=hist, clean_x=clean[:, s:])
     assert close(noisy, torch.cat(noisy_ref, 1))
     assert close(cln, torch.cat(clean_ref, 1))
+    # ... and equals the window part of ONE block-causal forward over the whole video
+    # [clean prefix at t = 0 ; noisy window] under the same window rule
+    with torch.no_grad():
+        whole = m(torch.cat([clean[:, :s], x[:, s:]], 1), torch.cat([torch.zeros(B, s), t[:, s:]], 1), ctx,
+                  local=local, sink=sink)
+    assert close(noisy, whole[:, s:])
     # the two context modes agree on the first window block (same history, no earlier window
     # block) and differ after it (noisy vs clean earlier blocks)
     assert close(noisy[:, :3], cln[:, :3])
