@@ -218,6 +218,55 @@ def save_video(path, video, fps=16):
     os.replace(tmp, path)
 
 
+def save_strip(path, videos, frames=8, scale=2):
+    """A PNG of frame strips, one row per video ((F, 3, H, W) in [0, 1]), `frames` evenly spaced
+    frames per row, upscaled `scale`x (nearest) so tiny videos stay visible."""
+    from PIL import Image
+    rows = []
+    for v in videos:
+        idx = torch.linspace(0, len(v) - 1, min(frames, len(v))).round().long()
+        rows.append(torch.cat(list(v[idx]), dim=-1))  # (3, H, frames * W)
+    img = torch.cat(rows, dim=-2).clamp(0, 1)  # (3, rows * H, frames * W)
+    img = img.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    tmp = path + ".tmp.png"
+    Image.fromarray(arr).save(tmp)
+    os.replace(tmp, path)
+
+
+def save_curve(path, series, title="reward", size=(560, 320)):
+    """A line chart PNG drawn with PIL (no plotting library needed): series = {name: (xs, ys)}."""
+    from PIL import Image, ImageDraw
+    W, H, m = size[0], size[1], 44  # canvas and margin
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xs = [x for v in series.values() for x in v[0]]
+    ys = [y for v in series.values() for y in v[1]]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = min(ys), max(ys)
+    y0, y1 = (y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1))
+    px = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)  # noqa: E731
+    py = lambda y: H - m - (y - y0) / (y1 - y0) * (H - 2 * m)  # noqa: E731
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    d.text((m, 8), title, fill="black")
+    for y in (y0, (y0 + y1) / 2, y1):
+        d.text((4, py(y) - 6), f"{y:.3f}", fill="black")
+    d.text((m, H - m + 6), f"{x0:g}", fill="black")
+    d.text((W - m - 20, H - m + 6), f"{x1:g}", fill="black")
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for i, (name, (sx, sy)) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        pts = [(px(x), py(y)) for x, y in zip(sx, sy)]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        for p in pts if len(pts) < 40 else []:
+            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
+        d.text((W - m - 150, m + 6 + 14 * i), name, fill=c)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
 def toy_text_embed(prompts, text_len, text_dim, seed=0):
     """A weight-free text encoder: each word gets a fixed pseudo-random vector (seeded by the
     word itself), one row per word, zero-padded to text_len rows like umT5's output.

@@ -342,7 +342,7 @@ def main(args: Args):
     import nft_loss as nft
     from model import CONFIGS, CausalWanModel, load_checkpoint
     from rewards import MultiReward
-    from sample import save_video, toy_text_embed
+    from sample import save_curve, save_strip, save_video, toy_text_embed
     from tqdm import tqdm
 
     # ---- distributed setup: plain `python train.py` is one process; torchrun sets RANK etc.
@@ -447,12 +447,15 @@ def main(args: Args):
             if wandb:
                 wandb.log(row, step=row["step"])
 
+    eval_p, policy = prompts[:args.eval_prompts], "ema" if args.ema else "default"
+
+    def eval_videos(adapter):  # fixed prompts and seeds, the whole video: (E, F, 3, H, W)
+        seeds = [seed_of(args.seed, "eval", i) for i in range(len(eval_p))]
+        return decode(rollout(model, embed(eval_p), seeds, args.num_frames, args, adapter))
+
     def evaluate(n):
-        """Fixed prompts and seeds through the EMA (or current) policy; mp4 + reward."""
-        eval_p = prompts[:args.eval_prompts]
-        lat = rollout(model, embed(eval_p), [seed_of(args.seed, "eval", i) for i in range(len(eval_p))],
-                      args.num_frames, args, "ema" if args.ema else "default")  # the whole video
-        videos = decode(lat)
+        """The EMA (or current) policy on the eval prompts: mp4 + reward."""
+        videos = eval_videos(policy)
         total, per = multi(videos, eval_p)
         save_video(os.path.join(args.out_dir, "eval", f"step_{n:06d}.mp4"),
                    torch.cat(list(videos), dim=-1))  # the eval prompts side by side
@@ -570,6 +573,18 @@ def main(args: Args):
             if ddp:
                 dist.barrier()
     bar.close()
+    if master:  # what RL changed, for people: before/after videos and frames, the reward curve
+        before, after = eval_videos(None), eval_videos(policy)  # None = adapters off = the base
+        out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
+        save_video(out("before_after.mp4"), torch.cat([torch.cat(list(before), -1), torch.cat(list(after), -1)], -2))
+        save_strip(out("before_after.png"), [v for pair in zip(before, after) for v in pair])
+        with open(metrics_path) as f:
+            rs = [json.loads(line) for line in f]
+        series = {k: ([r["step"] for r in rs if k in r], [r[k] for r in rs if k in r])
+                  for k in ("reward_mean", "eval/reward_mean")}
+        save_curve(out("reward_curve.png"), {k: v for k, v in series.items() if v[0]},
+                   title=f"reward: {' + '.join(args.rewards)}")
+        log(f"wrote {out('before_after.mp4')}, {out('before_after.png')}, {out('reward_curve.png')}")
     if ddp:
         dist.destroy_process_group()
 

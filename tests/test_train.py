@@ -54,7 +54,8 @@ def test_smoke_artifacts(tmp_path):
     run(["--steps", "2", "--ckpt-every", "1", "--eval-every", "2", "--keep-ckpts", "1",
          "--rewards", "colorfulness=1", "sharpness=0.5"], out)
     ck = out / "ckpt_000002"
-    assert sorted(os.listdir(out)) == ["ckpt_000002", "eval", "metrics.jsonl"]  # keep-ckpts 1
+    assert sorted(os.listdir(out)) == ["before_after.mp4", "before_after.png", "ckpt_000002", "eval",
+                                       "metrics.jsonl", "reward_curve.png"]  # keep-ckpts 1
     for f in ["adapters.safetensors", "optim.safetensors", "state.json", "lora/adapter_model.safetensors",
               "lora/adapter_config.json"]:
         assert (ck / f).is_file(), f
