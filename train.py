@@ -271,7 +271,8 @@ def group_rollout(model, ctx, js, K, step, s, args):
         if key(j) not in hist:
             hist[key(j)] = new_cache(model, 1, args, dtype, ctx.device)
             if s:  # noise of the prefix from (seed, step, prompt): the same on every rank
-                prefix_seed = seed_of(args.seed, step, j // K) if shared else seed_of(args.seed, step, j // K, j % K, "prefix")
+                prefix_seed = seed_of(args.seed, step, j // K) if shared else \
+                    seed_of(args.seed, step, j // K, j % K, "prefix")
                 rollout(model, ctx[i][None], [prefix_seed], s, args, cache=hist[key(j)], keep=False)
 
     def history(rows):
@@ -549,7 +550,8 @@ def main(args: Args):
         n = step + 1
         row = {"step": n, "reward_mean": scores[:, 0].mean().item(), "reward_std": scores[:, 0].std().item(),
                **{f"rewards/{k}/mean": scores[:, 1 + i].mean().item() for i, k in enumerate(names)},
-               "window_start": s, "r_mean": r.mean().item(), "loss": loss_m, "kl": kl_m, "kl_all": kl_all, "mask_frac": mask.float().mean().item(),
+               "window_start": s, "r_mean": r.mean().item(), "loss": loss_m, "kl": kl_m, "kl_all": kl_all,
+               "mask_frac": mask.float().mean().item(),
                "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "skipped": bad,
                "time/rollout_s": t_roll, "time/update_s": time.time() - t1, "time/step_s": time.time() - t0,
                "mem/peak_mb": peak_growth(device, mem0)}
