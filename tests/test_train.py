@@ -107,14 +107,17 @@ def test_impossible_layout_fails_clearly(tmp_path):
     assert r.returncode != 0 and "micro-batches of 3" in r.stderr
 
 
-def test_user_reward_file_and_selective_mode(tmp_path):
+def test_user_reward_file_selective_mode_and_the_other_options(tmp_path):
+    """A user reward file, selective mode, and every non-default objective option in one run."""
     f = tmp_path / "mine.py"
     f.write_text("def score(videos, prompts):\n    return videos.mean(dim=(1, 2, 3, 4))\n")
     out = tmp_path / "run"
     run(["--steps", "2", "--ckpt-every", "0", "--eval-every", "0", "--selective", "--prompts-per-step", "4",
-         "--rewards", f"{f}:score=1", "colorfulness=1"], out)
+         "--rewards", f"{f}:score=1", "colorfulness=1", "--train-timesteps", "raw", "--window-context", "clean",
+         "--adaptive-weight", "--reward-norm", "per-reward", "--old-decay", "delayed", "--no-global-std"], out)
     rs = rows(out)
     assert "rewards/mine.score/mean" in rs[0]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["grad_norm"] > 0 for r in rs)
     # the selective mask picks a strict subset (the top u; ties at the threshold may leave none)
     assert all(r["mask_frac"] < 1 for r in rs) and any(r["mask_frac"] > 0 for r in rs)
 
