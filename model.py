@@ -353,10 +353,9 @@ class CausalWanModel(nn.Module):
         B, Fr, C, H, W = x.shape
         ph, pw = cfg.patch_size[1:]
         h, w = H // ph, W // pw
-        tpf, nfpb = h * w, cfg.frames_per_block
-        tc = None if clean_x is None else torch.zeros_like(t)  # clean half at t = 0 ("aug_t")
+        tpf = h * w
         xs = x if clean_x is None else torch.cat([clean_x, x], dim=1)
-        ts = t if clean_x is None else torch.cat([tc, t], dim=1)
+        ts = t if clean_x is None else torch.cat([torch.zeros_like(t), t], dim=1)  # clean half: t = 0 ("aug_t")
         nf = xs.shape[1]
 
         # patchify: Conv3d with kernel = stride = patch, tokens ordered (f, h, w)

@@ -17,6 +17,7 @@ Test:  python -m pytest tests/test_parity.py tests/test_sample.py -q
 
 Shape legend: B batch, F latent frames, n frames per block, C channels, H, W latent size.
 """
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -31,6 +32,7 @@ from model import CONFIGS, CausalWanModel
 # ----------------------------------------------------------------------------------------------
 # Flow-matching schedule (FlowMatchScheduler: shift 5, sigma_min 0, 1000 steps, extra_one_step)
 
+@functools.lru_cache(maxsize=4)  # looked up on every model call of the sampler: build it once
 def flow_schedule(shift=5.0, steps=1000):
     """The 1000-entry grid: sigma_i = s u_i / (1 + (s - 1) u_i), u = linspace(1, 0, 1001)[:1000]."""
     u = torch.linspace(1.0, 0.0, steps + 1)[:-1]  # float32, like the reference
@@ -64,6 +66,11 @@ def flow_to_x0(x_t, flow, t, shift=5.0):
     """
     sig = sigma_of(t.reshape(-1), shift).double().to(x_t.device).view(*t.shape, 1, 1, 1)
     return (x_t.double() - sig * flow.double()).to(flow.dtype)
+
+
+def to_pixels(x):
+    """A pixel-space model's output [-1, 1] -> video in [0, 1] (what rewards and save_video take)."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
 
 
 def add_noise(x0, noise, sigma):
@@ -344,7 +351,7 @@ def main(args: Args):
         lat = generate(model, ctx, cache, args.num_frames, noise, progress=True)
     for i in range(lat.shape[0]):
         path = args.out if lat.shape[0] == 1 else args.out.replace(".mp4", f"_{i}.mp4")
-        save_video(path, (lat[i] + 1) / 2, args.fps)  # pixel-space model: [-1, 1] -> [0, 1]
+        save_video(path, to_pixels(lat[i]), args.fps)
         print(f"wrote {path} ({args.num_frames} frames, {H}x{W})")
 
 

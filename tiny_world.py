@@ -39,7 +39,8 @@ import torch
 from kvcache import KVCache
 from model import CONFIGS, CausalWanModel
 from rewards import COLORS, DIRECTIONS, color_match, direction_match
-from sample import GeneratorNoise, generate, make_generators, sampler_timesteps, sigma_of, toy_text_embed
+from sample import (GeneratorNoise, generate, make_generators, sampler_timesteps, sigma_of, to_pixels,
+                    toy_text_embed)
 
 COLOR_WORDS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -101,11 +102,6 @@ def make_video(prompt, frames, H=32, W=32, generator=None):
 
 # ----------------------------------------------------------------------------------------------
 # Prompt following of the real sampler, measured with the reward detectors
-
-def to_pixels(x):
-    """Model space [-1, 1] -> [0, 1], the rewards' input (train.decode)."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
 
 @torch.no_grad()
 def evaluate_prompt_following(model, n=32, frames=9, seed=0, H=32, W=32, batch=32):

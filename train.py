@@ -222,11 +222,6 @@ def training_noise(args, x0, step, j0):
     return x_t, torch.full((B, F), float(t), device=x0.device), s_x0.expand(B).to(x0.device)
 
 
-def decode(latents):
-    """Latents -> videos in [0, 1], (B, F, 3, H, W). The tiny model works in pixel space."""
-    return ((latents.float() + 1) / 2).clamp(0, 1)
-
-
 def new_cache(model, batch, args, dtype, device):
     from kvcache import KVCache
     return KVCache.for_model(model.cfg, batch, args.num_frames, (args.height, args.width), args.sink,
@@ -340,7 +335,7 @@ def main(args: Args):
     import tiny_world
     from model import CONFIGS, CausalWanModel, load_checkpoint
     from rewards import MultiReward
-    from sample import save_curve, save_strip, save_video, toy_text_embed
+    from sample import save_curve, save_strip, save_video, to_pixels, toy_text_embed
     from tqdm import tqdm
 
     # ---- distributed setup: plain `python train.py` is one process; torchrun sets RANK etc.
@@ -449,7 +444,7 @@ def main(args: Args):
 
     def eval_videos(adapter):  # fixed prompts and seeds, the whole video: (E, F, 3, H, W)
         seeds = [seed_of(args.seed, "eval", i) for i in range(len(eval_p))]
-        return decode(rollout(model, embed(eval_p), seeds, args.num_frames, args, adapter))
+        return to_pixels(rollout(model, embed(eval_p), seeds, args.num_frames, args, adapter))
 
     def evaluate(n):
         """The EMA (or current) policy on the eval prompts: mp4 + reward."""
@@ -480,7 +475,7 @@ def main(args: Args):
         lat, history = group_rollout(model, ctx, js, K, step, s, args)  # (n_local, W, C, H, W)
         t_roll = time.time() - t0
         # ------------------------------------------------------------------ 2. reward
-        total, per = multi(decode(lat), my_prompts)
+        total, per = multi(to_pixels(lat), my_prompts)  # the tiny model is pixel-space
         scores = gather(torch.stack([total] + [per[k] for k in names], 1).to(device))  # (N, 1 + J)
         groups = torch.arange(N, device=device) // K
         # ------------------------------------------------------------------ 3. advantage -> r
