@@ -12,6 +12,11 @@ float32, B = 1, 2 threads).
                                          length, tiny model, 32x32, rolling cache 12 / sink 3,
                                          vs back-propagating through the whole video
     python bench.py rollout --sizes wan-1.3b --device cuda     (the real size, on a GPU)
+    python bench.py gpu                  the real 1.3B (--size wan-14b) at 480x832, 21 latent
+                                         frames, random bf16 weights: rollout frames/s, one NFT
+                                         update (LoRA r 256) with and without activation
+                                         checkpointing: time, peak memory, MFU (skipped
+                                         without CUDA; --device cpu --size tiny: a smoke run)
 
 Every case runs in a fresh subprocess; peak memory is the RSS growth over the value just before
 the measured call (CPU), or torch.cuda.max_memory_allocated growth (GPU).
@@ -31,7 +36,7 @@ import torch
 import tyro
 
 from kvcache import KVCache
-from model import CONFIGS, CausalWanModel
+from model import CONFIGS, CausalWanModel, attention_plan
 from sample import GeneratorNoise, generate, make_generators
 from train import peak_growth, reset_peak
 
@@ -40,21 +45,33 @@ SIZES = dict(CONFIGS, bench=replace(CONFIGS["wan-1.3b"], dim=768, ffn_dim=3072, 
                                     num_layers=4))
 LATENT = {"tiny": (64, 64), "bench": (30, 52), "wan-1.3b": (60, 104), "wan-14b": (60, 104)}
 STREAM_HW = (32, 32)  # frame size of the streaming bench
+GPU_HW = {"tiny": (32, 32)}  # latent size of `gpu --size tiny` (a CPU smoke run); else LATENT
 
 
 @dataclass
 class Args:
-    what: tyro.conf.Positional[Literal["rollout", "train", "update", "streaming"]] = "rollout"
+    what: tyro.conf.Positional[Literal["rollout", "train", "update", "streaming", "gpu"]] = "rollout"
     """rollout: AR sampling (global and rolling cache); train: block-causal forward / +backward;
-    update: an NFT update vs a flow-matching step; streaming: one RL step per video length"""
+    update: an NFT update vs a flow-matching step; streaming: one RL step per video length;
+    gpu: the real size on one GPU (rollout, NFT update with/without checkpointing, MFU)"""
     lengths: list[int] = field(default_factory=lambda: [21, 42, 84, 168, 240])
     """video lengths (latent frames) of the streaming bench; the window is 21"""
     frames: int = 21
     """latent frames of the train / update cases"""
     sizes: list[str] = field(default_factory=lambda: ["tiny", "bench"])
     """model sizes to measure (tiny, bench, wan-1.3b, wan-14b)"""
-    device: str = "cpu"
-    """cpu or cuda"""
+    device: str = ""
+    """cpu or cuda (default: cuda for gpu, cpu for the rest)"""
+    size: str = "wan-1.3b"
+    """model size of the gpu bench (wan-1.3b, wan-14b; tiny for a CPU smoke run)"""
+    lora_rank: int = 256
+    """LoRA rank of the gpu bench's adapters (Astrolabe: 256)"""
+    batch: int = 1
+    """samples per NFT update in the gpu bench (one micro-batch)"""
+    peak_tflops: float = 989.4
+    """the GPU's peak dense bf16 TFLOP/s, for MFU (H100 SXM: 989.4; H200 the same)"""
+    vae: bool = True
+    """gpu bench: also time decoding the 21 latents with a random-weight Wan2.1 VAE (diffusers)"""
     threads: int = 2
     """torch CPU threads (the reference numbers used 2)"""
     repeats: int = 1
@@ -77,12 +94,7 @@ def run_case(args, spec):
     torch.manual_seed(0)
     cfg, dev = SIZES[size], args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    with torch.device("meta"):
-        model = CausalWanModel(cfg)
-    model = model.to_empty(device=dev).to(dtype)
-    model.init_weights()
-    for p in model.head.parameters():
-        torch.nn.init.normal_(p, std=0.02)
+    model = random_model(cfg, dev, dtype)
     H, W = LATENT[size]
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=dev, dtype=dtype)
     out = {"case": spec, "size": size, "frames": frames, "device": dev}
@@ -129,20 +141,33 @@ def run_case(args, spec):
     return out
 
 
-def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0):
+def random_model(cfg, dev, dtype):
+    """Random weights straight on the device (meta first: no CPU copy of a 14B model)."""
+    with torch.device("meta"):
+        model = CausalWanModel(cfg)
+    model = model.to_empty(device=dev).to(dtype)
+    model.init_weights()
+    for p in model.head.parameters():  # the init zeroes the head: every output would be 0
+        torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0, rank=64, B=2, ref=None):
     """One NFT update (old and ref predictions without grad, theta with grad, loss, backward), or
-    for contrast one plain flow-matching step (theta forward + backward) on the same batch."""
+    for contrast one plain flow-matching step (theta forward + backward) on the same batch.
+    ref: the reference adapter (None: the base model, as train.py without --selective)."""
     import nft_loss as nft
     from train import Args as TrainArgs, predict_x0
     cfg = model.cfg
     model.requires_grad_(False)
-    for name in ("default", "old"):
-        model.add_adapter(name, rank=64)
+    for name in ("default", "old") + (() if ref is None else (ref,)):
+        if name not in model.adapters():
+            model.add_adapter(name, rank=rank)
     for p in model.adapter_params("default"):
         p.requires_grad_(True)
+        p.grad = None
     targs = TrainArgs(model="tiny", local_attn=local, sink=sink)
     g = torch.Generator(dev).manual_seed(0)
-    B = 2
     x0 = torch.randn(B, frames, cfg.in_dim, *hw, generator=g, device=dev)
     eps = torch.randn(x0.shape, generator=g, device=dev)
     sig = torch.full((B,), 0.625, device=dev)
@@ -155,7 +180,7 @@ def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0):
         if mode == "nft":
             with torch.no_grad():
                 x_old = predict_x0(model, "old", x_t, t, sig, c, targs)
-                x_ref = predict_x0(model, None, x_t, t, sig, c, targs)
+                x_ref = predict_x0(model, ref, x_t, t, sig, c, targs)
             x_th = predict_x0(model, "default", x_t, t, sig, c, targs)
             loss = nft.nft_policy_loss(x_th, x_old, x0, torch.rand(B, device=dev))[0] \
                 + 1e-4 * nft.ref_loss(x_th, x_ref)
@@ -166,6 +191,167 @@ def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0):
     if dev == "cuda":
         torch.cuda.synchronize()
     return dict(seconds=time.perf_counter() - t0, peak_mem_mb=peak_growth(dev, base))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model FLOPs of one training call, for MFU. Only matmuls count (what torch's FlopCounterMode
+# counts too): every Linear, the patch Conv3d (a matmul over patches), attention's q k^T and p v;
+# 2 FLOPs per multiply-add. Norms, RoPE, softmax, GELU and adaLN are elementwise (< 1% here).
+# A linear on m rows, k -> n features:
+#     forward 2mkn;  backward dX 2mkn (if its input needs a gradient) + dW 2mkn (if trained)
+# plus, with a trained LoRA adapter of rank r (y += B A x):
+#     forward 2mr(k + n);  backward dB 2mrn + d(Ax) 2mrn + dA 2mkr + dX 2mkr (if input needs it)
+# Attention of q query tokens against the k keys they see: forward 4qk Dm (scores, values),
+# backward 8qk Dm (dQ, dK, dP, dV); q k summed over the block-causal plan (causality and the
+# window skip key blocks: 21 frames in blocks of 3 see 4/7 of the full square).
+# The base is frozen in the NFT update, so its linears need dX but no dW: at 1.3B, 480x832, 21
+# frames the backward is 1.6x the forward (attention, half the forward, still costs 2x), not
+# the 2x of full training ("6 N D") that MFU is usually quoted with; bench prints both.
+
+def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_frame=0, local=-1,
+                sink=0, history=(), teacher_forcing=False):
+    """(forward, backward) FLOPs of model(x, t, ctx) on (batch, frames, C, *hw) latents with a
+    trained LoRA adapter of rank `lora_rank` active (0: none) and the base weights trained or
+    frozen; history: the frames of a history cache (start_frame, local, sink as the forward)."""
+    D, Lt, p = cfg.dim, cfg.text_len, cfg.patch_size[1] * cfg.patch_size[2]
+    P = hw[0] * hw[1] // p  # tokens per frame
+    nf = frames * (2 if teacher_forcing else 1)  # teacher forcing: [clean ; noisy] frames
+    N = batch * nf * P  # token rows through every block
+    trained = base_grad or lora_rank > 0
+    flops = [0, 0]  # forward, backward
+
+    def linear(m, k, n, x_grad, r=0):
+        flops[0] += 2 * m * k * n + 2 * m * r * (k + n)
+        flops[1] += 2 * m * k * n * (x_grad + base_grad) + 2 * m * r * (2 * n + k + k * x_grad)
+
+    # embeddings: patches (from x), text MLP (from the raw context), time MLPs (from sinusoids)
+    linear(N, cfg.in_dim * p, D, False)
+    linear(batch * Lt, cfg.text_dim, D, False), linear(batch * Lt, D, D, base_grad)
+    rows = batch * nf
+    linear(rows, cfg.freq_dim, D, False), linear(rows, D, D, base_grad), linear(rows, D, 6 * D, base_grad)
+    # sum over query blocks of (query tokens) x (keys they see), history keys included
+    qk = batch * sum((qhi - qlo) * sum(hi - lo for lo, hi in runs) for (qlo, qhi), runs in
+                     attention_plan(frames, P, cfg.frames_per_block, start_frame, local, sink,
+                                    history, teacher_forcing))
+    r = lora_rank
+    for i in range(cfg.num_layers):
+        # block 0's input comes from frozen embeddings: no gradient unless the base is trained
+        x_grad = base_grad or (trained and i > 0)
+        for _ in range(3):  # self-attention q, k, v
+            linear(N, D, D, x_grad, r)
+        linear(N, D, D, trained, r)  # o
+        flops[0] += 4 * qk * D
+        flops[1] += 8 * qk * D * trained
+        linear(N, D, D, trained, r), linear(N, D, D, trained, r)  # cross-attention q, o
+        for _ in range(2):  # cross-attention k, v of the text tokens (context: no gradient)
+            linear(batch * Lt, D, D, base_grad, r)
+        flops[0] += 4 * N * Lt * D
+        flops[1] += 8 * N * Lt * D * trained
+        linear(N, D, cfg.ffn_dim, trained, r), linear(N, cfg.ffn_dim, D, trained, r)  # FFN
+    linear(batch * frames * P, D, p * cfg.out_dim, trained)  # head (the noisy half only)
+    return flops[0], flops[1]
+
+
+def gpu_bench(args):
+    """The real size on one GPU with random weights: (a) 4-step AR rollout on a global cache,
+    latent and video frames/s; (b) one NFT update as train.py runs it (LoRA default / old / ref,
+    x_theta with grad, x_old and x_ref without, nft_loss, backward), with and without activation
+    checkpointing: time and peak memory; (c) its MFU from train_flops."""
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("bench.py gpu: no CUDA device, skipped (--device cpu --size tiny runs a smoke test)")
+        return {}
+    cuda = dev == "cuda"
+    torch.manual_seed(0)
+    torch.set_flush_denormal(True)
+    cfg, F, dtype = SIZES[args.size], args.frames, torch.bfloat16 if cuda else torch.float32
+    H, W = GPU_HW.get(args.size, LATENT[args.size])
+    ph, pw = cfg.patch_size[1:]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    model = random_model(cfg, dev, dtype).eval()
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=dev, dtype=dtype)  # 512 text tokens
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    out = dict(size=args.size, device=name, frames=F, latent_hw=(H, W), batch=args.batch,
+               lora_rank=args.lora_rank, dtype=str(dtype))
+    px = "" if args.size == "tiny" else f" = {H * 8}x{W * 8} px"  # the VAE's 8x; tiny is pixel-space
+    print(f"gpu bench: {args.size} ({str(dtype)[6:]}, random weights) on {name}, {F} latent frames "
+          f"{H}x{W}{px}, {F * H * W // (ph * pw)} tokens, B {args.batch}", flush=True)
+
+    # ---- (a) rollout: the 4-step AR sampler, global cache, B = 1
+    noise = GeneratorNoise(make_generators([0], dev), (cfg.in_dim, H, W), dev, dtype)
+    if cuda:  # warm-up: kernel loading and cuBLAS heuristics out of the timed run
+        generate(model, ctx, KVCache.for_model(cfg, 1, 3, (H, W), dtype=dtype, device=dev), 3, noise)
+    cache = KVCache.for_model(cfg, 1, F, (H, W), dtype=dtype, device=dev)
+    sync()
+    t0 = time.perf_counter()
+    lat = generate(model, ctx, cache, F, noise)
+    sync()
+    sec = time.perf_counter() - t0
+    video = 4 * (F - 1) + 1  # the VAE's 4x temporal upsampling: 21 latents -> 81 frames
+    out.update(rollout_s=sec, latent_fps=F / sec, video_fps_dit=video / sec,
+               kv_cache_mb=cache.nbytes() / 2 ** 20)
+    print(f"rollout  4-step AR, global cache: {sec:7.2f} s  {F / sec:6.2f} latent frames/s = "
+          f"{video / sec:6.2f} video frames/s ({video} frames; DiT only, no VAE decode)  KV cache "
+          f"{out['kv_cache_mb']:.0f} MiB", flush=True)
+    del cache
+    if args.vae and args.size != "tiny":  # the tiny model is pixel-space: nothing to decode
+        try:  # the Wan2.1 VAE's architecture (diffusers' defaults) with random weights
+            from diffusers import AutoencoderKLWan
+            vae = AutoencoderKLWan().to(dev, dtype).eval()
+            with torch.no_grad():
+                vae.decode(lat[:, :1].transpose(1, 2))  # warm-up
+                sync()
+                t0 = time.perf_counter()
+                n = vae.decode(lat.transpose(1, 2)).sample.shape[2]  # (B, 3, frames, 8H, 8W)
+                sync()
+            dec = time.perf_counter() - t0
+            out.update(vae_decode_s=dec, video_fps=n / (sec + dec))
+            print(f"vae      decode {F} -> {n} frames: {dec:6.2f} s (random-weight diffusers "
+                  f"AutoencoderKLWan); rollout + decode {n / (sec + dec):6.2f} video frames/s", flush=True)
+            del vae
+        except Exception as e:  # diffusers missing or out of memory: the DiT numbers stand alone
+            out["vae_decode"] = f"skipped: {type(e).__name__}: {str(e)[:200]}"
+            print(f"vae      {out['vae_decode']}", flush=True)
+    del lat
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # ---- (b) one NFT update, (c) its MFU
+    model.train()
+    fwd, bwd = train_flops(cfg, F, (H, W), args.batch, args.lora_rank)  # x_theta: LoRA, frozen base
+    total = 3 * fwd + bwd  # x_old, x_ref (both LoRA adapters) and x_theta forwards + one backward
+    out.update(update_tflop=total / 1e12, fwd_tflop=fwd / 1e12, bwd_tflop=bwd / 1e12)
+    lora_share = 1 - train_flops(cfg, F, (H, W), args.batch)[0] / fwd
+    print(f"update   NFT model FLOPs: 3 forwards x {fwd / 1e12:.3g} + backward {bwd / 1e12:.3g} = "
+          f"{total / 1e12:.3g} TFLOP (LoRA r {args.lora_rank}: {lora_share:.1%} of a forward)", flush=True)
+    for ckpt in (True, False):  # checkpointed first: without it the real size may not fit
+        model.grad_checkpointing = ckpt
+        key = "ckpt" if ckpt else "no_ckpt"
+        try:
+            if cuda:  # warm-up step
+                update_step(model, "nft", F, (H, W), ctx, dev, rank=args.lora_rank, B=args.batch, ref="ref")
+            r = update_step(model, "nft", F, (H, W), ctx, dev, rank=args.lora_rank, B=args.batch, ref="ref")
+        except torch.OutOfMemoryError as e:
+            out[key] = dict(oom=str(e)[:200])
+            print(f"update   checkpointing {'on ' if ckpt else 'off'}: out of memory", flush=True)
+        else:
+            peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None
+            # MFU = model FLOPs / time / peak FLOP/s; recomputation is not model work, so it
+            # lowers MFU (its FLOPs would count in the hardware utilisation, HFU)
+            mfu = total / r["seconds"] / (args.peak_tflops * 1e12)
+            mfu_2x = (3 * fwd + 2 * fwd) / r["seconds"] / (args.peak_tflops * 1e12)
+            out[key] = dict(r, peak_total_mb=peak, mfu=mfu, mfu_bwd_2x=mfu_2x)
+            mem = (f"peak {peak / 1024:.2f} GiB allocated (+{r['peak_mem_mb'] / 1024:.2f} over weights "
+                   f"and adapters)" if cuda else f"peak RSS +{r['peak_mem_mb']:.0f} MiB (one process: rough)")
+            print(f"update   checkpointing {'on ' if ckpt else 'off'}: {r['seconds']:7.2f} s  {mem}  MFU "
+                  f"{mfu:.1%} (backward counted as 2x forward: {mfu_2x:.1%}; of {args.peak_tflops:g} "
+                  f"TFLOP/s)", flush=True)
+        for p in model.adapter_params("default"):
+            p.grad = None
+        if cuda:
+            torch.cuda.empty_cache()
+    model.grad_checkpointing = False
+    return out
 
 
 def write_json(path, results):
@@ -213,11 +399,14 @@ def streaming(args):
 
 
 def main(args: Args):
+    args = replace(args, device=args.device or ("cuda" if args.what == "gpu" else "cpu"))
     if args.case:
         print(json.dumps(run_case(args, args.case)))
         return
     if args.what == "streaming":
         return write_json(args.json, streaming(args))
+    if args.what == "gpu":
+        return write_json(args.json, gpu_bench(args))
     specs = []
     for size in args.sizes:
         if args.what == "rollout":  # 21 frames on a global cache; 42 on LongLive's rolling cache

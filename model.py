@@ -7,6 +7,9 @@ latent frame gets its own diffusion timestep, and the transformer runs *block-ca
 are grouped into blocks of 3 and a block attends to itself and earlier blocks only. This is
 what lets the model generate a video block by block against a KV cache (kvcache.py, sample.py).
 
+Activation checkpointing (`model.grad_checkpointing = True`, off by default) keeps only each
+block's input in the training paths 2 and 3 and recomputes the block in backward.
+
 Three forward paths, one attention code path (`SelfAttention` + `_attend`):
   1. model(x_block, t, ctx, cache=cache, start_frame=s)     one block against a KV cache
   2. model(x, t, ctx)                                        block-causal training forward
@@ -35,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
 from kvcache import KVCache, visible
 
@@ -246,6 +250,26 @@ class Block(nn.Module):
         return torch.addcmul(per_frame(x), per_frame(y), g_f).flatten(1, 2)  # (B, N, Dm)
 
 
+def _run_block(block, adapter, *args):
+    """block(*args) with LoRA adapter `adapter` active in it, the previous selection restored.
+
+    A checkpointed block is recomputed during backward, under whatever adapter is active *then*.
+    train.py computes x_theta inside `model.adapter("default")` and calls backward after leaving
+    it, so a plain recompute would run without an adapter (checkpoint raises: other tensors were
+    saved) or, had another adapter been selected, silently with its weights. This pins the
+    adapter the forward used (tests/test_memory.py switches adapters before backward).
+    """
+    layers = [m for m in block.modules() if isinstance(m, LoRALinear)]
+    prev = [m.active for m in layers]
+    for m in layers:
+        m.active = adapter
+    try:
+        return block(*args)
+    finally:
+        for m, a in zip(layers, prev):
+            m.active = a
+
+
 def attention_plan(frames, tpf, nfpb, start_frame=0, local=-1, sink=0, history=(),
                    teacher_forcing=False):
     """Block-causal attention as a list of ((q_lo, q_hi), [(k_lo, k_hi), ...]) token ranges.
@@ -319,6 +343,10 @@ class CausalWanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        # recompute each block in backward instead of storing its activations (training paths
+        # only): one more forward of the blocks per backward, for keeping one (B, N, Dm) input
+        # per block and one block's activations at a time instead of every block's
+        self.grad_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -387,8 +415,14 @@ class CausalWanModel(nn.Module):
                                     [] if history is None else history.frames, clean_x is not None)
             plan = _Plan(blocks, history=history)
 
+        ckpt = self.grad_checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            tok = block(tok, e0, ctx, freqs, plan, i, kv_only and i == len(self.blocks) - 1)
+            if ckpt:  # use_reentrant=False: grads reach the inputs' and params' graph directly
+                # (no RNG state to restore: nothing inside a block is random)
+                tok = checkpoint(_run_block, block, block.self_attn.q.active, tok, e0, ctx, freqs,
+                                 plan, i, use_reentrant=False, preserve_rng_state=False)
+            else:
+                tok = block(tok, e0, ctx, freqs, plan, i, kv_only and i == len(self.blocks) - 1)
         if kv_only:
             return None
 
