@@ -71,10 +71,22 @@ class Args:
     """LoRA rank of the adapters (Astrolabe: 256)"""
     lora_alpha: float = 16.0
     """LoRA alpha (scale = alpha / rank; Astrolabe: 256)"""
+    ckpt_ema: bool = True
+    """from a generator/generator_ema checkpoint (Self-Forcing, Causal Forcing, LongLive) take the
+    EMA weights, as Astrolabe does; --no-ckpt-ema: `generator`"""
+    lora_init: Optional[str] = None
+    """LoRA warm start loaded into every adapter: LongLive's lora.pt or a PEFT folder (rank must be
+    --lora-rank)"""
+    vae: Optional[str] = None
+    """real models: the Wan2.1 VAE, Wan2.1_VAE.pth or a Diffusers folder"""
+    text_encoder: Optional[str] = None
+    """real models: umT5-XXL, models_t5_umt5-xxl-enc-bf16.pth or a Diffusers folder"""
+    tokenizer: Optional[str] = None
+    """real models: the umT5 tokenizer folder (default: google/umt5-xxl beside the .pth)"""
     height: int = 32
-    """frame height (pixels for the tiny pixel-space model)"""
+    """frame height in pixels (the tiny model works in pixel space; Wan latents are 8x smaller)"""
     width: int = 32
-    """frame width"""
+    """frame width in pixels"""
     num_frames: int = 6
     """latent frames per video N (a multiple of the block size 3)"""
     window: int = 0
@@ -94,7 +106,9 @@ class Args:
     """sink frames of the rolling cache"""
     # ---- rollout and reward
     prompts: list[str] = field(default_factory=list)
-    """training prompts (default: tiny_world.PROMPTS, "a red circle moving left", ...)"""
+    """training prompts (tiny default: tiny_world.PROMPTS, "a red circle moving left", ...)"""
+    prompt_file: Optional[str] = None
+    """a text file of training prompts, one per line (added to --prompts)"""
     prompts_per_step: int = 4
     """distinct prompts per RL step (global, over all ranks)"""
     group_size: int = 4
@@ -122,6 +136,12 @@ class Args:
     ones, as at inference (teacher forcing)"""
     micro_batch: int = 4
     """samples per forward/backward (per rank)"""
+    # ---- memory levers (the real presets turn them on; bf16 autocast is always on with CUDA)
+    grad_checkpointing: bool = False
+    """recompute each transformer block in the backward pass: activations of one block instead
+    of all of them, for ~1/3 more update time"""
+    decode_batch: int = 1
+    """real models: videos the VAE decodes at once (its activations at 480x832 are large)"""
     # ---- optimisation
     lr: float = 3e-2
     """AdamW learning rate (random-init tiny: 3e-2; the pre-trained tiny world needs <= 3e-3;
@@ -142,7 +162,34 @@ class Args:
     """number of fixed eval prompts (evenly spread over the training prompts)"""
 
 
-PRESETS = {"tiny": Args()}  # the real-model presets (self-forcing, longlive, ...) come with the VAE path
+def _real(model="wan-1.3b", wan="wan_models/Wan2.1-T2V-1.3B", **kw):
+    """A real-model preset: Astrolabe's settings (ASTROLABE_METHOD.md §6: 480x832, 21 latent
+    frames, LoRA rank 256 / alpha 256 on every block linear, lr 1e-5, beta 0.1, KL 1e-4) with the
+    files where the Self-Forcing / LongLive repos' download instructions put them (README)."""
+    base = dict(model=model, vae=f"{wan}/Wan2.1_VAE.pth", text_encoder=f"{wan}/models_t5_umt5-xxl-enc-bf16.pth",
+                height=480, width=832, num_frames=21, lora_rank=256, lora_alpha=256.0, lr=1e-5,
+                # one GPU: 2 prompts x 8 videos per step (Astrolabe on 8 GPUs: 16 x 24)
+                prompts_per_step=2, group_size=8, micro_batch=1, rewards=["hpsv2=1"],
+                eval_prompts=2, eval_every=30, ckpt_every=30, grad_checkpointing=True)
+    return dataclasses.replace(Args(), **{**base, **kw})
+
+
+PRESETS = {  # python train.py <preset> [--flags]; every field stays overridable
+    "tiny": Args(),
+    "self-forcing": _real(ckpt="checkpoints/self_forcing_dmd.pt", out_dir="out/self-forcing"),
+    "causal-forcing": _real(ckpt="checkpoints/chunkwise/causal_forcing.pt", out_dir="out/causal-forcing"),
+    # LongLive: rolling cache (12 frames, 3 sink); Astrolabe's streaming config trains the window
+    # [21, 42) after a 21-frame history (window_choices = [21])
+    "longlive": _real(ckpt="longlive_models/models/longlive_base.pt", out_dir="out/longlive",
+                      local_attn=12, sink=3, num_frames=42, window=21, window_select="random_choice",
+                      window_starts=[21]),
+    "longlive-lora": _real(ckpt="longlive_models/models/longlive_base.pt", out_dir="out/longlive-lora",
+                           lora_init="longlive_models/models/lora.pt", local_attn=12, sink=3,
+                           num_frames=42, window=21, window_select="random_choice", window_starts=[21]),
+    # Krea Realtime 14B: global attention; one 14B model per GPU leaves room for 1 video per pass
+    "krea-14b": _real(model="wan-14b", out_dir="out/krea-14b",  # the 1.3B repo's VAE and umT5 files
+                      ckpt="checkpoints/krea-realtime-video-14b.safetensors", prompts_per_step=1),
+}
 
 
 def parse_args(argv=None):
@@ -159,6 +206,18 @@ def parse_args(argv=None):
 def seed_of(*parts) -> int:
     """A 63-bit seed from any tuple, e.g. (seed, step, prompt, k): same on every rank and layout."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def prompts_for_step(prompts, n, step, seed):
+    """The n prompts of RL step `step`: walk a seeded shuffle of the list, reshuffled every epoch.
+    Every prompt comes once per epoch, so the mean reward of an epoch's steps compares across
+    epochs (random draws make the per-step mean follow which prompts were drawn, not the policy)."""
+    out = []
+    for i in range(step * n, (step + 1) * n):
+        epoch, k = divmod(i, len(prompts))
+        order = random.Random(seed_of(seed, epoch, "prompts")).sample(range(len(prompts)), len(prompts))
+        out.append(prompts[order[k]])
+    return out
 
 
 def rss_mb(field_name="VmRSS"):
@@ -189,6 +248,71 @@ def peak_growth(device, base):
 
 # ----------------------------------------------------------------------------------------------
 # Pieces of one step (module level, so bench.py and the tests can call them)
+
+def latent_hw(args):
+    """(H, W) of the model's input: pixels for the tiny pixel-space model, VAE latents (8x smaller)
+    for Wan."""
+    return (args.height, args.width) if args.model == "tiny" else (args.height // 8, args.width // 8)
+
+
+def build_model(args, device="cpu", dtype=torch.float32, cfg=None):
+    """The frozen base (--ckpt; a random init for tiny without one) with the LoRA adapters
+    `default` (trained), `old` (rollouts), `ref` (+ `ema`), all equal at the start: LoRA B = 0, or
+    --lora-init in every one. cfg overrides model.CONFIGS[args.model] (tests: tiny sizes through
+    a real preset's loading path)."""
+    from model import CONFIGS, CausalWanModel, load_adapter_file, load_checkpoint
+    cfg = cfg or CONFIGS[args.model]
+    torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
+    if args.ckpt:
+        with torch.device("meta"):  # no random init: the file's tensors are assigned (a 14B model
+            model = CausalWanModel(cfg)  # is never held twice in RAM)
+        load_checkpoint(model, args.ckpt, ema=args.ckpt_ema)
+    elif args.model == "tiny":
+        model = CausalWanModel(cfg)
+        torch.nn.init.normal_(model.head.head.weight, std=0.02)  # random but not all-zero videos
+    else:
+        raise SystemExit(f"--model {args.model} needs --ckpt (the distilled generator; README, Real models)")
+    model.to(device, dtype).requires_grad_(False)  # frozen base: bf16 on GPU
+    model.add_adapter("default", args.lora_rank, args.lora_alpha)  # adapters stay float32
+    if args.lora_init:
+        load_adapter_file(model, "default", args.lora_init)
+    model.to(device)
+    for name in ["old", "ref"] + (["ema"] if args.ema else []):
+        model.copy_adapter("default", name)
+    if args.grad_checkpointing:
+        model.grad_checkpointing = True
+    return model
+
+
+def frozen_parts(args, prompts, device):
+    """embed(prompts) -> (B, Lt, Dt) text embeddings and decode(latents) -> videos in [0, 1].
+
+    tiny: the toy word embeddings, and latents are already pixels. Real models: umT5 embeds every
+    prompt once (on the GPU, then it is freed before the DiT loads) and the Wan VAE decodes
+    --decode-batch videos at a time."""
+    from sample import to_pixels, toy_text_embed
+    if args.model == "tiny":
+        from model import CONFIGS
+        cfg = CONFIGS["tiny"]
+        return (lambda ps: toy_text_embed(ps, cfg.text_len, cfg.text_dim).to(device)), to_pixels
+    missing = [f"--{f.replace('_', '-')}" for f in ("vae", "text_encoder") if not getattr(args, f)]
+    if missing:
+        raise SystemExit(f"--model {args.model} needs {' and '.join(missing)} (README, Real models)")
+    from frozen import TextEncoder, WanVAE
+    half = torch.bfloat16 if "cuda" in str(device) else torch.float32
+    te = TextEncoder.load(args.text_encoder, args.tokenizer, device=device, dtype=half)
+    table = {}
+    for i in range(0, len(prompts), 8):  # rows are [512, 4096] each: keep them on the CPU
+        table.update(zip(prompts[i:i + 8], te(prompts[i:i + 8]).to("cpu", half)))
+    del te
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    vae = WanVAE.load(args.vae, device=device)  # float32, as diffusers recommends for this VAE
+
+    def decode(lat):  # (B, F, 16, h, w) -> (B, 1 + 4 (F - 1), 3, 8h, 8w) in [0, 1]
+        b = args.decode_batch
+        return torch.cat([to_pixels(vae.decode(lat[i:i + b].float())) for i in range(0, len(lat), b)])
+    return (lambda ps: torch.stack([table[p] for p in ps]).to(device)), decode
+
 
 def predict_x0(model, adapter, x_t, t, sigma_t, ctx, args, x0_clean=None, start=0, history=None):
     """x0 prediction of one adapter: x0 = x_t - sigma * v(x_t, t). (B, F, C, H, W)
@@ -224,7 +348,7 @@ def training_noise(args, x0, step, j0):
 
 def new_cache(model, batch, args, dtype, device):
     from kvcache import KVCache
-    return KVCache.for_model(model.cfg, batch, args.num_frames, (args.height, args.width), args.sink,
+    return KVCache.for_model(model.cfg, batch, args.num_frames, latent_hw(args), args.sink,
                              args.local_attn, dtype, device)
 
 
@@ -235,7 +359,7 @@ def rollout(model, ctx, seeds, frames, args, adapter="old", cache=None, start=0,
     from sample import GeneratorNoise, generate, make_generators
     dtype, dev = next(model.parameters()).dtype, ctx.device
     cache = new_cache(model, len(seeds), args, dtype, dev) if cache is None else cache
-    noise = GeneratorNoise(make_generators(seeds), (model.cfg.in_dim, args.height, args.width), dev, dtype)
+    noise = GeneratorNoise(make_generators(seeds), (model.cfg.in_dim, *latent_hw(args)), dev, dtype)
     with model.adapter(adapter):
         lat = generate(model, ctx.to(dtype), cache, frames, noise, start_frame=start, keep=keep)
     return None if lat is None else lat.float()
@@ -333,9 +457,8 @@ def find_ckpt(out_dir, resume):
 def main(args: Args):
     import nft_loss as nft
     import tiny_world
-    from model import CONFIGS, CausalWanModel, load_checkpoint
     from rewards import MultiReward
-    from sample import save_curve, save_strip, save_video, to_pixels, toy_text_embed
+    from sample import save_curve, save_strip, save_video
     from tqdm import tqdm
 
     # ---- distributed setup: plain `python train.py` is one process; torchrun sets RANK etc.
@@ -369,37 +492,31 @@ def main(args: Args):
         raise SystemExit(f"--window-starts {args.window_starts}: give block-aligned starts in "
                          f"[0, {args.num_frames - W}] for --window-select random_choice")
 
-    # ---- model: frozen base + LoRA adapters default (trained), old (rollout), ref, ema
-    if args.model != "tiny":
-        raise SystemExit(f"--model {args.model} needs the Wan VAE and umT5 text encoder; that path "
-                         f"is not built yet. Use the tiny preset.")
-    cfg = CONFIGS[args.model]
-    torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
-    model = CausalWanModel(cfg)
-    if args.ckpt:
-        load_checkpoint(model, args.ckpt)
-    else:
-        torch.nn.init.normal_(model.head.head.weight, std=0.02)  # random but not all-zero videos
-        log("no base checkpoint: RL starts from a randomly initialised tiny model")
-    dtype = torch.bfloat16 if cuda else torch.float32  # frozen base in bf16 on GPU
-    model.to(device, dtype).requires_grad_(False)
-    model.add_adapter("default", args.lora_rank, args.lora_alpha)  # adapters stay float32
-    model.to(device)
-    for name in ["old", "ref"] + (["ema"] if args.ema else []):
-        model.copy_adapter("default", name)
-    params = model.adapter_params("default")
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-
-    # ---- prompts, text embeddings (computed once), rewards
-    prompts = args.prompts or tiny_world.PROMPTS
-    embed = lambda ps: toy_text_embed(ps, cfg.text_len, cfg.text_dim).to(device)  # noqa: E731
+    # ---- prompts; text embeddings first (umT5 leaves the GPU before the DiT arrives), rewards
+    prompts = list(args.prompts)
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts and args.model != "tiny":
+        raise SystemExit(f"--model {args.model}: give training prompts with --prompt-file or --prompts")
+    prompts = prompts or tiny_world.PROMPTS
+    embed, decode = frozen_parts(args, prompts, device)
     multi = MultiReward(args.rewards)
     names = multi.names
     if args.selective and len(names) < 2:
         raise SystemExit("--selective needs at least two rewards (the first is the main one)")
+
+    # ---- model: frozen base + LoRA adapters default (trained), old (rollout), ref, ema
+    dtype = torch.bfloat16 if cuda else torch.float32  # frozen base in bf16 on GPU
+    model = build_model(args, device, dtype)
+    if args.model == "tiny" and not args.ckpt:
+        log("no base checkpoint: RL starts from a randomly initialised tiny model")
+    params = model.adapter_params("default")
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
+    # bf16 matmuls, float32 LoRA parameters, optimizer state and loss math (x0 and the loss are .float())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     compensator, dynref = nft.RiskCompensator(), nft.DynamicReference()
 
     # ---- resume
@@ -422,8 +539,11 @@ def main(args: Args):
     if args.track and master:
         import wandb
         wandb.init(project="astrolabe", config=dataclasses.asdict(args), dir=args.out_dir)
-    log(f"{world} rank(s) on {device} ({dtype}); {args.prompts_per_step} prompts x {K} videos = {N} "
-        f"per step, micro-batch {args.micro_batch}; rewards {args.rewards}")
+    log(f"{world} rank(s) on {device} ({dtype}); global batch {args.prompts_per_step} prompts x {K} videos "
+        f"= {N} per step, micro-batch {args.micro_batch} per rank; rewards {args.rewards}")
+    log(f"memory levers: bf16 autocast {cuda}, grad checkpointing {args.grad_checkpointing}, window "
+        f"{W} of {args.num_frames} frames, cache {'global' if args.local_attn < 0 else args.local_attn} "
+        f"(sink {args.sink}), decode batch {args.decode_batch}")
 
     def gather(x):  # (n_local, ...) -> (N, ...) in global sample order
         if world == 1:
@@ -444,7 +564,7 @@ def main(args: Args):
 
     def eval_videos(adapter):  # fixed prompts and seeds, the whole video: (E, F, 3, H, W)
         seeds = [seed_of(args.seed, "eval", i) for i in range(len(eval_p))]
-        return to_pixels(rollout(model, embed(eval_p), seeds, args.num_frames, args, adapter))
+        return decode(rollout(model, embed(eval_p), seeds, args.num_frames, args, adapter))
 
     def evaluate(n):
         """The EMA (or current) policy on the eval prompts: mp4 + reward."""
@@ -464,9 +584,7 @@ def main(args: Args):
     for step in bar:
         t0, mem0 = time.time(), reset_peak(device)
         # ------------------------------------------------------------------ 1. rollout (old)
-        rng = random.Random(seed_of(args.seed, step, "prompts"))
-        step_prompts = rng.sample(prompts, args.prompts_per_step) if len(prompts) >= args.prompts_per_step \
-            else [rng.choice(prompts) for _ in range(args.prompts_per_step)]
+        step_prompts = prompts_for_step(prompts, args.prompts_per_step, step, args.seed)
         js = range(rank * n_local, (rank + 1) * n_local)  # this rank's global sample indices
         my_prompts = [step_prompts[j // K] for j in js]
         ctx = embed(my_prompts)  # (n_local, Lt, Dt)
@@ -475,7 +593,7 @@ def main(args: Args):
         lat, history = group_rollout(model, ctx, js, K, step, s, args)  # (n_local, W, C, H, W)
         t_roll = time.time() - t0
         # ------------------------------------------------------------------ 2. reward
-        total, per = multi(to_pixels(lat), my_prompts)  # the tiny model is pixel-space
+        total, per = multi(decode(lat), my_prompts)  # scores see pixels in [0, 1]
         scores = gather(torch.stack([total] + [per[k] for k in names], 1).to(device))  # (N, 1 + J)
         groups = torch.arange(N, device=device) // K
         # ------------------------------------------------------------------ 3. advantage -> r

@@ -1,0 +1,111 @@
+"""
+The real-model presets: each parses, builds at its real size on the meta device, and its loading
+path (train.build_model) accepts a synthetic checkpoint in that family's real file layout at tiny
+size; missing files fail with one clear message.
+
+Test: python -m pytest tests/test_presets.py -q
+"""
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
+from model import CONFIGS, CausalWanModel  # noqa: E402
+
+REAL = ["self-forcing", "causal-forcing", "longlive", "longlive-lora", "krea-14b"]
+TINY = CONFIGS["tiny"]
+
+
+def out_of(model, seed=0):
+    """The model's block-causal output on fixed inputs (adapter as currently set)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, TINY.in_dim, 8, 8, generator=g)
+    ctx = torch.randn(1, TINY.text_len, TINY.text_dim, generator=g)
+    return model(x, torch.full((1, 3), 500.0), ctx)
+
+
+def test_presets_parse_and_are_distinct():
+    seen = set()
+    for name in ["tiny"] + REAL:
+        args = train.parse_args([name])
+        assert args == train.PRESETS[name]
+        seen.add(tuple(sorted(dataclasses.asdict(args).items(), key=str)).__repr__())
+    assert len(seen) == 1 + len(REAL)
+    over = train.parse_args(["longlive", "--lr", "3e-5", "--window", "9"])
+    assert (over.lr, over.window, over.sink, over.local_attn) == (3e-5, 9, 3, 12)  # flags win
+    with pytest.raises(SystemExit, match="unknown preset 'selfforcing'"):
+        train.parse_args(["selfforcing"])
+
+
+@pytest.mark.parametrize("name,params", [("self-forcing", 1.42e9), ("krea-14b", 14.29e9)])
+def test_real_size_on_meta(name, params):
+    args = train.PRESETS[name]
+    with torch.device("meta"):
+        m = CausalWanModel(CONFIGS[args.model])
+        n_base = sum(p.numel() for p in m.parameters())
+        m.add_adapter("default", args.lora_rank, args.lora_alpha)
+    n_lora = sum(p.numel() for p in m.adapter_params("default"))
+    assert abs(n_base / params - 1) < 0.01, n_base
+    cfg = CONFIGS[args.model]
+    # rank r on 10 linears per block: 8 attention (dim x dim) and the FFN pair (dim x ffn)
+    assert n_lora == cfg.num_layers * args.lora_rank * (8 * 2 * cfg.dim + 2 * (cfg.dim + cfg.ffn_dim))
+    assert (args.height // 8, args.width // 8) == train.latent_hw(args) == (60, 104)
+
+
+def family_file(name, sd, tmp_path):
+    """sd written the way that family's release stores its generator."""
+    if name == "krea-14b":  # flat safetensors, keys 'model.<key>'
+        path = tmp_path / "krea-realtime-video-14b.safetensors"
+        save_file({"model." + k: v.contiguous() for k, v in sd.items()}, str(path))
+    elif name.startswith("longlive"):  # FSDP-wrapped keys in a generator dict
+        path = tmp_path / "longlive_base.pt"
+        torch.save({"generator_ema": {"model._fsdp_wrapped_module." + k: v for k, v in sd.items()}}, path)
+    else:  # Self-Forcing / Causal Forcing: generator + generator_ema (Astrolabe takes the EMA)
+        path = tmp_path / "generator.pt"
+        junk = {k: torch.zeros_like(v) for k, v in sd.items()}
+        torch.save({"generator": {"model." + k: v for k, v in junk.items()},
+                    "generator_ema": {"model." + k: v for k, v in sd.items()}}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_preset_loader_takes_its_family_layout(name, tmp_path):
+    torch.manual_seed(1)
+    src = CausalWanModel(TINY)
+    for p in src.parameters():  # every weight non-trivial, so a skipped key would show
+        torch.nn.init.normal_(p, std=0.05)
+    args = dataclasses.replace(train.PRESETS[name], ckpt=family_file(name, src.state_dict(), tmp_path),
+                               lora_rank=4, lora_alpha=4.0, lora_init=None, grad_checkpointing=False)
+    if name == "longlive-lora":  # LongLive's lora.pt: {'generator_lora': PEFT-style keys}
+        src.add_adapter("default", 4, 4.0)
+        for p in src.adapter_params("default"):
+            torch.nn.init.normal_(p, std=0.1)
+        torch.save({"generator_lora": {"base_model.model." + k: v for k, v in src.adapter_state_dict("default").items()}},
+                   tmp_path / "lora.pt")
+        args = dataclasses.replace(args, lora_init=str(tmp_path / "lora.pt"))
+        src.set_adapter("default")
+    m = train.build_model(args, cfg=TINY)
+    assert m.adapters() == ["default", "old", "ref", "ema"]
+    with torch.no_grad():
+        with m.adapter("default" if args.lora_init else None):
+            assert torch.allclose(out_of(m), out_of(src), atol=1e-5)
+        outs = []
+        for a in m.adapters():  # the warm start (or B = 0) is in every adapter
+            with m.adapter(a):
+                outs.append(out_of(m))
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_real_model_needs_its_files(tmp_path):
+    args = dataclasses.replace(train.PRESETS["self-forcing"], ckpt=None)
+    with pytest.raises(SystemExit, match="needs --ckpt"):
+        train.build_model(args, cfg=TINY)
+    with pytest.raises(SystemExit, match="needs --vae and --text-encoder"):
+        train.frozen_parts(dataclasses.replace(args, vae=None, text_encoder=None), ["a cat"], "cpu")
+    with pytest.raises(FileNotFoundError, match="nowhere/self_forcing_dmd.pt"):
+        train.build_model(dataclasses.replace(args, ckpt=str(tmp_path / "nowhere/self_forcing_dmd.pt")), cfg=TINY)
