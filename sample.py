@@ -11,7 +11,10 @@ The same function is train.py's rollout. All randomness comes from an explicit n
 (per-sample torch.Generators, or stored tensors), so a rollout is reproducible whatever the
 batch layout, and the reference fixtures can be replayed exactly.
 
-Run:   python sample.py --model tiny                 (random weights, writes an mp4)
+Run:   python sample.py                              (the tiny shapes world, writes an mp4)
+       python sample.py --model wan-1.3b --ckpt checkpoints/self_forcing_dmd.pt \
+           --vae wan_models/Wan2.1-T2V-1.3B/Wan2.1_VAE.pth \
+           --text-encoder wan_models/Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth --prompts "a fox"
        python sample.py --help
 Test:  python -m pytest tests/test_parity.py tests/test_sample.py -q
 
@@ -26,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from kvcache import KVCache
-from model import CONFIGS, CausalWanModel
+from model import CONFIGS, CausalWanModel, load_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,21 +300,30 @@ class Args:
     model: Literal["tiny", "wan-1.3b", "wan-14b"] = "tiny"
     """model size (CONFIGS in model.py)"""
     ckpt: Optional[str] = None
-    """checkpoint to load (default for tiny: assets/tiny_world.safetensors if present, else random)"""
+    """generator checkpoint (tiny default: assets/tiny_world.safetensors if present, else random;
+    Wan: self_forcing_dmd.pt, causal_forcing.pt, longlive_base.pt, krea-...-14b.safetensors)"""
+    lora: Optional[str] = None
+    """LoRA applied on top: LongLive's lora.pt, or a trained run's ckpt_*/lora folder"""
+    vae: Optional[str] = None
+    """Wan models: Wan2.1_VAE.pth or a Diffusers folder"""
+    text_encoder: Optional[str] = None
+    """Wan models: models_t5_umt5-xxl-enc-bf16.pth or a Diffusers folder"""
+    tokenizer: Optional[str] = None
+    """Wan models: the umT5 tokenizer folder (default: google/umt5-xxl beside the .pth)"""
     prompts: list[str] = field(default_factory=lambda: ["a red circle moving left"])
     """prompts; with --switch-frames, one per segment of a single long video"""
     switch_frames: list[int] = field(default_factory=list)
     """latent frames at which the prompt switches (block-aligned)"""
     num_frames: int = 21
-    """latent frames to generate (multiple of the block size 3)"""
-    height: int = 32
-    """frame height in pixels"""
-    width: int = 32
-    """frame width in pixels"""
+    """latent frames to generate (multiple of the block size 3; Wan: 21 -> 81 video frames)"""
+    height: Optional[int] = None
+    """frame height in pixels (default: 32 tiny, 480 Wan)"""
+    width: Optional[int] = None
+    """frame width in pixels (default: 32 tiny, 832 Wan)"""
     local_attn: int = -1
-    """rolling KV cache window in latent frames (-1: global cache)"""
+    """rolling KV cache window in latent frames (-1: global cache; LongLive: 12)"""
     sink: int = 0
-    """sink frames kept forever in a rolling cache"""
+    """sink frames kept forever in a rolling cache (LongLive: 3)"""
     seed: int = 0
     """noise seed (sample i uses seed + i)"""
     out: str = "out/sample.mp4"
@@ -320,39 +332,79 @@ class Args:
     """frames per second of the mp4"""
 
 
+def write_decoded(path, vae, lat, fps=16):
+    """Decode one video's latents (1, F, 16, h, w) block by block with the VAE's streaming decoder
+    and append the frames to the mp4 as they come: a long video is never held in pixels."""
+    import imageio.v2 as imageio
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp, stream, n = path + ".tmp.mp4", vae.stream(), 0
+    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p",
+                            macro_block_size=1) as w:
+        for k in range(0, lat.shape[1], 3):
+            frames = to_pixels(stream.push(lat[:, k:k + 3]))[0]  # (t, 3, H, W) in [0, 1]
+            for f in (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+                w.append_data(f)
+            n += len(frames)
+    os.replace(tmp, path)
+    return n
+
+
 def main(args: Args):
-    if args.model != "tiny":
-        raise SystemExit(f"--model {args.model} decodes with the Wan VAE and encodes prompts with "
-                         f"umT5; that path is not built yet. Use --model tiny.")
     torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
-    cfg = CONFIGS[args.model]
-    torch.manual_seed(args.seed)
-    model = CausalWanModel(cfg).eval()  # eval: inference only, no dropout anywhere anyway
-    ckpt = args.ckpt or ("assets/tiny_world.safetensors"
-                         if os.path.exists("assets/tiny_world.safetensors") else None)
-    if ckpt:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(ckpt))
-    else:
-        for p in model.head.parameters():  # random weights: make the output non-trivial
-            torch.nn.init.normal_(p, std=0.02)
-        print("no checkpoint: sampling from random weights")
-    H, W = args.height // cfg.patch_size[1] * cfg.patch_size[1], args.width // cfg.patch_size[2] * cfg.patch_size[2]
+    cfg, tiny = CONFIGS[args.model], args.model == "tiny"
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     multi = len(args.switch_frames) > 0
     prompts = args.prompts if not multi else args.prompts[:1]
-    ctx = toy_text_embed(args.prompts, cfg.text_len, cfg.text_dim)
-    cache = KVCache.for_model(cfg, len(prompts), args.num_frames, (H, W), args.sink, args.local_attn)
+    if tiny:
+        torch.manual_seed(args.seed)
+        model = CausalWanModel(cfg).eval()  # eval: inference only, no dropout anywhere anyway
+        ckpt = args.ckpt or ("assets/tiny_world.safetensors"
+                             if os.path.exists("assets/tiny_world.safetensors") else None)
+        if ckpt:
+            load_checkpoint(model, ckpt, lora=args.lora)
+        else:
+            for p in model.head.parameters():  # random weights: make the output non-trivial
+                torch.nn.init.normal_(p, std=0.02)
+            print("no checkpoint: sampling from random weights")
+        ctx = toy_text_embed(args.prompts, cfg.text_len, cfg.text_dim)
+        ph, pw = cfg.patch_size[1:]
+        H, W = (args.height or 32) // ph * ph, (args.width or 32) // pw * pw  # pixel space
+    else:
+        missing = [f"--{f.replace('_', '-')}" for f in ("ckpt", "vae", "text_encoder") if not getattr(args, f)]
+        if missing:
+            raise SystemExit(f"--model {args.model} needs {', '.join(missing)} (README, Real models)")
+        from frozen import TextEncoder, WanVAE
+        te = TextEncoder.load(args.text_encoder, args.tokenizer, device=dev, dtype=dtype)
+        ctx = te(args.prompts)  # (P, 512, 4096)
+        del te  # umT5-XXL leaves the GPU before the DiT arrives
+        with torch.device("meta"):
+            model = CausalWanModel(cfg)
+        load_checkpoint(model, args.ckpt, lora=args.lora)
+        model.to(dev, dtype).eval()
+        H, W = (args.height or 480) // 8, (args.width or 832) // 8  # latent size
+        if H % 2 or W % 2:
+            raise SystemExit(f"--height/--width must be multiples of 16 for Wan (got {args.height}x{args.width})")
+    if args.lora:
+        model.set_adapter("default")
+    ctx = ctx.to(dev, dtype)
+    cache = KVCache.for_model(cfg, len(prompts), args.num_frames, (H, W), args.sink, args.local_attn, dtype, dev)
     noise = GeneratorNoise(make_generators([args.seed + i for i in range(len(prompts))]),
-                           (cfg.in_dim, H, W))
+                           (cfg.in_dim, H, W), dev, dtype)
     if multi:
         lat = generate_multi_prompt(model, [c[None] for c in ctx], [int(s) for s in args.switch_frames],
                                     cache, args.num_frames, noise, progress=True)
     else:
         lat = generate(model, ctx, cache, args.num_frames, noise, progress=True)
+    vae = None if tiny else WanVAE.load(args.vae, device=dev)
     for i in range(lat.shape[0]):
         path = args.out if lat.shape[0] == 1 else args.out.replace(".mp4", f"_{i}.mp4")
-        save_video(path, to_pixels(lat[i]), args.fps)
-        print(f"wrote {path} ({args.num_frames} frames, {H}x{W})")
+        if tiny:
+            save_video(path, to_pixels(lat[i]), args.fps)
+            n, size = args.num_frames, f"{H}x{W}"
+        else:
+            n, size = write_decoded(path, vae, lat[i:i + 1].float(), args.fps), f"{8 * H}x{8 * W}"
+        print(f"wrote {path} ({n} frames, {size})")
 
 
 if __name__ == "__main__":
