@@ -239,6 +239,46 @@ def direction_match(videos, prompts, eps=0.05):
     return out
 
 
+def direction_progress(videos, prompts, speed=1 / 16):
+    """How steadily the foreground moves the way the prompt names, at `speed` (fraction of the
+    frame per frame; 1/16 is the shapes world's 2 px at 32x32): per frame pair the displacement
+    along the named direction / (speed * frame size), clipped to [-1, 1], mean over pairs.
+    1 = steady motion at that speed, 0 = standing still, -1 = the opposite way. Unlike
+    direction_match it gives partial credit, so a slow or stop-and-go shape scores in between.
+
+    Positions are circular means (angles on the frame's width and height): the shapes world
+    wraps around, and a shape crossing an edge would make a plain centroid jump across the frame.
+
+    >>> v = torch.zeros(1, 5, 3, 16, 16)
+    >>> for t in range(5): v[0, t, :, 6:9, (14 - t) % 16] = 1.0   # 1 px/frame left, across the edge
+    >>> direction_progress(v.expand(2, -1, -1, -1, -1), ["moving left", "moving up"]).round(decimals=4)
+    tensor([1., 0.])
+    """
+    fg = _foreground(videos).float()  # [B, F, H, W]
+    B, F, H, W = fg.shape
+    out = torch.zeros(B, device=fg.device)
+    if F < 2:
+        return out
+
+    def circ_mean(mass, n):  # mass [B, F, n] along one axis -> angle of its circular mean [B, F]
+        a = torch.arange(n, device=fg.device) * (2 * math.pi / n)
+        return torch.atan2((mass * a.sin()).sum(-1), (mass * a.cos()).sum(-1))
+
+    def step(angle, n):  # wrapped difference of consecutive angles, in pixels [B, F-1]
+        d = angle.diff(dim=1)
+        return torch.remainder(d + math.pi, 2 * math.pi).sub(math.pi) * n / (2 * math.pi)
+    sx, sy = step(circ_mean(fg.sum(2), W), W), step(circ_mean(fg.sum(3), H), H)
+    seen = (fg.sum((2, 3)) > 0).float()  # [B, F] frames with a foreground
+    for b, p in enumerate(prompts):
+        word = _word(p, DIRECTIONS)
+        if word is not None:
+            dx, dy = DIRECTIONS[word]
+            # progress_t = clip((dx * dx_t + dy * dy_t) / (speed * size), -1, 1)
+            prog = ((dx * sx[b] + dy * sy[b]) / (speed * (W if dx else H))).clamp(-1, 1)
+            out[b] = (prog * seen[b, 1:] * seen[b, :-1]).mean()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # learned rewards: HPSv2.1, CLIP score, LAION aesthetic (open_clip) and RAFT dynamic degree
 # (torchvision). Their libraries are imported on first call, each model is built once per
@@ -435,6 +475,7 @@ REWARDS = {
     "sharpness": sharpness, "colorfulness": colorfulness, "flicker": flicker,
     "smoothness": smoothness, "motion": motion, "motion_gray": grayscale(motion),
     "color_match": color_match, "direction_match": direction_match,
+    "direction_progress": direction_progress,
     "hpsv2": hpsv2, "clip_score": clip_score, "aesthetic": aesthetic,
     "dynamic_degree": dynamic_degree,
 }

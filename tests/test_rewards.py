@@ -136,6 +136,23 @@ def test_direction_match_names_the_right_direction():
     assert out.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # the last one stands still
 
 
+def test_direction_progress_partial_credit_and_wrap_around():
+    def wrapping(dx, frames=F, stop=()):  # a 6 px square, dx px/frame, wrapping around the frame
+        v, x = torch.zeros(1, frames, 3, H, W), W - 8
+        for t in range(frames):
+            x = x if t in stop else x + dx
+            v[0, t, :, 13:19, torch.arange(x, x + 6) % W] = 1.0
+        return v
+    speed = 2 / W  # 2 px per frame counts as full speed
+    full, half, back = wrapping(2), wrapping(1), wrapping(-2)
+    stop_go = wrapping(2, stop=(2, 3, 4, 5))  # moves on 3 of 7 frame pairs
+    v, ps = torch.cat([full, half, back, stop_go, full]), ["moving right"] * 4 + ["a square"]
+    out = rewards.direction_progress(v, ps, speed=speed)
+    assert torch.allclose(out, torch.tensor([1.0, 0.5, -1.0, 3 / 7, 0.0]), atol=1e-4)
+    # the same videos through a plain centroid: crossing the edge reads as a jump the wrong way
+    assert rewards.direction_match(full, ["moving right"]).item() < 1.0
+
+
 # ---- user reward files and the registry
 
 
