@@ -295,19 +295,23 @@ def gpu_bench(args):
           f"{out['kv_cache_mb']:.0f} MiB", flush=True)
     del cache
     if args.vae and args.size != "tiny":  # the tiny model is pixel-space: nothing to decode
-        try:  # the Wan2.1 VAE's architecture (diffusers' defaults) with random weights
+        try:  # the Wan2.1 VAE's architecture with random weights, float32 and streamed block by
+            # block as sample.py writes videos (frozen.WanVAE)
             from diffusers import AutoencoderKLWan
-            vae = AutoencoderKLWan().to(dev, dtype).eval()
+            from frozen import WanVAE
+            vae = WanVAE(AutoencoderKLWan().to(dev).eval())
             with torch.no_grad():
-                vae.decode(lat[:, :1].transpose(1, 2))  # warm-up
+                vae.stream().push(lat[:, :3])  # warm-up
                 sync()
                 t0 = time.perf_counter()
-                n = vae.decode(lat.transpose(1, 2)).sample.shape[2]  # (B, 3, frames, 8H, 8W)
+                stream, n = vae.stream(), 0
+                for k in range(0, F, 3):
+                    n += stream.push(lat[:, k:k + 3]).shape[1]  # (B, t, 3, 8H, 8W)
                 sync()
             dec = time.perf_counter() - t0
             out.update(vae_decode_s=dec, video_fps=n / (sec + dec))
-            print(f"vae      decode {F} -> {n} frames: {dec:6.2f} s (random-weight diffusers "
-                  f"AutoencoderKLWan); rollout + decode {n / (sec + dec):6.2f} video frames/s", flush=True)
+            print(f"vae      streaming decode {F} -> {n} frames: {dec:6.2f} s (random-weight Wan2.1 VAE, "
+                  f"float32); rollout + decode {n / (sec + dec):6.2f} video frames/s", flush=True)
             del vae
         except Exception as e:  # diffusers missing or out of memory: the DiT numbers stand alone
             out["vae_decode"] = f"skipped: {type(e).__name__}: {str(e)[:200]}"
