@@ -239,6 +239,21 @@ def direction_match(videos, prompts, eps=0.05):
     return out
 
 
+def size_constancy(videos, prompts):
+    """The foreground keeps its size: 1 - mean_t |A_t - median A| / median A, clipped at 0, where
+    A_t is the foreground pixel count of frame t. A quality term for single-object videos: a
+    shape that fades, dissolves into streaks or smears scores lower; steady motion does not.
+
+    >>> v = torch.zeros(2, 4, 3, 8, 8); v[:, :, :, 2:6, 2:6] = 1.0   # a 4x4 square ...
+    >>> v[1, 3, :, 2:4] = 0.0                                          # ... that halves in frame 3
+    >>> size_constancy(v, ["", ""])
+    tensor([1.0000, 0.8750])
+    """
+    area = _foreground(videos).float().sum((2, 3))  # [B, F] foreground pixels per frame
+    med = area.median(1, keepdim=True).values.clamp(min=1)
+    return (1 - ((area - med).abs() / med).mean(1)).clamp(min=0)  # [B]
+
+
 def direction_progress(videos, prompts, speed=1 / 16):
     """How steadily the foreground moves the way the prompt names, at `speed` (fraction of the
     frame per frame; 1/16 is the shapes world's 2 px at 32x32): per frame pair the displacement
@@ -475,7 +490,7 @@ REWARDS = {
     "sharpness": sharpness, "colorfulness": colorfulness, "flicker": flicker,
     "smoothness": smoothness, "motion": motion, "motion_gray": grayscale(motion),
     "color_match": color_match, "direction_match": direction_match,
-    "direction_progress": direction_progress,
+    "direction_progress": direction_progress, "size_constancy": size_constancy,
     "hpsv2": hpsv2, "clip_score": clip_score, "aesthetic": aesthetic,
     "dynamic_degree": dynamic_degree,
 }

@@ -45,7 +45,8 @@ def test_shape_dtype_range_on_random_videos(name):
     out = REWARDS[name](videos, ["a red square moving left", "a blue circle moving up", "noise"])
     assert out.shape == (3,) and out.dtype == torch.float32 and torch.isfinite(out).all()
     hi = {"sharpness": 16.0, "colorfulness": 2.0}.get(name, 1.0)  # the rest are in [0, 1]
-    assert (out >= 0).all() and (out <= hi).all(), out
+    lo = -1.0 if name == "direction_progress" else 0.0  # moving the opposite way scores below 0
+    assert (out >= lo).all() and (out <= hi).all(), out
 
 
 @pytest.mark.parametrize("name", sorted(set(REWARDS) - rewards.LEARNED))
@@ -151,6 +152,16 @@ def test_direction_progress_partial_credit_and_wrap_around():
     assert torch.allclose(out, torch.tensor([1.0, 0.5, -1.0, 3 / 7, 0.0]), atol=1e-4)
     # the same videos through a plain centroid: crossing the edge reads as a jump the wrong way
     assert rewards.direction_match(full, ["moving right"]).item() < 1.0
+
+
+def test_size_constancy_moving_is_fine_fading_and_smearing_are_not():
+    steady = square_video(dx=1)
+    fading = steady.clone()
+    fading[0, F // 2:] *= 0.0  # the square vanishes half-way
+    smear = steady.clone()
+    smear[0, -1, :, H // 2 - 3:H // 2 + 3, :W // 2] = 1.0  # the last frame grows a streak
+    out = rewards.size_constancy(torch.cat([steady, fading, smear]), [""] * 3)
+    assert out[0] == 1.0 and out[1] == 0.0 and 0.5 < out[2] < 0.8, out  # smear: 1 - (96/36)/8
 
 
 # ---- user reward files and the registry
