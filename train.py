@@ -64,9 +64,9 @@ class Args:
     # ---- model
     model: Literal["tiny", "wan-1.3b", "wan-14b"] = "tiny"
     """model size (model.CONFIGS)"""
-    ckpt: Optional[str] = None
-    """base weights, e.g. assets/tiny_world.safetensors (the pre-trained shapes world: right colours,
-    no learned motion yet); default for tiny: a random init"""
+    ckpt: Optional[str] = "assets/tiny_world.safetensors"
+    """base weights: the pre-trained tiny shapes world (tiny_world.py); `--ckpt None` for a random
+    init; real presets: the distilled generator (.pt / .safetensors)"""
     lora_rank: int = 16
     """LoRA rank of the adapters (Astrolabe: 256)"""
     lora_alpha: float = 16.0
@@ -87,13 +87,13 @@ class Args:
     """frame height in pixels (the tiny model works in pixel space; Wan latents are 8x smaller)"""
     width: int = 32
     """frame width in pixels"""
-    num_frames: int = 6
+    num_frames: int = 12
     """latent frames per video N (a multiple of the block size 3)"""
-    window: int = 0
+    window: int = 6
     """latent frames W trained per step (streaming; multiple of 3); 0: the whole video"""
     window_select: Literal["first", "last", "random", "random_choice"] = "random"
     """where the window starts: first (0), last (N - W), random (any block), random_choice
-    (from --window-starts; Astrolabe's streaming config)"""
+    (from --window-starts; Astrolabe's streaming config); random draws cycle through every start"""
     window_starts: list[int] = field(default_factory=list)
     """window starts (latent frames) for --window-select random_choice, e.g. 0 18 36"""
     group_mode: Literal["shared-prefix", "independent"] = "shared-prefix"
@@ -109,11 +109,12 @@ class Args:
     """training prompts (tiny default: tiny_world.PROMPTS, "a red circle moving left", ...)"""
     prompt_file: Optional[str] = None
     """a text file of training prompts, one per line (added to --prompts)"""
-    prompts_per_step: int = 4
+    prompts_per_step: int = 8
     """distinct prompts per RL step (global, over all ranks)"""
     group_size: int = 4
     """K: videos per prompt; advantages are relative within a prompt's group"""
-    rewards: list[str] = field(default_factory=lambda: ["colorfulness=1"])
+    rewards: list[str] = field(default_factory=lambda: ["direction_progress=1", "color_match=1",
+                                                        "size_constancy=1"])
     """NAME=WEIGHT ...: registry names (rewards.REWARDS) or path/to/file.py:function"""
     reward_norm: Literal["none", "per-reward"] = "none"
     """none: weighted sum of raw scores (Astrolabe); per-reward: normalise each within its group first"""
@@ -131,10 +132,11 @@ class Args:
     train_timesteps: Literal["sampler", "raw"] = "sampler"
     """sampler: train at the warped timesteps the rollout used; raw: Astrolabe's [1000,750,500,250]
     with x_t = (1 - t/1000) x0 + t/1000 eps but the grid sigma in the x0 conversion (its quirk)"""
-    window_context: Literal["noisy", "clean"] = "noisy"
-    """noisy: every block attends to noisy earlier blocks (Astrolabe's release); clean: to the clean
-    ones, as at inference (teacher forcing)"""
-    micro_batch: int = 4
+    window_context: Literal["noisy", "clean"] = "clean"
+    """clean: each window block attends to the clean blocks before it, as at inference (teacher
+    forcing; the tiny world, whose RL drifted and collapsed with noisy context in our runs); noisy:
+    to noisy ones (Astrolabe's release; the real presets)"""
+    micro_batch: int = 8
     """samples per forward/backward (per rank)"""
     # ---- memory levers (the real presets turn them on; bf16 autocast is always on with CUDA)
     grad_checkpointing: bool = False
@@ -143,9 +145,9 @@ class Args:
     decode_batch: int = 1
     """real models: videos the VAE decodes at once (its activations at 480x832 are large)"""
     # ---- optimisation
-    lr: float = 3e-2
-    """AdamW learning rate (random-init tiny: 3e-2; the pre-trained tiny world needs <= 3e-3;
-    Astrolabe on 1.3B: 1e-5)"""
+    lr: float = 1e-3
+    """AdamW learning rate (the tiny world: 1e-3; at 2e-3 and more it starts to hack the detectors
+    after ~15 steps, 1e-2 wrecks it; a random-init tiny model: 3e-2; Astrolabe on 1.3B: 1e-5)"""
     weight_decay: float = 1e-4
     """AdamW weight decay"""
     grad_clip: float = 1.0
@@ -167,7 +169,7 @@ def _real(model="wan-1.3b", wan="wan_models/Wan2.1-T2V-1.3B", **kw):
     frames, LoRA rank 256 / alpha 256 on every block linear, lr 1e-5, beta 0.1, KL 1e-4) with the
     files where the Self-Forcing / LongLive repos' download instructions put them (README)."""
     base = dict(model=model, vae=f"{wan}/Wan2.1_VAE.pth", text_encoder=f"{wan}/models_t5_umt5-xxl-enc-bf16.pth",
-                height=480, width=832, num_frames=21, lora_rank=256, lora_alpha=256.0, lr=1e-5,
+                window=0, window_context="noisy", height=480, width=832, num_frames=21, lora_rank=256, lora_alpha=256.0, lr=1e-5,
                 # one GPU: 2 prompts x 8 videos per step (Astrolabe on 8 GPUs: 16 x 24)
                 prompts_per_step=2, group_size=8, micro_batch=1, rewards=["hpsv2=1"],
                 eval_prompts=2, eval_every=30, ckpt_every=30, grad_checkpointing=True)
@@ -264,9 +266,11 @@ def build_model(args, device="cpu", dtype=torch.float32, cfg=None):
     cfg = cfg or CONFIGS[args.model]
     torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
     if args.ckpt:
+        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), args.ckpt)
+        path = args.ckpt if os.path.exists(args.ckpt) or not os.path.exists(here) else here  # any cwd
         with torch.device("meta"):  # no random init: the file's tensors are assigned (a 14B model
             model = CausalWanModel(cfg)  # is never held twice in RAM)
-        load_checkpoint(model, args.ckpt, ema=args.ckpt_ema)
+        load_checkpoint(model, path, ema=args.ckpt_ema)
     elif args.model == "tiny":
         model = CausalWanModel(cfg)
         torch.nn.init.normal_(model.head.head.weight, std=0.02)  # random but not all-zero videos
@@ -366,12 +370,14 @@ def rollout(model, ctx, seeds, frames, args, adapter="old", cache=None, start=0,
 
 
 def window_start(args, step):
-    """Block-aligned start s of this step's window, the same on every rank."""
+    """Block-aligned start s of this step's window, the same on every rank. random / random_choice
+    draw without replacement: each cycle of steps visits every start once in a seeded order, so a
+    stretch of steps is not skewed toward one start (the reward differs a lot between windows)."""
     W = args.window or args.num_frames
-    rng = random.Random(seed_of(args.seed, step, "window"))
-    return {"first": 0, "last": args.num_frames - W,
-            "random": rng.randrange(0, args.num_frames - W + 1, 3),
-            "random_choice": rng.choice(args.window_starts or [0])}[args.window_select]
+    starts = {"first": [0], "last": [args.num_frames - W], "random": list(range(0, args.num_frames - W + 1, 3)),
+              "random_choice": args.window_starts or [0]}[args.window_select]
+    cycle, i = divmod(step, len(starts))
+    return random.Random(seed_of(args.seed, cycle, "window")).sample(starts, len(starts))[i]
 
 
 @torch.no_grad()

@@ -75,6 +75,22 @@ def test_smoke_artifacts(tmp_path):
     assert abs(r0["reward_mean"] - (r0["rewards/colorfulness/mean"] + 0.5 * r0["rewards/sharpness/mean"])) < 1e-5
 
 
+def test_default_base_is_the_tiny_world_from_any_directory(tmp_path):
+    """`python train.py` fine-tunes the committed shapes-world model, wherever it is started from,
+    with the prompt-aware rewards; `--ckpt None` gives the random init."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + SMALL + ["--steps", "1", "--eval-every", "0"]
+    a = subprocess.run(cmd + ["--out-dir", str(tmp_path / "a")], cwd=tmp_path, capture_output=True,
+                       text=True, env=ENV, timeout=600)
+    b = subprocess.run(cmd + ["--out-dir", str(tmp_path / "b"), "--ckpt", "None"], cwd=tmp_path,
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
+    assert "randomly initialised" not in a.stdout and "randomly initialised" in b.stdout
+    ra, rb = rows(tmp_path / "a")[0], rows(tmp_path / "b")[0]
+    assert {"rewards/direction_progress/mean", "rewards/color_match/mean", "rewards/size_constancy/mean"} <= set(ra)
+    # the pre-trained world draws the named colour; a random init does not
+    assert ra["rewards/color_match/mean"] > 0.5 > rb["rewards/color_match/mean"]
+
+
 def test_resume_is_exact(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     common = ["--ckpt-every", "2", "--eval-every", "0", "--keep-ckpts", "3"]
@@ -113,7 +129,8 @@ def test_user_reward_file_selective_mode_and_the_other_options(tmp_path):
     f.write_text("def score(videos, prompts):\n    return videos.mean(dim=(1, 2, 3, 4))\n")
     out = tmp_path / "run"
     run(["--steps", "2", "--ckpt-every", "0", "--eval-every", "0", "--selective", "--prompts-per-step", "4",
-         "--rewards", f"{f}:score=1", "colorfulness=1", "--train-timesteps", "raw", "--window-context", "clean",
+         "--rewards", f"{f}:score=1", "colorfulness=1", "--train-timesteps", "raw", "--window-context", "noisy",
+         "--ckpt", "None",
          "--adaptive-weight", "--reward-norm", "per-reward", "--old-decay", "delayed", "--no-global-std"], out)
     rs = rows(out)
     assert "rewards/mine.score/mean" in rs[0]
