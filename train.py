@@ -168,26 +168,25 @@ def _real(model="wan-1.3b", wan="wan_models/Wan2.1-T2V-1.3B", **kw):
     """A real-model preset: Astrolabe's settings (ASTROLABE_METHOD.md §6: 480x832, 21 latent
     frames, LoRA rank 256 / alpha 256 on every block linear, lr 1e-5, beta 0.1, KL 1e-4) with the
     files where the Self-Forcing / LongLive repos' download instructions put them (README)."""
-    base = dict(model=model, vae=f"{wan}/Wan2.1_VAE.pth", text_encoder=f"{wan}/models_t5_umt5-xxl-enc-bf16.pth",
-                window=0, window_context="noisy", height=480, width=832, num_frames=21, lora_rank=256, lora_alpha=256.0, lr=1e-5,
+    base = dict(model=model, vae=f"{wan}/Wan2.1_VAE.pth",
+                text_encoder=f"{wan}/models_t5_umt5-xxl-enc-bf16.pth", height=480, width=832,
+                num_frames=21, window=0, window_context="noisy", lora_rank=256, lora_alpha=256.0,
+                lr=1e-5, rewards=["hpsv2=1"], eval_prompts=2, eval_every=30, ckpt_every=30,
                 # one GPU: 2 prompts x 8 videos per step (Astrolabe on 8 GPUs: 16 x 24)
-                prompts_per_step=2, group_size=8, micro_batch=1, rewards=["hpsv2=1"],
-                eval_prompts=2, eval_every=30, ckpt_every=30, grad_checkpointing=True)
+                prompts_per_step=2, group_size=8, micro_batch=1, grad_checkpointing=True)
     return dataclasses.replace(Args(), **{**base, **kw})
 
 
+_LONGLIVE = dict(ckpt="longlive_models/models/longlive_base.pt", local_attn=12, sink=3, num_frames=42,
+                 window=21, window_select="random_choice", window_starts=[21])
 PRESETS = {  # python train.py <preset> [--flags]; every field stays overridable
     "tiny": Args(),
     "self-forcing": _real(ckpt="checkpoints/self_forcing_dmd.pt", out_dir="out/self-forcing"),
     "causal-forcing": _real(ckpt="checkpoints/chunkwise/causal_forcing.pt", out_dir="out/causal-forcing"),
     # LongLive: rolling cache (12 frames, 3 sink); Astrolabe's streaming config trains the window
-    # [21, 42) after a 21-frame history (window_choices = [21])
-    "longlive": _real(ckpt="longlive_models/models/longlive_base.pt", out_dir="out/longlive",
-                      local_attn=12, sink=3, num_frames=42, window=21, window_select="random_choice",
-                      window_starts=[21]),
-    "longlive-lora": _real(ckpt="longlive_models/models/longlive_base.pt", out_dir="out/longlive-lora",
-                           lora_init="longlive_models/models/lora.pt", local_attn=12, sink=3,
-                           num_frames=42, window=21, window_select="random_choice", window_starts=[21]),
+    # [21, 42) after a 21-frame history (window_choices = [21]); -lora: LongLive's LoRA as warm start
+    "longlive": _real(out_dir="out/longlive", **_LONGLIVE),
+    "longlive-lora": _real(out_dir="out/longlive-lora", lora_init="longlive_models/models/lora.pt", **_LONGLIVE),
     # Krea Realtime 14B: global attention; one 14B model per GPU leaves room for 1 video per pass
     "krea-14b": _real(model="wan-14b", out_dir="out/krea-14b",  # the 1.3B repo's VAE and umT5 files
                       ckpt="checkpoints/krea-realtime-video-14b.safetensors", prompts_per_step=1),
