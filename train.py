@@ -138,7 +138,10 @@ class Args:
     to noisy ones (Astrolabe's release; the real presets)"""
     micro_batch: int = 8
     """samples per forward/backward (per rank)"""
-    # ---- memory levers (the real presets turn them on; bf16 autocast is always on with CUDA)
+    # ---- memory levers (the real presets turn them on)
+    bf16: bool = True
+    """on CUDA: frozen base and text encoder in bf16 and bf16 autocast (LoRA parameters, optimizer
+    and loss math stay float32); --no-bf16: float32 everywhere (CPU is always float32)"""
     grad_checkpointing: bool = False
     """recompute each transformer block in the backward pass: activations of one block instead
     of all of them, for ~1/3 more update time"""
@@ -302,7 +305,7 @@ def frozen_parts(args, prompts, device):
     if missing:
         raise SystemExit(f"--model {args.model} needs {' and '.join(missing)} (README, Real models)")
     from frozen import TextEncoder, WanVAE
-    half = torch.bfloat16 if "cuda" in str(device) else torch.float32
+    half = torch.bfloat16 if "cuda" in str(device) and args.bf16 else torch.float32
     te = TextEncoder.load(args.text_encoder, args.tokenizer, device=device, dtype=half)
     table = {}
     for i in range(0, len(prompts), 8):  # rows are [512, 4096] each: keep them on the CPU
@@ -512,7 +515,8 @@ def main(args: Args):
         raise SystemExit("--selective needs at least two rewards (the first is the main one)")
 
     # ---- model: frozen base + LoRA adapters default (trained), old (rollout), ref, ema
-    dtype = torch.bfloat16 if cuda else torch.float32  # frozen base in bf16 on GPU
+    bf16 = cuda and args.bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32  # frozen base in bf16 on GPU
     model = build_model(args, device, dtype)
     if args.model == "tiny" and not args.ckpt:
         log("no base checkpoint: RL starts from a randomly initialised tiny model")
@@ -521,7 +525,7 @@ def main(args: Args):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
     # bf16 matmuls, float32 LoRA parameters, optimizer state and loss math (x0 and the loss are .float())
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     compensator, dynref = nft.RiskCompensator(), nft.DynamicReference()
 
     # ---- resume
@@ -546,7 +550,7 @@ def main(args: Args):
         wandb.init(project="astrolabe", config=dataclasses.asdict(args), dir=args.out_dir)
     log(f"{world} rank(s) on {device} ({dtype}); global batch {args.prompts_per_step} prompts x {K} videos "
         f"= {N} per step, micro-batch {args.micro_batch} per rank; rewards {args.rewards}")
-    log(f"memory levers: bf16 autocast {cuda}, grad checkpointing {args.grad_checkpointing}, window "
+    log(f"memory levers: bf16 {bf16}, grad checkpointing {args.grad_checkpointing}, window "
         f"{W} of {args.num_frames} frames, cache {'global' if args.local_attn < 0 else args.local_attn} "
         f"(sink {args.sink}), decode batch {args.decode_batch}")
 
