@@ -500,6 +500,15 @@ def main(args: Args):
         raise SystemExit(f"--window-starts {args.window_starts}: give block-aligned starts in "
                          f"[0, {args.num_frames - W}] for --window-select random_choice")
 
+    # ---- every input file up front: one message listing what is missing, before anything loads
+    here = os.path.dirname(os.path.abspath(__file__))
+    missing = [f"  --{k.replace('_', '-')} {p}" for k in ("ckpt", "lora_init", "vae", "text_encoder",
+                                                           "tokenizer", "prompt_file")
+               if (p := getattr(args, k)) and not any(map(os.path.exists, (p, os.path.join(here, p))))]
+    if missing:
+        raise SystemExit("not found:\n" + "\n".join(missing) + "\n(download list and default paths: "
+                         "README, Real models; or point the flags at your copies)")
+
     # ---- prompts; text embeddings first (umT5 leaves the GPU before the DiT arrives), rewards
     prompts = list(args.prompts)
     if args.prompt_file:

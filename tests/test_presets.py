@@ -109,3 +109,15 @@ def test_real_model_needs_its_files(tmp_path):
         train.frozen_parts(dataclasses.replace(args, vae=None, text_encoder=None), ["a cat"], "cpu")
     with pytest.raises(FileNotFoundError, match="nowhere/self_forcing_dmd.pt"):
         train.build_model(dataclasses.replace(args, ckpt=str(tmp_path / "nowhere/self_forcing_dmd.pt")), cfg=TINY)
+
+
+def test_missing_files_are_listed_before_anything_loads(tmp_path):
+    args = dataclasses.replace(train.PRESETS["longlive-lora"], prompts=["a cat"], out_dir=str(tmp_path),
+                               vae=str(tmp_path))  # the VAE path exists (a folder), the rest do not
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    msg = str(e.value)
+    for flag, name in [("--ckpt", "longlive_base.pt"), ("--lora-init", "lora.pt"),
+                       ("--text-encoder", "models_t5_umt5-xxl-enc-bf16.pth")]:
+        assert f"{flag} " in msg and name in msg, msg
+    assert "--vae" not in msg and "README" in msg
