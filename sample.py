@@ -374,6 +374,10 @@ def main(args: Args):
         missing = [f"--{f.replace('_', '-')}" for f in ("ckpt", "vae", "text_encoder") if not getattr(args, f)]
         if missing:
             raise SystemExit(f"--model {args.model} needs {', '.join(missing)} (README, Real models)")
+        absent = [f"--{f.replace('_', '-')} {p}" for f in ("ckpt", "lora", "vae", "text_encoder", "tokenizer")
+                  if (p := getattr(args, f)) and not os.path.exists(p)]
+        if absent:  # all of them in one message, before minutes of loading
+            raise SystemExit("not found: " + ", ".join(absent) + " (README, Real models)")
         from frozen import TextEncoder, WanVAE
         te = TextEncoder.load(args.text_encoder, args.tokenizer, device=dev, dtype=dtype)
         ctx = te(args.prompts)  # (P, 512, 4096)
