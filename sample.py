@@ -20,6 +20,7 @@ Test:  python -m pytest tests/test_parity.py tests/test_sample.py -q
 
 Shape legend: B batch, F latent frames, n frames per block, C channels, H, W latent size.
 """
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass, field
@@ -332,6 +333,21 @@ class Args:
     """frames per second of the mp4"""
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_file(path):
+    """`path` as given, else relative to this repository, so `assets/...` works from any cwd."""
+    alt = os.path.join(HERE, path)
+    return path if os.path.exists(path) or not os.path.exists(alt) else alt
+
+
+def missing_files(args, fields):
+    """'--flag path' for every path field of args that is set but exists nowhere (find_file)."""
+    return [f"--{f.replace('_', '-')} {p}" for f in fields
+            if (p := getattr(args, f)) and not os.path.exists(find_file(p))]
+
+
 def write_decoded(path, vae, lat, fps=16):
     """Decode one video's latents (1, F, 16, h, w) block by block with the VAE's streaming decoder
     and append the frames to the mp4 as they come: a long video is never held in pixels."""
@@ -359,10 +375,9 @@ def main(args: Args):
     if tiny:
         torch.manual_seed(args.seed)
         model = CausalWanModel(cfg).eval()  # eval: inference only, no dropout anywhere anyway
-        ckpt = args.ckpt or ("assets/tiny_world.safetensors"
-                             if os.path.exists("assets/tiny_world.safetensors") else None)
-        if ckpt:
-            load_checkpoint(model, ckpt, lora=args.lora)
+        ckpt = args.ckpt or find_file("assets/tiny_world.safetensors")  # a given path must load
+        if args.ckpt or os.path.exists(ckpt):
+            load_checkpoint(model, find_file(ckpt), lora=args.lora and find_file(args.lora))
         else:
             for p in model.head.parameters():  # random weights: make the output non-trivial
                 torch.nn.init.normal_(p, std=0.02)
@@ -374,10 +389,11 @@ def main(args: Args):
         missing = [f"--{f.replace('_', '-')}" for f in ("ckpt", "vae", "text_encoder") if not getattr(args, f)]
         if missing:
             raise SystemExit(f"--model {args.model} needs {', '.join(missing)} (README, Real models)")
-        absent = [f"--{f.replace('_', '-')} {p}" for f in ("ckpt", "lora", "vae", "text_encoder", "tokenizer")
-                  if (p := getattr(args, f)) and not os.path.exists(p)]
+        files = ("ckpt", "lora", "vae", "text_encoder", "tokenizer")
+        absent = missing_files(args, files)
         if absent:  # all of them in one message, before minutes of loading
             raise SystemExit("not found: " + ", ".join(absent) + " (README, Real models)")
+        args = dataclasses.replace(args, **{f: find_file(p) for f in files if (p := getattr(args, f))})
         from frozen import TextEncoder, WanVAE
         te = TextEncoder.load(args.text_encoder, args.tokenizer, device=dev, dtype=dtype)
         ctx = te(args.prompts)  # (P, 512, 4096)

@@ -268,11 +268,9 @@ def build_model(args, device="cpu", dtype=torch.float32, cfg=None):
     cfg = cfg or CONFIGS[args.model]
     torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
     if args.ckpt:
-        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), args.ckpt)
-        path = args.ckpt if os.path.exists(args.ckpt) or not os.path.exists(here) else here  # any cwd
         with torch.device("meta"):  # no random init: the file's tensors are assigned (a 14B model
             model = CausalWanModel(cfg)  # is never held twice in RAM)
-        load_checkpoint(model, path, ema=args.ckpt_ema)
+        load_checkpoint(model, args.ckpt, ema=args.ckpt_ema)
     elif args.model == "tiny":
         model = CausalWanModel(cfg)
         torch.nn.init.normal_(model.head.head.weight, std=0.02)  # random but not all-zero videos
@@ -466,7 +464,7 @@ def main(args: Args):
     import nft_loss as nft
     import tiny_world
     from rewards import MultiReward
-    from sample import save_curve, save_strip, save_video
+    from sample import find_file, missing_files, save_curve, save_strip, save_video
     from tqdm import tqdm
 
     # ---- distributed setup: plain `python train.py` is one process; torchrun sets RANK etc.
@@ -500,14 +498,14 @@ def main(args: Args):
         raise SystemExit(f"--window-starts {args.window_starts}: give block-aligned starts in "
                          f"[0, {args.num_frames - W}] for --window-select random_choice")
 
-    # ---- every input file up front: one message listing what is missing, before anything loads
-    here = os.path.dirname(os.path.abspath(__file__))
-    missing = [f"  --{k.replace('_', '-')} {p}" for k in ("ckpt", "lora_init", "vae", "text_encoder",
-                                                           "tokenizer", "prompt_file")
-               if (p := getattr(args, k)) and not any(map(os.path.exists, (p, os.path.join(here, p))))]
+    # ---- every input file up front: one message listing what is missing, before anything loads;
+    # then each path as found (relative to the cwd, else to this repository: `assets/...` anywhere)
+    files = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
+    missing = missing_files(args, files)
     if missing:
-        raise SystemExit("not found:\n" + "\n".join(missing) + "\n(download list and default paths: "
-                         "README, Real models; or point the flags at your copies)")
+        raise SystemExit("not found:\n" + "\n".join("  " + m for m in missing) + "\n(download list and "
+                         "default paths: README, Real models; or point the flags at your copies)")
+    args = dataclasses.replace(args, **{f: find_file(p) for f in files if (p := getattr(args, f))})
 
     # ---- prompts; text embeddings first (umT5 leaves the GPU before the DiT arrives), rewards
     prompts = list(args.prompts)
