@@ -583,7 +583,7 @@ def main(args: Args):
         return decode(rollout(model, embed(eval_p), seeds, args.num_frames, args, adapter))
 
     def evaluate(n):
-        """The EMA (or current) policy on the eval prompts: mp4 + reward."""
+        """The EMA (or current) policy on the eval prompts: mp4 + reward; returns the videos."""
         videos = eval_videos(policy)
         total, per = multi(videos, eval_p)
         save_video(os.path.join(args.out_dir, "eval", f"step_{n:06d}.mp4"),
@@ -592,7 +592,9 @@ def main(args: Args):
                **{f"eval/rewards/{k}/mean": v.mean().item() for k, v in per.items()}}
         write_row(row)
         log(f"eval step {n}: reward {row['eval/reward_mean']:.4f}")
+        return videos
 
+    after = None  # the final policy's eval videos, once the last step has been evaluated
     if master and args.eval_every and start == 0:
         evaluate(0)  # the "before" picture
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not (master and args.progress),
@@ -690,7 +692,7 @@ def main(args: Args):
                f"| r {row['r_mean']:.3f} | grad {grad_norm:.2e} | {row['time/step_s']:.1f}s")
         (bar.write if master and args.progress else log)(msg)
         if master and args.eval_every and (n % args.eval_every == 0 or n == args.steps):
-            evaluate(n)
+            after = evaluate(n)  # at n == args.steps: the end-of-run "after", not sampled again
         if (args.ckpt_every and n % args.ckpt_every == 0) or n == args.steps:
             if master:
                 save_ckpt(os.path.join(args.out_dir, f"ckpt_{n:06d}"), model, opt,
@@ -702,7 +704,8 @@ def main(args: Args):
                 dist.barrier()
     bar.close()
     if master:  # what RL changed, for people: before/after videos and frames, the reward curve
-        before, after = eval_videos(None), eval_videos(policy)  # None = adapters off = the base
+        before = eval_videos(None)  # None = adapters off = the base
+        after = eval_videos(policy) if after is None else after
         out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
         save_video(out("before_after.mp4"), torch.cat([torch.cat(list(before), -1), torch.cat(list(after), -1)], -2))
         save_strip(out("before_after.png"), [v for pair in zip(before, after) for v in pair])
