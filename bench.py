@@ -35,10 +35,12 @@ from typing import Literal
 import torch
 import tyro
 
+import train
+from common import peak_growth, reset_peak, write_atomic
 from kvcache import KVCache
-from model import CONFIGS, CausalWanModel, attention_plan
+from lora import adapter_names, adapter_params, add_adapter, use_adapter
+from model import CONFIGS, CausalWanModel, attention_plan, randomize_head
 from sample import GeneratorNoise, generate, make_generators
-from train import peak_growth, reset_peak
 
 # DESIGN.md §6: a Wan-shaped model small enough for a 2-core CPU (8190 tokens in 21 frames)
 SIZES = dict(CONFIGS, bench=replace(CONFIGS["wan-1.3b"], dim=768, ffn_dim=3072, num_heads=6,
@@ -147,46 +149,41 @@ def random_model(cfg, dev, dtype):
         model = CausalWanModel(cfg)
     model = model.to_empty(device=dev).to(dtype)
     model.init_weights()
-    for p in model.head.parameters():  # the init zeroes the head: every output would be 0
-        torch.nn.init.normal_(p, std=0.02)
+    randomize_head(model)  # the init zeroes the head: every output would be 0
     return model
 
 
 def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0, rank=64, B=2, ref=None):
-    """One NFT update (old and ref predictions without grad, theta with grad, loss, backward), or
-    for contrast one plain flow-matching step (theta forward + backward) on the same batch.
-    ref: the reference adapter (None: the base model, as train.py without --selective)."""
-    import nft_loss as nft
-    from train import Args as TrainArgs, predict_x0
+    """One NFT update as train.py runs it (train.nft_microbatch: old and ref predictions without
+    grad, theta with grad, the loss, then backward), or for contrast one plain flow-matching step
+    (theta forward + backward) on the same batch. ref: "ref" for the reference adapter of
+    --selective, None for the base model (train.py's standard mode)."""
     cfg = model.cfg
     model.requires_grad_(False)
     for name in ("default", "old") + (() if ref is None else (ref,)):
-        if name not in model.adapters():
-            model.add_adapter(name, rank=rank)
-    for p in model.adapter_params("default"):
+        if name not in adapter_names(model):
+            add_adapter(model, name, rank=rank)
+    for p in adapter_params(model, "default"):
         p.requires_grad_(True)
         p.grad = None
-    targs = TrainArgs(model="tiny", local_attn=local, sink=sink)
+    args = train.Args(model="tiny", local_attn=local, sink=sink, selective=ref is not None,
+                      window_context="noisy", micro_batch=B)
     g = torch.Generator(dev).manual_seed(0)
     x0 = torch.randn(B, frames, cfg.in_dim, *hw, generator=g, device=dev)
-    eps = torch.randn(x0.shape, generator=g, device=dev)
-    sig = torch.full((B,), 0.625, device=dev)
-    x_t = (1 - 0.625) * x0 + 0.625 * eps
-    t = torch.full((B, frames), 625.0, device=dev)
     c = ctx.expand(B, -1, -1)
+    r = torch.rand(B, generator=g, device=dev)  # optimality probabilities: any values will do
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev == "cuda")
     base = reset_peak(dev)
     t0 = time.perf_counter()
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev == "cuda"):
-        if mode == "nft":
-            with torch.no_grad():
-                x_old = predict_x0(model, "old", x_t, t, sig, c, targs)
-                x_ref = predict_x0(model, ref, x_t, t, sig, c, targs)
-            x_th = predict_x0(model, "default", x_t, t, sig, c, targs)
-            loss = nft.nft_policy_loss(x_th, x_old, x0, torch.rand(B, device=dev))[0] \
-                + 1e-4 * nft.ref_loss(x_th, x_ref)
-        else:  # flow matching: || v_theta(x_t, t) - (eps - x0) ||^2
-            with model.adapter("default"):
-                loss = (model(x_t, t, c).float() - (eps - x0)).pow(2).mean()
+    if mode == "nft":
+        loss, _ = train.nft_microbatch(model, args, x0=x0, ctx=c, r=r, kl_mask=torch.ones(B, dtype=torch.bool),
+                                       step=0, j0=0, start=0, history=None, autocast=autocast)
+    else:  # flow matching: || v_theta(x_t, t) - (eps - x0) ||^2 at one noise level
+        eps = torch.randn(x0.shape, generator=g, device=dev)
+        x_t = (1 - 0.625) * x0 + 0.625 * eps
+        t = torch.full((B, frames), 625.0, device=dev)
+        with autocast, use_adapter(model, "default"):
+            loss = (model(x_t, t, c).float() - (eps - x0)).pow(2).mean()
     loss.backward()
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -350,7 +347,7 @@ def gpu_bench(args):
             print(f"update   checkpointing {'on ' if ckpt else 'off'}: {r['seconds']:7.2f} s  {mem}  MFU "
                   f"{mfu:.1%} (backward counted as 2x forward: {mfu_2x:.1%}; of {args.peak_tflops:g} "
                   f"TFLOP/s)", flush=True)
-        for p in model.adapter_params("default"):
+        for p in adapter_params(model, "default"):
             p.grad = None
         if cuda:
             torch.cuda.empty_cache()
@@ -361,9 +358,12 @@ def gpu_bench(args):
 def write_json(path, results):
     """Results to `path` (if given), through a temp file so a crash leaves no half file."""
     if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, lambda tmp: _dump(tmp, results))
+
+
+def _dump(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def subprocess_json(cmd):

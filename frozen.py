@@ -27,9 +27,10 @@ import html
 import json
 import os
 import re
-import zipfile
 
 import torch
+
+from checkpoints import check_keys, read_tensors
 
 VAE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "wan_vae")
 # ^ holds vae/config.json = `AutoencoderKLWan().save_config(...)` (the Wan2.1 VAE). Shipped so that
@@ -45,15 +46,7 @@ DIFFUSERS_VAE_KEY = "decoder.mid_block.resnets.0.norm1.gamma"
 
 def _read_state_dict(path, expected):
     """A .pth / .pt / .safetensors file -> flat {name: tensor}; ValueError naming the file otherwise."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd = load_file(path)
-        else:  # mmap: the 11 GB T5 file is paged in as it is assigned, never copied whole into RAM
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as {expected}: {type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:300]}") from None
+    sd = read_tensors(path, expected)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         keys = list(sd)[:6] if isinstance(sd, dict) else type(sd).__name__
         raise ValueError(f"{path} is not a flat state dict (it holds {keys}: a DiT training "
@@ -78,15 +71,7 @@ def _load_strict(model, sd, path, what):
     assign=True: the model is built on the meta device, so the file's tensors become the
     parameters (no random init of 5.7 B parameters, no second copy in memory).
     """
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in sd.items()}
-    missing = [k for k in want if k not in have]
-    unexpected = [k for k in have if k not in want]
-    shaped = [f"{k}: file {have[k]} vs model {want[k]}" for k in want if k in have and have[k] != want[k]]
-    if missing or unexpected or shaped:
-        raise ValueError(f"{path} does not match {what} ({len(missing)} missing, {len(unexpected)} "
-                         f"unexpected, {len(shaped)} mis-shaped keys):\n  missing: {missing[:3]}\n"
-                         f"  unexpected: {unexpected[:3]}\n  mis-shaped: {shaped[:3]}")
+    check_keys(model, sd, path, what)
     model.load_state_dict(sd, strict=True, assign=True)
 
 
@@ -341,11 +326,3 @@ class TextEncoder:
         # rows >= n: exact zeros (Wan trims to u[:n] and zero-pads back to L; the DiT then attends
         # to all L rows unmasked, so these zeros are part of the conditioning, not padding to skip)
         return u[0].masked_fill(mask[0, :, None] == 0, 0).cpu()                    # [L, D]
-
-    def offload(self):
-        """Move the encoder to the CPU (the cache stays) so it leaves the training GPU; prompts
-        not yet cached are then encoded on the CPU (slow for XXL: encode them all first)."""
-        self.model.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return self

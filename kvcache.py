@@ -143,25 +143,6 @@ class KVCache:
         """Forget the cached text K/V (a new prompt)."""
         self.cross = [None] * len(self.cross)
 
-    def snapshot(self) -> "KVCache":
-        """An independent copy of the current state (memory bounded by the capacity)."""
-        return self.expand(1)
-
-    def expand(self, k: int) -> "KVCache":
-        """A new cache with every batch row repeated k times (row b -> rows b*k .. b*k+k-1).
-
-        Used by the group rollout: K candidates branch from one shared history.
-        The copy shares no memory with this cache.
-        """
-        new = KVCache.__new__(KVCache)
-        new.__dict__.update(self.__dict__)
-        new.k = self.k.repeat_interleave(k, dim=1)  # (Ly, B*k, T, Hd, D), a fresh tensor
-        new.v = self.v.repeat_interleave(k, dim=1)
-        new.frames = list(self.frames)
-        new.cross = [None if c is None else tuple(x.repeat_interleave(k, dim=0) for x in c)
-                     for c in self.cross]
-        return new
-
     @staticmethod
     def stack(caches) -> "KVCache":
         """Concatenate caches at the same point of a video (same frames) along the batch."""

@@ -26,21 +26,16 @@ Shape legend: B batch, F latent frames, C latent channels, H, W latent height/wi
 h, w token grid (H/2, W/2), P tokens per frame (h*w), N tokens (F*P), Dm model dim,
 Hd heads, D head dim, Lt text tokens, Dt text dim, r LoRA rank.
 """
-import json
 import math
-import os
-import re
-import zipfile
-from contextlib import contextmanager
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_
-from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 from kvcache import KVCache, visible
+from lora import LoRALinear, lora_layers
 
 
 @dataclass
@@ -143,28 +138,6 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.float()).type_as(x)
 
 
-class LoRALinear(nn.Linear):
-    """nn.Linear plus named low-rank adapters: y = W x + b + (alpha/r) B A x.
-
-    Adapters live in `self.lora[name]` as A (r, in) and B (out, r), PEFT's layout. `active`
-    names the adapter in use (None = base weights only). The base weight keeps its checkpoint
-    name, so state dicts without adapters are exactly the checkpoint's.
-    """
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.lora = nn.ModuleDict()
-        self.scale = {}
-        self.active = None
-
-    def forward(self, x):
-        y = super().forward(x)
-        if self.active is not None:
-            ad = self.lora[self.active]
-            # adapters are kept in float32 even when the base runs in bf16
-            y = y + self.scale[self.active] * F_.linear(F_.linear(x.to(ad.A.dtype), ad.A), ad.B).to(y.dtype)
-        return y
-
-
 def _attend(q, k, v, ranges):
     """softmax(q k^T / sqrt(D)) v of the query tokens against the K/V token `ranges`.
 
@@ -254,12 +227,12 @@ def _run_block(block, adapter, *args):
     """block(*args) with LoRA adapter `adapter` active in it, the previous selection restored.
 
     A checkpointed block is recomputed during backward, under whatever adapter is active *then*.
-    train.py computes x_theta inside `model.adapter("default")` and calls backward after leaving
+    train.py computes x_theta inside `use_adapter(model, "default")` and calls backward after leaving
     it, so a plain recompute would run without an adapter (checkpoint raises: other tensors were
     saved) or, had another adapter been selected, silently with its weights. This pins the
     adapter the forward used (tests/test_memory.py switches adapters before backward).
     """
-    layers = [m for m in block.modules() if isinstance(m, LoRALinear)]
+    layers = [m for _, m in lora_layers(block)]
     prev = [m.active for m in layers]
     for m in layers:
         m.active = adapter
@@ -433,109 +406,6 @@ class CausalWanModel(nn.Module):
         out = out.view(B, Fr, h, w, ph, pw, cfg.out_dim)
         return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, Fr, cfg.out_dim, H, W)
 
-    # ---- LoRA adapters -------------------------------------------------------------------
-    def lora_layers(self):
-        """(name, LoRALinear) for every linear inside the blocks (10 per block)."""
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, LoRALinear)]
-
-    def add_adapter(self, name, rank=256, alpha=None):
-        """Add adapter `name` (A ~ kaiming-uniform as PEFT, B = 0: starts as the base model).
-
-        alpha: LoRA alpha, scale = alpha / rank; default alpha = rank (scale 1, as LongLive and
-        Astrolabe: r = alpha = 256).
-        """
-        if not name.isidentifier() or hasattr(nn.ModuleDict(), name):
-            raise ValueError(f"adapter name {name!r} is not allowed (use e.g. 'default', 'old', 'ref')")
-        alpha = rank if alpha is None else alpha
-        for _, m in self.lora_layers():
-            p = m.weight
-            A = torch.empty(rank, m.in_features, device=p.device, dtype=torch.float32)
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            ad = nn.Module()
-            ad.A = nn.Parameter(A)  # (r, in)
-            ad.B = nn.Parameter(torch.zeros(m.out_features, rank, device=p.device))  # (out, r)
-            m.lora[name], m.scale[name] = ad, alpha / rank
-
-    def adapters(self):
-        _, m = self.lora_layers()[0]
-        return list(m.lora.keys())
-
-    def set_adapter(self, name):
-        """Use adapter `name` in every forward from now on (None = base model, adapters off)."""
-        if name is not None and name not in self.adapters():
-            raise KeyError(f"no adapter {name!r}; have {self.adapters()}")
-        for _, m in self.lora_layers():
-            m.active = name
-
-    @contextmanager
-    def adapter(self, name):
-        """Temporarily switch adapter: `with model.adapter("old"): ...`"""
-        prev = self.lora_layers()[0][1].active
-        self.set_adapter(name)
-        try:
-            yield
-        finally:
-            self.set_adapter(prev)
-
-    def adapter_params(self, name):
-        return [p for _, m in self.lora_layers() for p in m.lora[name].parameters()]
-
-    @torch.no_grad()
-    def copy_adapter(self, src, dst):
-        """dst <- src (adds dst if missing)."""
-        if dst not in self.adapters():
-            m = self.lora_layers()[0][1]
-            self.add_adapter(dst, m.lora[src].A.shape[0], m.scale[src] * m.lora[src].A.shape[0])
-        for a, b in zip(self.adapter_params(src), self.adapter_params(dst)):
-            b.copy_(a)
-
-    @torch.no_grad()
-    def lerp_adapter(self, dst, src, decay):
-        """dst <- decay * dst + (1 - decay) * src (old-policy and EMA updates)."""
-        for d, s in zip(self.adapter_params(dst), self.adapter_params(src)):
-            d.mul_(decay).add_(s.to(d.dtype), alpha=1 - decay)
-
-    def adapter_state_dict(self, name):
-        """PEFT layout: base_model.model.blocks.{i}.<path>.lora_{A,B}.weight."""
-        sd = {}
-        for n, m in self.lora_layers():
-            sd[f"base_model.model.{n}.lora_A.weight"] = m.lora[name].A.detach()
-            sd[f"base_model.model.{n}.lora_B.weight"] = m.lora[name].B.detach()
-        return sd
-
-    @torch.no_grad()
-    def load_adapter(self, name, sd, alpha=None):
-        """Load PEFT / LongLive LoRA tensors into adapter `name` (created with the file's rank).
-
-        alpha: LoRA alpha; default = rank (scale 1, as LongLive and Astrolabe use).
-        """
-        pat = re.compile(r"(blocks\.\d+\.(?:self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02])"
-                         r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-        found = {}
-        for key, val in sd.items():
-            m = pat.search(key)
-            if m:
-                found[(m.group(1), m.group(2))] = val
-        layers = dict(self.lora_layers())
-        missing = [n for n in layers if (n, "A") not in found or (n, "B") not in found]
-        if missing:
-            raise ValueError(f"LoRA file has no weights for {len(missing)} of {len(layers)} "
-                             f"layers (first: {missing[:3]}); expected PEFT keys like "
-                             f"'base_model.model.blocks.0.self_attn.q.lora_A.weight'")
-        rank = found[next(iter(layers)), "A"].shape[0]
-        if name not in self.adapters():
-            self.add_adapter(name, rank, alpha)
-        elif alpha is not None:
-            for m in layers.values():
-                m.scale[name] = alpha / rank
-        for n, m in layers.items():
-            for ab in "AB":
-                p, v = getattr(m.lora[name], ab), found[(n, ab)]
-                if p.shape != v.shape:
-                    raise ValueError(f"LoRA {n}.lora_{ab}: file {tuple(v.shape)} vs model "
-                                     f"{tuple(p.shape)} (rank or model size differ)")
-                p.copy_(v)
-
 
 class Head(nn.Module):
     """Output head: out = Linear(norm(x) * (1 + scale) + shift), modulated by e per frame."""
@@ -553,158 +423,9 @@ class Head(nn.Module):
         return self.head(x * (1 + scale) + shift)  # (B, F, P, ph*pw*C)
 
 
-# ----------------------------------------------------------------------------------------------
-# ---- Checkpoint loading
-# Every released generator is `WanDiffusionWrapper.state_dict()` inside some container
-# (WAN_SPEC.md §9); unwrap it, strip the wrapper prefixes and the keys are exactly ours.
-
-_PREFIXES = ("model.", "_fsdp_wrapped_module.", "diffusion_model.", "module.", "_orig_mod.")
-_LORA_TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]  # PEFT suffix match: 10 linears per block
-
-
-def _read(path):
-    """The raw contents of a .safetensors or torch file, with one clear error if unreadable."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a directory; expected a checkpoint file "
-                                f"(.pt / .pth / .safetensors)")
-    try:
-        if path.endswith(".safetensors"):
-            return load_file(path)
-        # mmap: a 14B checkpoint is never copied into RAM whole; legacy (non-zip) files can't be
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # garbage, truncated, or pickled Python objects besides tensors
-        kind = "safetensors" if path.endswith(".safetensors") else "torch.save (dict of tensors)"
-        # torch's weights_only refusal buries the actual reason in a long paragraph
-        why = " ".join(str(e).split()).split("WeightsUnpickler error: ")[-1]
-        raise ValueError(f"cannot read {path} as a {kind} checkpoint: {type(e).__name__}: "
-                         f"{why.split(' Check the documentation')[0][:300]}") from None
-
-
-def _strip(sd):
-    """Drop leading wrapper prefixes, repeatedly: 'model._fsdp_wrapped_module.blocks.0...'."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(_PREFIXES):
-            k = k[len(next(p for p in _PREFIXES if k.startswith(p))):]
-        out[k] = v
-    return out
-
-
-def _state_dict(obj, path, ema):
-    """Pick the generator state dict out of a checkpoint container."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}; expected a dict of tensors")
-    if "generator_ema" in obj or "generator" in obj:  # Self-Forcing, Causal Forcing, LongLive
-        want = "generator_ema" if ema else "generator"
-        if want not in obj:
-            raise ValueError(f"{path} has no {want!r} (keys: {list(obj)}); "
-                             f"use ema={not ema} to load {'generator' if ema else 'generator_ema'!r}")
-        obj = obj[want]
-    else:  # generic trainers' containers, else a bare state dict (generator_lora: for the hint)
-        obj = next((obj[k] for k in ("model", "state_dict", "generator_lora")
-                    if isinstance(obj.get(k), dict)), obj)
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ValueError(f"{path} is not a state dict: entries {bad[:5]} are not tensors (top-level "
-                         f"keys: {list(obj)[:8]}; expected generator_ema / generator / model / "
-                         f"state_dict or a bare state dict)")
-    return _strip(obj)
-
-
-def _check_keys(model, sd, path):
-    """Raise one ValueError listing every key problem and the likely cause (strict=True, explained)."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if ".lora." not in k}
-    have = {k: tuple(v.shape) for k, v in sd.items()}
-    missing = [k for k in want if k not in have]
-    unexpected = [k for k in have if k not in want]
-    shaped = [f"{k}: file {have[k]} vs model {want[k]}" for k in want if k in have and have[k] != want[k]]
-    if not (missing or unexpected or shaped):
-        return
-    cfg = model.cfg
-    if any("lora_A" in k for k in have):
-        why = "this looks like a LoRA file; pass it as lora="
-    elif "patch_embedding.weight" in have:
-        # size from the checkpoint itself: dim from the patch embedding, depth from block indices
-        dim = have["patch_embedding.weight"][0]
-        n = 1 + max((int(m.group(1)) for k in have if (m := re.match(r"blocks\.(\d+)\.", k))),
-                    default=-1)
-        name = next((f"a {c} checkpoint" for c, m in CONFIGS.items()
-                     if (m.dim, m.num_layers) == (dim, n)), "a different-size checkpoint")
-        why = (f"this looks like {name} (dim {dim}, {n} blocks) but the model is built with dim "
-               f"{cfg.dim}, {cfg.num_layers} blocks: pass the matching --model"
-               if (dim, n) != (cfg.dim, cfg.num_layers) else
-               "same dim and depth, so another layout or variant (channels, patch, text dim?)")
-    else:
-        why = "no Wan DiT keys found (expected e.g. 'patch_embedding.weight', 'blocks.0.self_attn.q.weight')"
-    raise ValueError(
-        f"checkpoint {path} does not match the model ({len(missing)} missing, {len(unexpected)} "
-        f"unexpected, {len(shaped)} mis-shaped keys, after stripping {'/'.join(_PREFIXES)}):\n"
-        f"  missing:     {missing[:4]}\n  unexpected:  {unexpected[:4]}\n"
-        f"  mis-shaped:  {shaped[:4]}\n  likely cause: {why}")
-
-
-def load_checkpoint(model, path, *, ema=True, lora=None, lora_adapter="default"):
-    """Load a released generator (Self-Forcing / Causal Forcing / LongLive .pt, Krea .safetensors).
-
-    ema: take `generator_ema` (what Astrolabe trains from) rather than `generator`.
-    lora: a LongLive lora.pt, PEFT adapter file or folder, loaded into adapter `lora_adapter`
-          (not activated: call model.set_adapter(lora_adapter) to use it).
-    A model built under `torch.device("meta")` gets the file's tensors assigned (no second copy);
-    otherwise they are copied into the existing parameters, in their dtype and device.
-    """
-    sd = _state_dict(_read(path), path, ema)
-    _check_keys(model, sd, path)  # our check, so strict=False below can only skip the adapters
-    meta = any(v.is_meta for k, v in model.state_dict().items() if ".lora." not in k)
-    model.load_state_dict(sd, strict=False, assign=meta)  # copy_ casts to the parameter dtype
-    if lora is not None:
-        load_adapter_file(model, lora_adapter, lora)
-    return model
-
-
-def _write_atomic(path, write):
-    """write(tmp) then rename, so a crash never leaves a half-written file under `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_adapter(model, name, path_dir):
-    """Save adapter `name` as a PEFT folder: adapter_model.safetensors + adapter_config.json."""
-    os.makedirs(path_dir, exist_ok=True)
-    sd = {k: v.cpu().contiguous() for k, v in model.adapter_state_dict(name).items()}
-    m = model.lora_layers()[0][1]
-    r = m.lora[name].A.shape[0]
-    cfg = dict(peft_type="LORA", r=r, lora_alpha=m.scale[name] * r, lora_dropout=0.0, bias="none",
-               target_modules=_LORA_TARGETS)
-    _write_atomic(os.path.join(path_dir, "adapter_model.safetensors"),
-                  lambda p: save_file(sd, p, metadata={"format": "pt"}))
-
-    def write_json(p):
-        with open(p, "w") as f:
-            json.dump(cfg, f, indent=2)
-    _write_atomic(os.path.join(path_dir, "adapter_config.json"), write_json)
-
-
-def load_adapter_file(model, name, path):
-    """Load a PEFT folder / adapter file or a LongLive lora.pt into adapter `name`.
-
-    alpha comes from adapter_config.json beside the weights when there is one, else alpha = r.
-    """
-    if os.path.isdir(path):  # PEFT folder: ours (.safetensors) or Astrolabe's (.bin)
-        files = [os.path.join(path, f) for f in ("adapter_model.safetensors", "adapter_model.bin")]
-        if not any(map(os.path.isfile, files)):
-            raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {path}")
-        path = next(f for f in files if os.path.isfile(f))
-    sd = _read(path)
-    sd = sd.get("generator_lora", sd) if isinstance(sd, dict) else sd  # LongLive wraps it
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds a {type(sd).__name__}; expected a LoRA state dict")
-    cfg = os.path.join(os.path.dirname(path), "adapter_config.json")
-    alpha = None
-    if os.path.isfile(cfg):
-        with open(cfg) as f:
-            alpha = json.load(f)["lora_alpha"]
-    model.load_adapter(name, sd, alpha)
+@torch.no_grad()
+def randomize_head(model, std=0.02):
+    """Wan's init zeroes the output head (the model starts by predicting v = 0), so a randomly
+    initialised model would give one flat video: draw the head's weight instead. For random-
+    weight runs only (demos, benchmarks, tests); a checkpoint loads over it."""
+    nn.init.normal_(model.head.head.weight, std=std)

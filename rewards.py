@@ -5,10 +5,10 @@ Every reward is a plain function with one signature (TRL style), higher = better
     fn(videos: Tensor[B, F, 3, H, W] float in [0, 1], prompts: list[str]) -> Tensor[B]
 so a user's own reward is one function in one file: `--rewards path/to/my.py:fn=0.5`.
 
-What is here (RL_NOTES.md §4, ASTROLABE_METHOD.md §3):
+What is here (definitions and sources: docs/rewards.md):
   weight-free   sharpness, colorfulness (frame-level, top-30% aggregated), flicker, smoothness,
-                motion (+ motion_gray), and two prompt-aware toys for the tiny shapes world:
-                color_match ("a red ...") and direction_match ("... moving left").
+                motion (+ motion_gray). The shapes world's prompt-aware detectors (color_match,
+                direction_progress, ...) live in tiny_world.py, which hands them to train.py.
   helpers       top_fraction (Astrolabe's top-30% frame aggregation), grayscale (Astrolabe's
                 trick against colour hacking of motion scores).
   learned       hpsv2 (HPSv2.1), clip_score, aesthetic (LAION v2) through open_clip, and
@@ -28,8 +28,8 @@ holding each file under its canonical name; nothing is ever downloaded:
   dynamic_degree  raft_large_C_T_V1-22a6c225.pth     download.pytorch.org/models/
 The `arch=` keyword of each picks another backbone of the same family (the tests: tiny ones).
 
-Shapes: B videos, F frames, H, W pixels, N pixels per frame (H*W), P palette colours (frame
-pairs in optical_flow), n sub-sampled frames, D embedding width.
+Shapes: B videos, F frames, H, W pixels, N pixels per frame (H*W), P frame pairs (optical_flow),
+n sub-sampled frames, D embedding width.
 Test: python -m pytest tests/test_rewards.py tests/test_learned_rewards.py -q
 """
 import hashlib
@@ -37,9 +37,8 @@ import importlib.util
 import math
 import os
 import pickle
-import re
 import sys
-from functools import lru_cache, wraps
+from functools import lru_cache, partial, wraps
 
 import torch
 import torch.nn.functional as Fn
@@ -168,133 +167,6 @@ def motion(videos, prompts, top=0.05):
 
 
 # ----------------------------------------------------------------------------------------------
-# prompt-aware toys for the tiny shapes world. Assumption: a plain background covering more than
-# half of every frame (black in tiny_world); its colour is the per-channel median of the video.
-
-COLORS = {  # the words a prompt may name -> RGB; tiny_world should draw with these values
-    "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
-    "yellow": (1.0, 1.0, 0.0), "white": (1.0, 1.0, 1.0), "purple": (1.0, 0.0, 1.0),
-    "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0), "orange": (1.0, 0.5, 0.0),
-}
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y down
-
-
-def _word(prompt, table):
-    """First word of `prompt` that is a key of `table`, or None."""
-    return next((w for w in re.findall(r"[a-z]+", prompt.lower()) if w in table), None)
-
-
-def _foreground(videos, thresh=0.25):
-    """Pixels farther than `thresh` (max over channels) from the video's median colour."""
-    v = videos.float()
-    bg = v.permute(0, 2, 1, 3, 4).flatten(2).median(2).values  # [B, 3]
-    return (v - bg.view(-1, 1, 3, 1, 1)).abs().amax(2) > thresh  # [B, F, H, W]
-
-
-def color_match(videos, prompts):
-    """Fraction of the foreground pixels whose nearest palette colour (COLORS) is the colour the
-    prompt names; 0 if the prompt names no colour or nothing differs from the background.
-    Per foreground pixel, so the shape's size does not matter; nearest palette colour, not a
-    fixed radius, so shading is tolerated (dark red is red).
-
-    >>> v = torch.zeros(1, 2, 3, 8, 8); v[:, :, 0, 2:4, 2:4] = 0.8   # a dark red square on black
-    >>> color_match(v.expand(3, -1, -1, -1, -1), ["a red square", "a blue square", "a square"])
-    tensor([1., 0., 0.])
-    """
-    v, fg = videos.float(), _foreground(videos)  # [B, F, 3, H, W], [B, F, H, W]
-    pal = torch.tensor(list(COLORS.values()), device=v.device)  # [P, 3]
-    out = torch.zeros(v.shape[0], device=v.device)
-    for b, p in enumerate(prompts):  # one video at a time: the distances are P times the video
-        c = _word(p, COLORS)
-        if c is not None and fg[b].any():
-            dist = ((v[b].unsqueeze(1) - pal.view(1, -1, 3, 1, 1)) ** 2).sum(2)  # [F, P, H, W]
-            nearest = pal[dist.argmin(1)]  # [F, H, W, 3] RGB of the nearest palette colour
-            hit = (nearest == pal.new_tensor(COLORS[c])).all(-1)  # purple == magenta: same RGB
-            out[b] = (hit & fg[b]).sum() / fg[b].sum()
-    return out
-
-
-def direction_match(videos, prompts, eps=0.05):
-    """Fraction of frame pairs in which the foreground centroid moves (by more than `eps` pixels)
-    in the direction the prompt names (left, right, up, down); in [0, 1]. 0 if the prompt names
-    no direction, the shape stands still, or a frame has no foreground.
-
-    >>> v = torch.zeros(1, 4, 3, 8, 8)
-    >>> for t in range(4): v[0, t, :, 3:5, 5 - t:7 - t] = 1.0     # a white square moving left
-    >>> direction_match(v.expand(2, -1, -1, -1, -1), ["moving left", "moving right"])
-    tensor([1., 0.])
-    """
-    fg = _foreground(videos).float()  # [B, F, H, W]
-    B, F, H, W = fg.shape
-    mass = fg.sum((2, 3))  # [B, F] foreground pixels per frame
-    cx = (fg.sum(2) * torch.arange(W, device=fg.device)).sum(2) / mass.clamp(min=1)  # [B, F]
-    cy = (fg.sum(3) * torch.arange(H, device=fg.device)).sum(2) / mass.clamp(min=1)  # [B, F]
-    out = torch.zeros(B, device=fg.device)
-    for b, p in enumerate(prompts):
-        word = _word(p, DIRECTIONS)
-        if word is not None and F > 1:
-            dx, dy = DIRECTIONS[word]
-            step = dx * cx[b].diff() + dy * cy[b].diff()  # [F-1] centroid motion along the word
-            out[b] = ((step > eps) & (mass[b, 1:] > 0) & (mass[b, :-1] > 0)).float().mean()
-    return out
-
-
-def size_constancy(videos, prompts):
-    """The foreground keeps its size: 1 - mean_t |A_t - median A| / median A, clipped at 0, where
-    A_t is the foreground pixel count of frame t. A quality term for single-object videos: a
-    shape that fades, dissolves into streaks or smears scores lower; steady motion does not.
-
-    >>> v = torch.zeros(2, 4, 3, 8, 8); v[:, :, :, 2:6, 2:6] = 1.0   # a 4x4 square ...
-    >>> v[1, 3, :, 2:4] = 0.0                                          # ... that halves in frame 3
-    >>> size_constancy(v, ["", ""])
-    tensor([1.0000, 0.8750])
-    """
-    area = _foreground(videos).float().sum((2, 3))  # [B, F] foreground pixels per frame
-    med = area.median(1, keepdim=True).values.clamp(min=1)
-    return (1 - ((area - med).abs() / med).mean(1)).clamp(min=0)  # [B]
-
-
-def direction_progress(videos, prompts, speed=1 / 16):
-    """How steadily the foreground moves the way the prompt names, at `speed` (fraction of the
-    frame per frame; 1/16 is the shapes world's 2 px at 32x32): per frame pair the displacement
-    along the named direction / (speed * frame size), clipped to [-1, 1], mean over pairs.
-    1 = steady motion at that speed, 0 = standing still, -1 = the opposite way. Unlike
-    direction_match it gives partial credit, so a slow or stop-and-go shape scores in between.
-
-    Positions are circular means (angles on the frame's width and height): the shapes world
-    wraps around, and a shape crossing an edge would make a plain centroid jump across the frame.
-
-    >>> v = torch.zeros(1, 5, 3, 16, 16)
-    >>> for t in range(5): v[0, t, :, 6:9, (14 - t) % 16] = 1.0   # 1 px/frame left, across the edge
-    >>> direction_progress(v.expand(2, -1, -1, -1, -1), ["moving left", "moving up"]).round(decimals=4)
-    tensor([1., 0.])
-    """
-    fg = _foreground(videos).float()  # [B, F, H, W]
-    B, F, H, W = fg.shape
-    out = torch.zeros(B, device=fg.device)
-    if F < 2:
-        return out
-
-    def circ_mean(mass, n):  # mass [B, F, n] along one axis -> angle of its circular mean [B, F]
-        a = torch.arange(n, device=fg.device) * (2 * math.pi / n)
-        return torch.atan2((mass * a.sin()).sum(-1), (mass * a.cos()).sum(-1))
-
-    def step(angle, n):  # wrapped difference of consecutive angles, in pixels [B, F-1]
-        d = angle.diff(dim=1)
-        return torch.remainder(d + math.pi, 2 * math.pi).sub(math.pi) * n / (2 * math.pi)
-    sx, sy = step(circ_mean(fg.sum(2), W), W), step(circ_mean(fg.sum(3), H), H)
-    seen = (fg.sum((2, 3)) > 0).float()  # [B, F] frames with a foreground
-    for b, p in enumerate(prompts):
-        word = _word(p, DIRECTIONS)
-        if word is not None:
-            dx, dy = DIRECTIONS[word]
-            # progress_t = clip((dx * dx_t + dy * dy_t) / (speed * size), -1, 1)
-            prog = ((dx * sx[b] + dy * sy[b]) / (speed * (W if dx else H))).clamp(-1, 1)
-            out[b] = (prog * seen[b, 1:] * seen[b, :-1]).mean()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # learned rewards: HPSv2.1, CLIP score, LAION aesthetic (open_clip) and RAFT dynamic degree
 # (torchvision). Their libraries are imported on first call, each model is built once per
 # (file, arch) and kept on the device it was last used on. Weights come only from local files:
@@ -369,8 +241,10 @@ def _raft(path, arch):
 
 
 def _subsample(videos, n):
-    """n evenly spaced frames, first and last included: [B, F, ...] -> [B, min(n, F), ...]."""
-    idx = torch.linspace(0, videos.shape[1] - 1, min(n, videos.shape[1])).round().long()
+    """n evenly spaced frames, first and last included: [B, F, ...] -> [B, min(n, F), ...];
+    n = 0: every frame (what the released code scores)."""
+    n = videos.shape[1] if n == 0 else min(n, videos.shape[1])
+    idx = torch.linspace(0, videos.shape[1] - 1, n).round().long()
     return videos[:, idx.to(videos.device)]
 
 
@@ -489,23 +363,38 @@ def dynamic_degree(videos, prompts, arch="raft_large", stride=2, iters=20, cap=1
 REWARDS = {
     "sharpness": sharpness, "colorfulness": colorfulness, "flicker": flicker,
     "smoothness": smoothness, "motion": motion, "motion_gray": grayscale(motion),
-    "color_match": color_match, "direction_match": direction_match,
-    "direction_progress": direction_progress, "size_constancy": size_constancy,
     "hpsv2": hpsv2, "clip_score": clip_score, "aesthetic": aesthetic,
     "dynamic_degree": dynamic_degree,
 }
-LEARNED = {"hpsv2", "clip_score", "aesthetic", "dynamic_degree"}  # need files in WEIGHTS_DIR
+# learned rewards -> the weight files each needs in WEIGHTS_DIR (one of each tuple), so a run can
+# check for them before anything loads
+LEARNED = {"hpsv2": [("HPS_v2.1_compressed.pt",)], "clip_score": [CLIP_FILES],
+           "aesthetic": [CLIP_FILES, ("sac+logos+ava1-l14-linearMSE.pth",)],
+           "dynamic_degree": [(RAFT_FILES["raft_large"],)]}
+# image rewards that score `frames` sub-sampled frames of each video (--reward-frames)
+SUBSAMPLED = {"hpsv2", "clip_score", "aesthetic"}
 
 
-def get_reward(spec):
+def missing_weights(names):
+    """'reward: file (source)' for every weight file a learned reward in `names` lacks."""
+    out = []
+    for name in names:
+        for alternatives in LEARNED.get(name, []):
+            if not any(os.path.isfile(os.path.join(WEIGHTS_DIR, f)) for f in alternatives):
+                out.append(f"{name}: {' or '.join(alternatives)} in {os.path.abspath(WEIGHTS_DIR)} "
+                           f"(from {WEIGHT_SOURCES[alternatives[0]]})")
+    return out
+
+
+def get_reward(spec, registry=REWARDS):
     """A reward function from a registry name or "path/to/file.py:function".
 
     >>> get_reward("flicker") is flicker
     True
     """
-    if spec in REWARDS:
-        return REWARDS[spec]
-    fix = f"use one of {sorted(REWARDS)} or path/to/file.py:function"
+    if spec in registry:
+        return registry[spec]
+    fix = f"use one of {sorted(registry)} or path/to/file.py:function"
     if ":" not in spec:
         raise ValueError(f"unknown reward '{spec}': {fix}")
     path, name = spec.rsplit(":", 1)  # the last ':', so a Windows drive letter survives
@@ -531,10 +420,11 @@ def get_reward(spec):
     return fn
 
 
-def parse_rewards(items):
+def parse_rewards(items, registry=REWARDS, frames=None):
     """["NAME=WEIGHT", "NAME", ...] -> [(name, fn, weight)]; a bare NAME means weight 1.0.
     Splits on the last "=" (a weight never contains ":", so "a=b/r.py:fn" alone is a file).
     Weight 0 = compute and log only. A file reward is named "<file stem>.<function>".
+    frames: frames the image rewards (SUBSAMPLED) score per video, 0 = all; None = their default.
 
     >>> [(n, w) for n, _, w in parse_rewards(["flicker=0.5", "motion"])]
     [('flicker', 0.5), ('motion', 1.0)]
@@ -551,9 +441,11 @@ def parse_rewards(items):
         if not math.isfinite(weight):
             raise ValueError(f"--rewards '{item}': bad weight '{w}', expected NAME=FLOAT "
                              f"(e.g. sharpness=0.5) or NAME alone for weight 1")
-        fn = get_reward(spec)
+        fn = get_reward(spec, registry)
         path, _, func = spec.rpartition(":")
-        name = spec if spec in REWARDS else os.path.splitext(os.path.basename(path))[0] + "." + func
+        name = spec if spec in registry else os.path.splitext(os.path.basename(path))[0] + "." + func
+        if frames is not None and name in SUBSAMPLED:  # --reward-frames: how many frames to score
+            fn = partial(fn, frames=frames)
         if name in [n for n, _, _ in out]:  # names key the logs and the selective mask
             raise ValueError(f"--rewards: '{name}' given twice; give each reward once")
         out.append((name, fn, weight))
@@ -581,10 +473,11 @@ class MultiReward:
     (tensor([2., 2.]), ['flicker', 'motion'])
     """
 
-    def __init__(self, specs):
-        """specs: the --rewards strings ["NAME=WEIGHT", ...] or parse_rewards' (name, fn, w)."""
+    def __init__(self, specs, registry=REWARDS, frames=None):
+        """specs: the --rewards strings ["NAME=WEIGHT", ...] (looked up in `registry`; frames:
+        see parse_rewards) or parse_rewards' (name, fn, w)."""
         if isinstance(specs, str) or (specs and isinstance(specs[0], str)):
-            specs = parse_rewards(specs)
+            specs = parse_rewards(specs, registry, frames)
         if not specs:
             raise ValueError("no rewards given; e.g. --rewards flicker=1 motion_gray=0.5")
         self.names, self.fns, self.weights = map(list, zip(*specs))  # in --rewards order

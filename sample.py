@@ -26,11 +26,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+import imageio.v2 as imageio
 import torch
+import tyro
 from tqdm import tqdm
 
+from checkpoints import load_checkpoint
+from common import find_file, missing_files, write_atomic
+from frozen import TextEncoder, WanVAE
 from kvcache import KVCache
-from model import CONFIGS, CausalWanModel, load_checkpoint
+from lora import set_adapter
+from model import CONFIGS, CausalWanModel, randomize_head
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,77 +226,10 @@ def save_video(path, video, fps=16):
 
     Written to a temporary file first and renamed, so a crash never leaves half a video.
     """
-    import imageio.v2 as imageio
     frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.mp4"
-    imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8,
-                     pixelformat="yuv420p", macro_block_size=1)
-    os.replace(tmp, path)
-
-
-def save_strip(path, videos, frames=8, scale=2):
-    """A PNG of frame strips, one row per video ((F, 3, H, W) in [0, 1]), `frames` evenly spaced
-    frames per row, upscaled `scale`x (nearest) so tiny videos stay visible."""
-    from PIL import Image
-    rows = []
-    for v in videos:
-        idx = torch.linspace(0, len(v) - 1, min(frames, len(v))).round().long()
-        rows.append(torch.cat(list(v[idx]), dim=-1))  # (3, H, frames * W)
-    img = torch.cat(rows, dim=-2).clamp(0, 1)  # (3, rows * H, frames * W)
-    img = img.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
-    arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    tmp = path + ".tmp.png"
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
-
-
-def save_curve(path, series, title="reward", size=(560, 320)):
-    """A line chart PNG drawn with PIL (no plotting library needed): series = {name: (xs, ys)}."""
-    from PIL import Image, ImageDraw
-    W, H, m = size[0], size[1], 44  # canvas and margin
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    xs = [x for v in series.values() for x in v[0]]
-    ys = [y for v in series.values() for y in v[1]]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = min(ys), max(ys)
-    y0, y1 = (y0 - 0.05 * (y1 - y0 or 1), y1 + 0.05 * (y1 - y0 or 1))
-    px = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)  # noqa: E731
-    py = lambda y: H - m - (y - y0) / (y1 - y0) * (H - 2 * m)  # noqa: E731
-    d.rectangle([m, m, W - m, H - m], outline="black")
-    d.text((m, 8), title, fill="black")
-    for y in (y0, (y0 + y1) / 2, y1):
-        d.text((4, py(y) - 6), f"{y:.3f}", fill="black")
-    d.text((m, H - m + 6), f"{x0:g}", fill="black")
-    d.text((W - m - 20, H - m + 6), f"{x1:g}", fill="black")
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    for i, (name, (sx, sy)) in enumerate(series.items()):
-        c = colors[i % len(colors)]
-        pts = [(px(x), py(y)) for x, y in zip(sx, sy)]
-        if len(pts) > 1:
-            d.line(pts, fill=c, width=2)
-        for p in pts if len(pts) < 40 else []:
-            d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
-        d.text((W - m - 150, m + 6 + 14 * i), name, fill=c)
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
-
-
-def toy_text_embed(prompts, text_len, text_dim, seed=0):
-    """A weight-free text encoder: each word gets a fixed pseudo-random vector (seeded by the
-    word itself), one row per word, zero-padded to text_len rows like umT5's output.
-
-    returns: (B, text_len, text_dim)
-    """
-    import zlib
-    out = torch.zeros(len(prompts), text_len, text_dim)
-    for i, p in enumerate(prompts):
-        for j, word in enumerate(p.lower().split()[:text_len]):
-            g = torch.Generator().manual_seed(zlib.crc32(word.encode()) + seed)
-            out[i, j] = torch.randn(text_dim, generator=g)
-    return out
+    write_atomic(path, lambda tmp: imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8,
+                                                    pixelformat="yuv420p", macro_block_size=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,35 +272,23 @@ class Args:
     """frames per second of the mp4"""
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def find_file(path):
-    """`path` as given, else relative to this repository, so `assets/...` works from any cwd."""
-    alt = os.path.join(HERE, path)
-    return path if os.path.exists(path) or not os.path.exists(alt) else alt
-
-
-def missing_files(args, fields):
-    """'--flag path' for every path field of args that is set but exists nowhere (find_file)."""
-    return [f"--{f.replace('_', '-')} {p}" for f in fields
-            if (p := getattr(args, f)) and not os.path.exists(find_file(p))]
-
-
-def write_decoded(path, vae, lat, fps=16):
-    """Decode one video's latents (1, F, 16, h, w) block by block with the VAE's streaming decoder
-    and append the frames to the mp4 as they come: a long video is never held in pixels."""
-    import imageio.v2 as imageio
+def write_decoded(path, vae, lat, block, fps=16):
+    """Decode one video's latents (1, F, 16, h, w) `block` latent frames at a time with the VAE's
+    streaming decoder and append the frames to the mp4 as they come: a long video is never held
+    in pixels. Returns the number of frames written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp, stream, n = path + ".tmp.mp4", vae.stream(), 0
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p",
+    return write_atomic(path, lambda tmp: _stream_to_mp4(tmp, vae, lat, block, fps))
+
+
+def _stream_to_mp4(path, vae, lat, block, fps):
+    stream, n = vae.stream(), 0
+    with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p",
                             macro_block_size=1) as w:
-        for k in range(0, lat.shape[1], 3):
-            frames = to_pixels(stream.push(lat[:, k:k + 3]))[0]  # (t, 3, H, W) in [0, 1]
+        for k in range(0, lat.shape[1], block):
+            frames = to_pixels(stream.push(lat[:, k:k + block]))[0]  # (t, 3, H, W) in [0, 1]
             for f in (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
                 w.append_data(f)
             n += len(frames)
-    os.replace(tmp, path)
     return n
 
 
@@ -379,10 +306,10 @@ def main(args: Args):
         if args.ckpt or os.path.exists(ckpt):
             load_checkpoint(model, find_file(ckpt), lora=args.lora and find_file(args.lora))
         else:
-            for p in model.head.parameters():  # random weights: make the output non-trivial
-                torch.nn.init.normal_(p, std=0.02)
+            randomize_head(model)  # the init's zero head would give one flat video
             print("no checkpoint: sampling from random weights")
-        ctx = toy_text_embed(args.prompts, cfg.text_len, cfg.text_dim)
+        import tiny_world  # here, not at the top: tiny_world imports this module's sampler
+        ctx = tiny_world.toy_text_embed(args.prompts, cfg.text_len, cfg.text_dim)
         ph, pw = cfg.patch_size[1:]
         H, W = (args.height or 32) // ph * ph, (args.width or 32) // pw * pw  # pixel space
     else:
@@ -394,7 +321,6 @@ def main(args: Args):
         if absent:  # all of them in one message, before minutes of loading
             raise SystemExit("not found: " + ", ".join(absent) + " (README, Real models)")
         args = dataclasses.replace(args, **{f: find_file(p) for f in files if (p := getattr(args, f))})
-        from frozen import TextEncoder, WanVAE
         te = TextEncoder.load(args.text_encoder, args.tokenizer, device=dev, dtype=dtype)
         ctx = te(args.prompts)  # (P, 512, 4096)
         del te  # umT5-XXL leaves the GPU before the DiT arrives
@@ -406,7 +332,7 @@ def main(args: Args):
         if H % 2 or W % 2:
             raise SystemExit(f"--height/--width must be multiples of 16 for Wan (got {args.height}x{args.width})")
     if args.lora:
-        model.set_adapter("default")
+        set_adapter(model, "default")
     ctx = ctx.to(dev, dtype)
     cache = KVCache.for_model(cfg, len(prompts), args.num_frames, (H, W), args.sink, args.local_attn, dtype, dev)
     noise = GeneratorNoise(make_generators([args.seed + i for i in range(len(prompts))]),
@@ -423,10 +349,9 @@ def main(args: Args):
             save_video(path, to_pixels(lat[i]), args.fps)
             n, size = args.num_frames, f"{H}x{W}"
         else:
-            n, size = write_decoded(path, vae, lat[i:i + 1].float(), args.fps), f"{8 * H}x{8 * W}"
+            n, size = write_decoded(path, vae, lat[i:i + 1].float(), cfg.frames_per_block, args.fps), f"{8 * H}x{8 * W}"
         print(f"wrote {path} ({n} frames, {size})")
 
 
 if __name__ == "__main__":
-    import tyro
     main(tyro.cli(Args))

@@ -31,16 +31,20 @@ n frames per block (3), K blocks (F / n).
 import json
 import math
 import os
+import re
 import time
+import zlib
 from dataclasses import asdict, dataclass
 
 import torch
+import tyro
+from safetensors.torch import save_file
+from tqdm import tqdm
 
+from common import write_atomic
 from kvcache import KVCache
 from model import CONFIGS, CausalWanModel
-from rewards import COLORS, DIRECTIONS, color_match, direction_match
-from sample import (GeneratorNoise, generate, make_generators, sampler_timesteps, sigma_of, to_pixels,
-                    toy_text_embed)
+from sample import GeneratorNoise, generate, make_generators, sampler_timesteps, sigma_of, to_pixels
 
 COLOR_WORDS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
@@ -49,6 +53,155 @@ PROMPTS = [f"a {c} {s} moving {d}" for c in COLOR_WORDS for s in SHAPES for d in
 SPEED = 2    # pixels per frame (at 32x32): 16 px over a 9-frame clip, unmistakable motion
 RADIUS = 4   # half-size of a shape in pixels: 9 px wide, ~6-8% of a 32x32 frame
 LEAD = 9     # frames the shape moves from its start before touching the edge ahead of it
+
+
+# ----------------------------------------------------------------------------------------------
+# The world's detectors: prompt-aware rewards. Assumption: a plain background covering more than
+# half of every frame (black here); its colour is the per-channel median of the video.
+
+COLORS = {  # the words a prompt may name -> RGB; tiny_world should draw with these values
+    "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0), "white": (1.0, 1.0, 1.0), "purple": (1.0, 0.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0), "orange": (1.0, 0.5, 0.0),
+}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y down
+
+
+def _word(prompt, table):
+    """First word of `prompt` that is a key of `table`, or None."""
+    return next((w for w in re.findall(r"[a-z]+", prompt.lower()) if w in table), None)
+
+
+def _foreground(videos, thresh=0.25):
+    """Pixels farther than `thresh` (max over channels) from the video's median colour."""
+    v = videos.float()
+    bg = v.permute(0, 2, 1, 3, 4).flatten(2).median(2).values  # [B, 3]
+    return (v - bg.view(-1, 1, 3, 1, 1)).abs().amax(2) > thresh  # [B, F, H, W]
+
+
+def color_match(videos, prompts):
+    """Fraction of the foreground pixels whose nearest palette colour (COLORS) is the colour the
+    prompt names; 0 if the prompt names no colour or nothing differs from the background.
+    Per foreground pixel, so the shape's size does not matter; nearest palette colour, not a
+    fixed radius, so shading is tolerated (dark red is red).
+
+    >>> v = torch.zeros(1, 2, 3, 8, 8); v[:, :, 0, 2:4, 2:4] = 0.8   # a dark red square on black
+    >>> color_match(v.expand(3, -1, -1, -1, -1), ["a red square", "a blue square", "a square"])
+    tensor([1., 0., 0.])
+    """
+    v, fg = videos.float(), _foreground(videos)  # [B, F, 3, H, W], [B, F, H, W]
+    pal = torch.tensor(list(COLORS.values()), device=v.device)  # [P, 3]
+    out = torch.zeros(v.shape[0], device=v.device)
+    for b, p in enumerate(prompts):  # one video at a time: the distances are P times the video
+        c = _word(p, COLORS)
+        if c is not None and fg[b].any():
+            dist = ((v[b].unsqueeze(1) - pal.view(1, -1, 3, 1, 1)) ** 2).sum(2)  # [F, P, H, W]
+            nearest = pal[dist.argmin(1)]  # [F, H, W, 3] RGB of the nearest palette colour
+            hit = (nearest == pal.new_tensor(COLORS[c])).all(-1)  # purple == magenta: same RGB
+            out[b] = (hit & fg[b]).sum() / fg[b].sum()
+    return out
+
+
+def direction_match(videos, prompts, eps=0.05):
+    """Fraction of frame pairs in which the foreground centroid moves (by more than `eps` pixels)
+    in the direction the prompt names (left, right, up, down); in [0, 1]. 0 if the prompt names
+    no direction, the shape stands still, or a frame has no foreground.
+
+    >>> v = torch.zeros(1, 4, 3, 8, 8)
+    >>> for t in range(4): v[0, t, :, 3:5, 5 - t:7 - t] = 1.0     # a white square moving left
+    >>> direction_match(v.expand(2, -1, -1, -1, -1), ["moving left", "moving right"])
+    tensor([1., 0.])
+    """
+    fg = _foreground(videos).float()  # [B, F, H, W]
+    B, F, H, W = fg.shape
+    mass = fg.sum((2, 3))  # [B, F] foreground pixels per frame
+    cx = (fg.sum(2) * torch.arange(W, device=fg.device)).sum(2) / mass.clamp(min=1)  # [B, F]
+    cy = (fg.sum(3) * torch.arange(H, device=fg.device)).sum(2) / mass.clamp(min=1)  # [B, F]
+    out = torch.zeros(B, device=fg.device)
+    for b, p in enumerate(prompts):
+        word = _word(p, DIRECTIONS)
+        if word is not None and F > 1:
+            dx, dy = DIRECTIONS[word]
+            step = dx * cx[b].diff() + dy * cy[b].diff()  # [F-1] centroid motion along the word
+            out[b] = ((step > eps) & (mass[b, 1:] > 0) & (mass[b, :-1] > 0)).float().mean()
+    return out
+
+
+def size_constancy(videos, prompts):
+    """The foreground keeps its size: 1 - mean_t |A_t - median A| / median A, clipped at 0, where
+    A_t is the foreground pixel count of frame t. A quality term for single-object videos: a
+    shape that fades, dissolves into streaks or smears scores lower; steady motion does not.
+
+    >>> v = torch.zeros(2, 4, 3, 8, 8); v[:, :, :, 2:6, 2:6] = 1.0   # a 4x4 square ...
+    >>> v[1, 3, :, 2:4] = 0.0                                          # ... that halves in frame 3
+    >>> size_constancy(v, ["", ""])
+    tensor([1.0000, 0.8750])
+    """
+    area = _foreground(videos).float().sum((2, 3))  # [B, F] foreground pixels per frame
+    med = area.median(1, keepdim=True).values.clamp(min=1)
+    return (1 - ((area - med).abs() / med).mean(1)).clamp(min=0)  # [B]
+
+
+def direction_progress(videos, prompts, speed=1 / 16):
+    """How steadily the foreground moves the way the prompt names, at `speed` (fraction of the
+    frame per frame; 1/16 is the shapes world's 2 px at 32x32): per frame pair the displacement
+    along the named direction / (speed * frame size), clipped to [-1, 1], mean over pairs.
+    1 = steady motion at that speed, 0 = standing still, -1 = the opposite way. Unlike
+    direction_match it gives partial credit, so a slow or stop-and-go shape scores in between.
+
+    Positions are circular means (angles on the frame's width and height): the shapes world
+    wraps around, and a shape crossing an edge would make a plain centroid jump across the frame.
+
+    >>> v = torch.zeros(1, 5, 3, 16, 16)
+    >>> for t in range(5): v[0, t, :, 6:9, (14 - t) % 16] = 1.0   # 1 px/frame left, across the edge
+    >>> direction_progress(v.expand(2, -1, -1, -1, -1), ["moving left", "moving up"]).round(decimals=4)
+    tensor([1., 0.])
+    """
+    fg = _foreground(videos).float()  # [B, F, H, W]
+    B, F, H, W = fg.shape
+    out = torch.zeros(B, device=fg.device)
+    if F < 2:
+        return out
+
+    def circ_mean(mass, n):  # mass [B, F, n] along one axis -> angle of its circular mean [B, F]
+        a = torch.arange(n, device=fg.device) * (2 * math.pi / n)
+        return torch.atan2((mass * a.sin()).sum(-1), (mass * a.cos()).sum(-1))
+
+    def step(angle, n):  # wrapped difference of consecutive angles, in pixels [B, F-1]
+        d = angle.diff(dim=1)
+        return torch.remainder(d + math.pi, 2 * math.pi).sub(math.pi) * n / (2 * math.pi)
+    sx, sy = step(circ_mean(fg.sum(2), W), W), step(circ_mean(fg.sum(3), H), H)
+    seen = (fg.sum((2, 3)) > 0).float()  # [B, F] frames with a foreground
+    for b, p in enumerate(prompts):
+        word = _word(p, DIRECTIONS)
+        if word is not None:
+            dx, dy = DIRECTIONS[word]
+            # progress_t = clip((dx * dx_t + dy * dy_t) / (speed * size), -1, 1)
+            prog = ((dx * sx[b] + dy * sy[b]) / (speed * (W if dx else H))).clamp(-1, 1)
+            out[b] = (prog * seen[b, 1:] * seen[b, :-1]).mean()
+    return out
+
+
+# the detectors as rewards: train.py adds them to rewards.REWARDS (--rewards color_match=1 ...)
+REWARDS = {"color_match": color_match, "direction_match": direction_match,
+           "direction_progress": direction_progress, "size_constancy": size_constancy}
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy text encoder
+
+def toy_text_embed(prompts, text_len, text_dim, seed=0):
+    """A weight-free text encoder: each word gets a fixed pseudo-random vector (seeded by the
+    word itself), one row per word, zero-padded to text_len rows like umT5's output.
+
+    returns: (B, text_len, text_dim)
+    """
+    out = torch.zeros(len(prompts), text_len, text_dim)
+    for i, p in enumerate(prompts):
+        for j, word in enumerate(p.lower().split()[:text_len]):
+            g = torch.Generator().manual_seed(zlib.crc32(word.encode()) + seed)
+            out[i, j] = torch.randn(text_dim, generator=g)
+    return out
 
 
 def parse_prompt(prompt):
@@ -92,12 +245,6 @@ def render(specs, frames, H=32, W=32, generator=None):
     k = kind.view(B, 1, 1, 1)
     mask = torch.where(k == 0, circle, torch.where(k == 1, square, triangle)).float()  # [B,F,H,W]
     return mask[:, :, None] * (2 * rgb.view(B, 1, 3, 1, 1)) - 1  # black (-1) + colour on the mask
-
-
-def make_video(prompt, frames, H=32, W=32, generator=None):
-    """One video for a prompt string or a (colour, shape, direction) tuple: [F, 3, H, W] in [-1, 1]."""
-    spec = parse_prompt(prompt) if isinstance(prompt, str) else tuple(prompt)
-    return render([spec], frames, H, W, generator)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,8 +318,6 @@ def lr_at(step, args):
 
 
 def main(args: Args):
-    from safetensors.torch import save_file
-    from tqdm import tqdm
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
     torch.manual_seed(args.seed)  # the model init is part of what the seed reproduces
@@ -237,5 +382,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    import tyro
     main(tyro.cli(Args))

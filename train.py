@@ -1,30 +1,30 @@
 """
-Online forward-process RL (negative-aware fine-tuning, DiffusionNFT) of a distilled
-autoregressive video model, as Astrolabe does it (shared/reference/ASTROLABE_METHOD.md §1-5, §8).
+Online forward-process RL (negative-aware fine-tuning, from DiffusionNFT) of a distilled
+autoregressive video model, as Astrolabe does it (arXiv 2603.17051; docs/method.md).
 
-One step (DESIGN.md §2):
-  1. rollout   K videos per prompt with the `old` LoRA adapter, 4-step AR sampler, no grad
-  2. reward    decode, score with every reward, total R = sum_j w_j R_j (gathered over ranks)
-  3. advantage A = (R - mean over the prompt's group) / (std over the step + 1e-4) -> r in [0, 1]
-  4. update    x_t = (1 - sigma) x0 + sigma eps; three x0 predictions on the same x_t
-               (theta with grad, old and ref without); NFT loss + lambda * ||x_theta - x_ref||^2
-  5. AdamW step (one per RL step, after accumulating every micro-batch), EMA, reference reset,
-     old <- d * old + (1 - d) * theta
-Nothing is stored from the sampler's trajectory: only the clean videos (forward-process RL).
+One RL step (the loop in main() reads in this order):
+  1. rollout    K videos per prompt with the `old` LoRA adapter, 4-step AR sampler, no grad;
+                streaming: a history [0, s) once per prompt, then K windows [s, s + W) from it
+  2. reward     decode, score with every reward, R = sum_j w_j R_j (gathered over ranks)
+  3. advantage  A = (R - mean over the prompt's group) / (std over the step + 1e-4) -> r in [0, 1]
+  4. update     x_t = (1 - sigma) x0 + sigma eps on the window; three x0 predictions on the same
+                x_t (theta with grad, old and ref without); L = L_NFT + lambda ||x_theta - x_ref||^2
+  5. AdamW step (one per RL step, after every micro-batch), EMA, reference reset,
+                old <- d * old + (1 - d) * theta
+Nothing is kept from the sampler's trajectory: only the clean videos (forward-process RL).
 
-Run:   python train.py                                        (tiny model, CPU, minutes)
+Run:   python train.py                                        (tiny shapes world, CPU, minutes)
        python train.py --rewards sharpness=1 examples/my_reward.py:reward=0.5
        torchrun --standalone --nproc_per_node=2 train.py --steps 10
-       python train.py --help
-Test:  python -m pytest tests/test_train.py -q
+       python train.py self-forcing --prompt-file prompts.txt  (a real model: README)
+Test:  python -m pytest tests/test_train.py tests/test_streaming.py -q
 
-Shape legend: B samples, F latent frames, C channels, H, W latent size, Lt/Dt text tokens/dim.
+Shape legend: N samples of the step (all ranks), n of this rank, m of a micro-batch, G prompts,
+K videos per prompt, F latent frames of a video, T window frames, s window start, C channels,
+H, W latent (tiny: pixel) height and width, Lt, Dt text tokens and width.
 """
 import dataclasses
-import glob
-import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -35,6 +35,20 @@ from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
+import tyro
+from tqdm import tqdm
+
+import nft_loss as nft
+import tiny_world
+from checkpoints import find_run_checkpoint, load_adapter_file, load_checkpoint, load_run, run_checkpoints, save_run
+from common import (all_reduce_grads, find_file, gather, log, missing_files, peak_growth, reset_peak, save_curve,
+                    save_strip, seed_of)
+from frozen import TextEncoder, WanVAE
+from kvcache import KVCache
+from lora import adapter_names, adapter_params, add_adapter, copy_adapter, lerp_adapter, use_adapter
+from model import CONFIGS, CausalWanModel, randomize_head
+from rewards import REWARDS, MultiReward
+from sample import GeneratorNoise, generate, make_generators, sampler_timesteps, save_video, sigma_of, to_pixels
 
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass; presets are named instances of it (python train.py <preset> --flag ...)
@@ -88,11 +102,11 @@ class Args:
     width: int = 32
     """frame width in pixels"""
     num_frames: int = 12
-    """latent frames per video N (a multiple of the block size 3)"""
+    """latent frames per video F (a multiple of the block size 3)"""
     window: int = 6
-    """latent frames W trained per step (streaming; multiple of 3); 0: the whole video"""
+    """latent frames T trained per step (streaming; multiple of 3); 0: the whole video"""
     window_select: Literal["first", "last", "random", "random_choice"] = "random"
-    """where the window starts: first (0), last (N - W), random (any block), random_choice
+    """where the window starts: first (0), last (F - T), random (any block), random_choice
     (from --window-starts; Astrolabe's streaming config); random draws cycle through every start"""
     window_starts: list[int] = field(default_factory=list)
     """window starts (latent frames) for --window-select random_choice, e.g. 0 18 36"""
@@ -115,7 +129,7 @@ class Args:
     """K: videos per prompt; advantages are relative within a prompt's group"""
     rewards: list[str] = field(default_factory=lambda: ["direction_progress=1", "color_match=1",
                                                         "size_constancy=1"])
-    """NAME=WEIGHT ...: registry names (rewards.REWARDS) or path/to/file.py:function"""
+    """NAME=WEIGHT ...: registry names (rewards.REWARDS, tiny_world.REWARDS) or path/to/file.py:function"""
     reward_norm: Literal["none", "per-reward"] = "none"
     """none: weighted sum of raw scores (Astrolabe); per-reward: normalise each within its group first"""
     # ---- NFT objective
@@ -168,9 +182,9 @@ class Args:
 
 
 def _real(model="wan-1.3b", wan="wan_models/Wan2.1-T2V-1.3B", **kw):
-    """A real-model preset: Astrolabe's settings (ASTROLABE_METHOD.md §6: 480x832, 21 latent
-    frames, LoRA rank 256 / alpha 256 on every block linear, lr 1e-5, beta 0.1, KL 1e-4) with the
-    files where the Self-Forcing / LongLive repos' download instructions put them (README)."""
+    """A real-model preset: Astrolabe's settings (docs/method.md#released-settings: 480x832, 21
+    latent frames, LoRA rank 256 / alpha 256 on every block linear, lr 1e-5, beta 0.1, KL 1e-4)
+    with the files where the Self-Forcing / LongLive repos' download instructions put them."""
     base = dict(model=model, vae=f"{wan}/Wan2.1_VAE.pth",
                 text_encoder=f"{wan}/models_t5_umt5-xxl-enc-bf16.pth", height=480, width=832,
                 num_frames=21, window=0, window_context="noisy", lora_rank=256, lora_alpha=256.0,
@@ -198,19 +212,18 @@ PRESETS = {  # python train.py <preset> [--flags]; every field stays overridable
 
 def parse_args(argv=None):
     """`train.py [PRESET] [--flags]`: the preset is a named Args default, flags override it."""
-    import tyro
     argv = sys.argv[1:] if argv is None else list(argv)
-    name = argv.pop(0) if argv and not argv[0].startswith("-") else "tiny"
+    name = "tiny"
+    if argv and not argv[0].startswith("-"):  # a leading word names the preset
+        name = argv.pop(0)
     if name not in PRESETS:
         raise SystemExit(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return tyro.cli(Args, args=argv, default=PRESETS[name],
                     description=__doc__.split("\n\n")[0] + f"\n\nPresets: {', '.join(PRESETS)}")
 
 
-def seed_of(*parts) -> int:
-    """A 63-bit seed from any tuple, e.g. (seed, step, prompt, k): same on every rank and layout."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
+# ----------------------------------------------------------------------------------------------
+# Building blocks of one step (module level: bench.py and the tests call them too)
 
 def prompts_for_step(prompts, n, step, seed):
     """The n prompts of RL step `step`: walk a seeded shuffle of the list, reshuffled every epoch.
@@ -224,39 +237,12 @@ def prompts_for_step(prompts, n, step, seed):
     return out
 
 
-def rss_mb(field_name="VmRSS"):
-    """Resident memory of this process (MiB) from /proc (Linux)."""
-    with open("/proc/self/status") as f:
-        return next((int(line.split()[1]) / 1024 for line in f if line.startswith(field_name)), 0.0)
-
-
-def reset_peak(device):
-    """Start a peak-memory measurement; returns the baseline (MiB)."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2 ** 20
-    if os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (peak RSS) to the current RSS
-            f.write("5")
-    return rss_mb()
-
-
-def peak_growth(device, base):
-    """Peak memory since reset_peak, above its baseline (MiB): allocated on GPU, RSS on CPU."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2 ** 20 - base
-    return rss_mb("VmHWM") - base
-
-
-# ----------------------------------------------------------------------------------------------
-# Pieces of one step (module level, so bench.py and the tests can call them)
-
 def latent_hw(args):
-    """(H, W) of the model's input: pixels for the tiny pixel-space model, VAE latents (8x smaller)
-    for Wan."""
-    return (args.height, args.width) if args.model == "tiny" else (args.height // 8, args.width // 8)
+    """(H, W) of the model's input: pixels for the pixel-space tiny model, VAE latents (8x
+    smaller) for Wan."""
+    if args.model == "tiny":
+        return args.height, args.width
+    return args.height // 8, args.width // 8
 
 
 def build_model(args, device="cpu", dtype=torch.float32, cfg=None):
@@ -264,94 +250,109 @@ def build_model(args, device="cpu", dtype=torch.float32, cfg=None):
     `default` (trained), `old` (rollouts), `ref` (+ `ema`), all equal at the start: LoRA B = 0, or
     --lora-init in every one. cfg overrides model.CONFIGS[args.model] (tests: tiny sizes through
     a real preset's loading path)."""
-    from model import CONFIGS, CausalWanModel, load_adapter_file, load_checkpoint
     cfg = cfg or CONFIGS[args.model]
     torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
     if args.ckpt:
-        with torch.device("meta"):  # no random init: the file's tensors are assigned (a 14B model
-            model = CausalWanModel(cfg)  # is never held twice in RAM)
+        # meta: no random init; the file's tensors are assigned (a 14B model is never held twice)
+        with torch.device("meta"):
+            model = CausalWanModel(cfg)
         load_checkpoint(model, args.ckpt, ema=args.ckpt_ema)
     elif args.model == "tiny":
         model = CausalWanModel(cfg)
-        torch.nn.init.normal_(model.head.head.weight, std=0.02)  # random but not all-zero videos
+        randomize_head(model)  # random but not all-zero videos
     else:
         raise SystemExit(f"--model {args.model} needs --ckpt (the distilled generator; README, Real models)")
-    model.to(device, dtype).requires_grad_(False)  # frozen base: bf16 on GPU
-    model.add_adapter("default", args.lora_rank, args.lora_alpha)  # adapters stay float32
+    model.to(device, dtype).requires_grad_(False)  # the frozen base: bf16 on GPU
+    add_adapter(model, "default", args.lora_rank, args.lora_alpha)  # adapters stay float32
     if args.lora_init:
         load_adapter_file(model, "default", args.lora_init)
     model.to(device)
+    # every other adapter starts as a copy of theta
     for name in ["old", "ref"] + (["ema"] if args.ema else []):
-        model.copy_adapter("default", name)
-    if args.grad_checkpointing:
-        model.grad_checkpointing = True
+        copy_adapter(model, "default", name)
+    model.grad_checkpointing = args.grad_checkpointing
     return model
 
 
-def frozen_parts(args, prompts, device):
-    """embed(prompts) -> (B, Lt, Dt) text embeddings and decode(latents) -> videos in [0, 1].
+class FrozenParts:
+    """The frozen ends of the pipeline: embed(prompts) -> (B, Lt, Dt) text embeddings and
+    decode(latents) -> videos (B, F', 3, H', W') in [0, 1].
 
     tiny: the toy word embeddings, and latents are already pixels. Real models: umT5 embeds every
-    prompt once (on the GPU, then it is freed before the DiT loads) and the Wan VAE decodes
-    --decode-batch videos at a time."""
-    from sample import to_pixels, toy_text_embed
-    if args.model == "tiny":
-        from model import CONFIGS
-        cfg = CONFIGS["tiny"]
-        return (lambda ps: toy_text_embed(ps, cfg.text_len, cfg.text_dim).to(device)), to_pixels
-    missing = [f"--{f.replace('_', '-')}" for f in ("vae", "text_encoder") if not getattr(args, f)]
-    if missing:
-        raise SystemExit(f"--model {args.model} needs {' and '.join(missing)} (README, Real models)")
-    from frozen import TextEncoder, WanVAE
-    half = torch.bfloat16 if "cuda" in str(device) and args.bf16 else torch.float32
-    te = TextEncoder.load(args.text_encoder, args.tokenizer, device=device, dtype=half)
-    table = {}
-    for i in range(0, len(prompts), 8):  # rows are [512, 4096] each: keep them on the CPU
-        table.update(zip(prompts[i:i + 8], te(prompts[i:i + 8]).to("cpu", half)))
-    del te
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    vae = WanVAE.load(args.vae, device=device)  # float32, as diffusers recommends for this VAE
+    training prompt once (on the GPU, then it is freed before the DiT loads; the embeddings wait
+    on the CPU) and the Wan VAE decodes --decode-batch videos at a time.
+    """
+    def __init__(self, args, prompts, device):
+        self.args, self.device, self.vae, self.table = args, device, None, {}
+        if args.model == "tiny":
+            return
+        missing = [f"--{f.replace('_', '-')}" for f in ("vae", "text_encoder") if not getattr(args, f)]
+        if missing:
+            raise SystemExit(f"--model {args.model} needs {' and '.join(missing)} (README, Real models)")
+        half = torch.bfloat16 if "cuda" in str(device) and args.bf16 else torch.float32
+        te = TextEncoder.load(args.text_encoder, args.tokenizer, device=device, dtype=half)
+        for i in range(0, len(prompts), 8):  # rows are (512, 4096) each: keep them on the CPU
+            self.table.update(zip(prompts[i:i + 8], te(prompts[i:i + 8]).to("cpu", half)))
+        del te
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # umT5-XXL's 11 GB leave the GPU before the DiT arrives
+        self.vae = WanVAE.load(args.vae, device=device)  # float32, as diffusers recommends for it
 
-    def decode(lat):  # (B, F, 16, h, w) -> (B, 1 + 4 (F - 1), 3, 8h, 8w) in [0, 1]
-        b = args.decode_batch
-        return torch.cat([to_pixels(vae.decode(lat[i:i + b].float())) for i in range(0, len(lat), b)])
-    return (lambda ps: torch.stack([table[p] for p in ps]).to(device)), decode
+    def embed(self, prompts):
+        if self.vae is None:  # tiny: fixed per-word vectors
+            cfg = CONFIGS["tiny"]
+            return tiny_world.toy_text_embed(prompts, cfg.text_len, cfg.text_dim).to(self.device)
+        return torch.stack([self.table[p] for p in prompts]).to(self.device)
+
+    def decode(self, lat):
+        if self.vae is None:  # tiny: pixel space already
+            return to_pixels(lat)
+        b = self.args.decode_batch
+        # (B, F, 16, h, w) -> (B, 1 + 4 (F - 1), 3, 8h, 8w), b videos per VAE call
+        return torch.cat([to_pixels(self.vae.decode(lat[i:i + b].float())) for i in range(0, len(lat), b)])
 
 
-def predict_x0(model, adapter, x_t, t, sigma_t, ctx, args, x0_clean=None, start=0, history=None):
-    """x0 prediction of one adapter: x0 = x_t - sigma * v(x_t, t). (B, F, C, H, W)
+def predict_x0(model, adapter, x_t, t, sigma, ctx, args, *, clean_x0=None, start=0, history=None):
+    """x0 prediction of one adapter: x0 = x_t - sigma * v(x_t, t). (m, T, C, H, W)
 
-    The window [start, start + F) attends to `history` (the detached rollout cache at `start`,
+    The window [start, start + T) attends to `history` (the detached rollout cache at `start`,
     sink + recent frames, so its size never depends on start) and block-causally to itself.
     """
-    with model.adapter(adapter):
+    clean = clean_x0 if args.window_context == "clean" else None
+    with use_adapter(model, adapter):
         v = model(x_t, t, ctx, local=args.local_attn, sink=args.sink, start_frame=start, history=history,
-                  clean_x=x0_clean if args.window_context == "clean" else None)
-    return x_t - sigma_t.view(-1, 1, 1, 1, 1) * v.float()
+                  clean_x=clean)
+    # x0 = x_t - sigma v, in float32 (the loss math never runs in bf16)
+    return x_t - sigma.view(-1, 1, 1, 1, 1) * v.float()
 
 
 def training_noise(args, x0, step, j0):
-    """One timestep per micro-batch and fresh noise per sample, all from (seed, step, sample)."""
-    from sample import sampler_timesteps, sigma_of
+    """x_t of a micro-batch: one timestep for the micro-batch and fresh noise per sample, all from
+    (seed, step, sample), so any batch layout and world size draws the same numbers.
+    Returns x_t (m, T, C, H, W), t (m, T) and the sigma of the x0 conversion (m,)."""
     g = torch.Generator().manual_seed(seed_of(args.seed, step, "t", j0))
     if args.train_timesteps == "sampler":
         ts, sig = sampler_timesteps()
         i = torch.randint(len(ts), (1,), generator=g).item()
         t, s_noise = ts[i], sig[i]
-        s_x0 = s_noise  # the same sigma for noising and the x0 conversion
+        s_x0 = s_noise  # the same sigma for noising and for the x0 conversion
     else:  # Astrolabe: raw t, noised with t/1000 but converted back with the nearest grid sigma
         raw = torch.tensor([1000.0, 750.0, 500.0, 250.0])
         t = raw[torch.randint(4, (1,), generator=g).item()]
         s_noise, s_x0 = t / 1000, sigma_of(t)[0]
-    eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(
-        seed_of(args.seed, step, "eps", j0 + i))) for i in range(len(x0))]).to(x0)
-    x_t = (1 - s_noise) * x0 + s_noise * eps  # forward process on the clean rollout
-    B, F = x0.shape[:2]
-    return x_t, torch.full((B, F), float(t), device=x0.device), s_x0.expand(B).to(x0.device)
+    eps = []
+    for i in range(len(x0)):  # each sample's noise from its own global index
+        gen = torch.Generator().manual_seed(seed_of(args.seed, step, "eps", j0 + i))
+        eps.append(torch.randn(x0.shape[1:], generator=gen))
+    eps = torch.stack(eps).to(x0)  # (m, T, C, H, W)
+    # x_t = (1 - sigma) x0 + sigma eps: the forward process on the clean rollout
+    x_t = (1 - s_noise) * x0 + s_noise * eps
+    m, T = x0.shape[:2]
+    return x_t, torch.full((m, T), float(t), device=x0.device), s_x0.expand(m).to(x0.device)
 
 
 def new_cache(model, batch, args, dtype, device):
-    from kvcache import KVCache
+    """An empty KV cache for `batch` videos of this run's size and cache window."""
     return KVCache.for_model(model.cfg, batch, args.num_frames, latent_hw(args), args.sink,
                              args.local_attn, dtype, device)
 
@@ -360,11 +361,11 @@ def new_cache(model, batch, args, dtype, device):
 def rollout(model, ctx, seeds, frames, args, adapter="old", cache=None, start=0, keep=True):
     """`frames` latent frames per seed with `adapter`, no grad, continuing `cache` (a new one if
     None) from frame `start`. Returns (B, frames, C, H, W) clean latents (None if keep=False)."""
-    from sample import GeneratorNoise, generate, make_generators
     dtype, dev = next(model.parameters()).dtype, ctx.device
-    cache = new_cache(model, len(seeds), args, dtype, dev) if cache is None else cache
+    if cache is None:
+        cache = new_cache(model, len(seeds), args, dtype, dev)
     noise = GeneratorNoise(make_generators(seeds), (model.cfg.in_dim, *latent_hw(args)), dev, dtype)
-    with model.adapter(adapter):
+    with use_adapter(model, adapter):
         lat = generate(model, ctx.to(dtype), cache, frames, noise, start_frame=start, keep=keep)
     return None if lat is None else lat.float()
 
@@ -373,101 +374,150 @@ def window_start(args, step):
     """Block-aligned start s of this step's window, the same on every rank. random / random_choice
     draw without replacement: each cycle of steps visits every start once in a seeded order, so a
     stretch of steps is not skewed toward one start (the reward differs a lot between windows)."""
-    W = args.window or args.num_frames
-    starts = {"first": [0], "last": [args.num_frames - W], "random": list(range(0, args.num_frames - W + 1, 3)),
-              "random_choice": args.window_starts or [0]}[args.window_select]
+    T, block = args.window or args.num_frames, CONFIGS[args.model].frames_per_block
+    if args.window_select == "first":
+        starts = [0]
+    elif args.window_select == "last":
+        starts = [args.num_frames - T]
+    elif args.window_select == "random":  # every block boundary with a whole window after it
+        starts = list(range(0, args.num_frames - T + 1, block))
+    else:  # random_choice
+        starts = args.window_starts or [0]
     cycle, i = divmod(step, len(starts))
     return random.Random(seed_of(args.seed, cycle, "window")).sample(starts, len(starts))[i]
 
 
-@torch.no_grad()
-def group_rollout(model, ctx, js, K, step, s, args):
-    """The window [s, s + W) of every sample j in js (prompt j // K, candidate j % K), after a
-    history [0, s) generated once per prompt (shared-prefix: the K candidates branch from one
-    cache snapshot) or once per sample (independent). Returns the window latents
-    (n, W, C, H, W) and history(rows) -> a stacked copy of those rows' caches at s (None if s = 0).
-    Each history is a cache snapshot: sink + recent frames, so its size never depends on s.
-    """
-    W, dtype = args.window or args.num_frames, next(model.parameters()).dtype
-    shared = args.group_mode == "shared-prefix"
-    key = (lambda j: j // K) if shared else (lambda j: j)  # noqa: E731
-    hist = {}
-    for i, j in enumerate(js):
-        if key(j) not in hist:
-            hist[key(j)] = new_cache(model, 1, args, dtype, ctx.device)
-            if s:  # noise of the prefix from (seed, step, prompt): the same on every rank
-                prefix_seed = seed_of(args.seed, step, j // K) if shared else \
-                    seed_of(args.seed, step, j // K, j % K, "prefix")
-                rollout(model, ctx[i][None], [prefix_seed], s, args, cache=hist[key(j)], keep=False)
+def history_key(j, K, args):
+    """Which history sample j continues: its prompt's (shared-prefix) or its own (independent)."""
+    return j // K if args.group_mode == "shared-prefix" else j
 
-    def history(rows):
-        from kvcache import KVCache
-        return KVCache.stack([hist[key(j)] for j in rows]) if s else None
-    m = args.micro_batch
-    lat = torch.cat([rollout(model, ctx[i:i + m], [seed_of(args.seed, step, j // K, j % K) for j in js[i:i + m]],
-                             W, args, cache=history(js[i:i + m]), start=s)  # branches from a copy
-                     for i in range(0, len(js), m)])
-    return lat, history
+
+@torch.no_grad()
+def rollout_histories(model, ctx, js, K, step, s, args):
+    """The history [0, s) before this step's window, generated once per prompt (shared-prefix)
+    or per sample (independent) of this rank: {history_key: KVCache at frame s}.
+
+    Each is a rolling-cache state (sink + recent frames), so its size never depends on s; the
+    prefix latents themselves are not kept (keep=False). Empty for s = 0: no cache at all."""
+    hist = {}
+    if s == 0:
+        return hist
+    dtype = next(model.parameters()).dtype
+    for i, j in enumerate(js):
+        key = history_key(j, K, args)
+        if key in hist:
+            continue
+        # prefix noise from (seed, step, prompt[, candidate]): the same on every rank
+        if args.group_mode == "shared-prefix":
+            prefix_seed = seed_of(args.seed, step, j // K)
+        else:
+            prefix_seed = seed_of(args.seed, step, j // K, j % K, "prefix")
+        hist[key] = new_cache(model, 1, args, dtype, ctx.device)
+        rollout(model, ctx[i][None], [prefix_seed], s, args, cache=hist[key], keep=False)
+    return hist
+
+
+def stack_history(hist, rows, K, args):
+    """A fresh batch cache holding the histories of samples `rows` (None when there is none)."""
+    if not hist:
+        return None
+    return KVCache.stack([hist[history_key(j, K, args)] for j in rows])
+
+
+@torch.no_grad()
+def rollout_windows(model, ctx, js, K, step, s, hist, args):
+    """The window [s, s + T) of every sample j in js (prompt j // K, candidate j % K), each
+    branching from a copy of its history. Returns (n, T, C, H, W) clean latents."""
+    T, m = args.window or args.num_frames, args.micro_batch
+    out = []
+    for i in range(0, len(js), m):
+        rows = js[i:i + m]
+        seeds = [seed_of(args.seed, step, j // K, j % K) for j in rows]  # candidate k's own noise
+        out.append(rollout(model, ctx[i:i + m], seeds, T, args, cache=stack_history(hist, rows, K, args), start=s))
+    return torch.cat(out)
+
+
+def nft_microbatch(model, args, *, x0, ctx, r, kl_mask, step, j0, start, history, autocast):
+    """The NFT loss of one micro-batch (3 predictions on one x_t), ready for backward().
+
+    x0 (m, T, C, H, W) window latents, r (m,) optimality probabilities, kl_mask (m,) bool:
+    samples under the reference term. Returns (loss with its graph, {"kl", "kl_all"} detached)."""
+    x_t, t, sigma = training_noise(args, x0, step, j0)
+    # selective mode: the dynamic reference adapter; otherwise the base model (adapters off)
+    ref = "ref" if args.selective else None
+    with autocast:
+        with torch.no_grad():  # old and ref predictions on the same x_t, no graph
+            x_old = predict_x0(model, "old", x_t, t, sigma, ctx, args, clean_x0=x0, start=start, history=history)
+            x_ref = predict_x0(model, ref, x_t, t, sigma, ctx, args, clean_x0=x0, start=start, history=history)
+        x_th = predict_x0(model, "default", x_t, t, sigma, ctx, args, clean_x0=x0, start=start, history=history)
+    loss_pol, _ = nft.nft_policy_loss(x_th, x_old, x0, r, args.beta, args.adaptive_weight)
+    loss_ref = nft.ref_loss(x_th, x_ref, kl_mask)
+    # L = L_NFT + lambda_KL * mean_{b in mask} ||x_theta - x_ref||^2
+    loss = loss_pol + args.kl_weight * loss_ref
+    return loss, {"kl": loss_ref.detach(), "kl_all": nft.ref_loss(x_th.detach(), x_ref)}
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: tensors in safetensors, everything else in JSON; written to a temp folder, renamed
+# Evaluation and logging
 
-def save_ckpt(path, model, opt, state):
-    from safetensors.torch import save_file
-    from model import save_adapter
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    ad = {f"{n}/{k}": v.cpu().contiguous() for n in model.adapters() for k, v in model.adapter_state_dict(n).items()}
-    save_file(ad, os.path.join(tmp, "adapters.safetensors"))
-    sd = opt.state_dict()
-    save_file({f"{i}.{k}": v.cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()},
-              os.path.join(tmp, "optim.safetensors"))
-    state = dict(state, param_groups=sd["param_groups"])
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(state, f, indent=1)
-    # the policy to use for sampling / export, in PEFT layout (EMA if kept, as Astrolabe saves)
-    save_adapter(model, "ema" if "ema" in model.adapters() else "default", os.path.join(tmp, "lora"))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+@torch.no_grad()
+def eval_videos(model, frozen, prompts, args, adapter):
+    """The whole video for fixed prompts and seeds with `adapter` (None = base): (E, F, 3, H, W)."""
+    seeds = [seed_of(args.seed, "eval", i) for i in range(len(prompts))]
+    return frozen.decode(rollout(model, frozen.embed(prompts), seeds, args.num_frames, args, adapter))
 
 
-def load_ckpt(path, model, opt):
-    from safetensors.torch import load_file
-    ad = load_file(os.path.join(path, "adapters.safetensors"))
-    for n in model.adapters():
-        model.load_adapter(n, {k[len(n) + 1:]: v for k, v in ad.items() if k.startswith(n + "/")})
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    flat = load_file(os.path.join(path, "optim.safetensors"))
-    osd = {"state": {}, "param_groups": state.pop("param_groups")}
-    for k, v in flat.items():
-        i, name = k.split(".", 1)
-        osd["state"].setdefault(int(i), {})[name] = v
-    opt.load_state_dict(osd)
-    return state
+def write_row(path, row, wandb=None):
+    """One JSON line of metrics.jsonl (and wandb with --track)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if wandb:
+        wandb.log(row, step=row["step"])
 
 
-def find_ckpt(out_dir, resume):
-    if resume != "latest":
-        if not os.path.isfile(os.path.join(resume, "state.json")):
-            raise SystemExit(f"--resume {resume}: not a checkpoint folder (no state.json)")
-        return resume
-    found = sorted(glob.glob(os.path.join(out_dir, "ckpt_[0-9]*[0-9]")))
-    return found[-1] if found else None
+def evaluate(model, frozen, multi, prompts, args, adapter, n, metrics_path, wandb=None):
+    """The EMA (or current) policy on the eval prompts: an mp4 and an eval row. Returns the videos."""
+    videos = eval_videos(model, frozen, prompts, args, adapter)
+    total, per = multi(videos, prompts)
+    save_video(os.path.join(args.out_dir, "eval", f"step_{n:06d}.mp4"),
+               torch.cat(list(videos), dim=-1))  # the eval prompts side by side
+    row = {"step": n, "eval/reward_mean": total.mean().item()}
+    for k, v in per.items():
+        row[f"eval/rewards/{k}/mean"] = v.mean().item()
+    write_row(metrics_path, row, wandb)
+    log(f"eval step {n}: reward {row['eval/reward_mean']:.4f}")
+    return videos
+
+
+def save_before_after(model, frozen, prompts, args, policy, after, metrics_path):
+    """What RL changed, for people: before/after videos and frames, and the reward curve."""
+    before = eval_videos(model, frozen, prompts, args, None)  # None = adapters off = the base
+    if after is None:
+        after = eval_videos(model, frozen, prompts, args, policy)
+    out = args.out_dir
+    # top half: before, bottom half: after; the prompts side by side
+    grid = torch.cat([torch.cat(list(before), -1), torch.cat(list(after), -1)], -2)
+    save_video(os.path.join(out, "before_after.mp4"), grid)
+    pairs = [v for pair in zip(before, after) for v in pair]  # before_0, after_0, before_1, ...
+    save_strip(os.path.join(out, "before_after.png"), pairs)
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    series = {}
+    for key in ("reward_mean", "eval/reward_mean"):
+        xs = [r["step"] for r in rows if key in r]
+        if xs:
+            series[key] = (xs, [r[key] for r in rows if key in r])
+    save_curve(os.path.join(out, "reward_curve.png"), series, title=f"reward: {' + '.join(args.rewards)}")
+    log(f"wrote {out}/before_after.mp4, before_after.png, reward_curve.png")
+
+
+STATS = ("loss", "kl", "kl_all", "nonfinite", "micro_batches")  # summed over micro-batches and ranks
 
 
 # ----------------------------------------------------------------------------------------------
 
 def main(args: Args):
-    import nft_loss as nft
-    import tiny_world
-    from rewards import MultiReward
-    from sample import find_file, missing_files, save_curve, save_strip, save_video
-    from tqdm import tqdm
-
-    # ---- distributed setup: plain `python train.py` is one process; torchrun sets RANK etc.
+    # ---- plumbing: distributed setup. `python train.py` is one process; torchrun sets RANK etc.
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available()
     if ddp:
@@ -480,7 +530,6 @@ def main(args: Args):
         torch.cuda.set_device(device)
     master = rank == 0
     torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
-    log = print if master else (lambda *a, **k: None)
 
     # ---- the batch layout must be the same whatever the world size
     N, K = args.prompts_per_step * args.group_size, args.group_size
@@ -489,14 +538,14 @@ def main(args: Args):
                          f"{world} ranks and then into micro-batches of {args.micro_batch}; change "
                          f"--prompts-per-step, --group-size or --micro-batch")
     n_local = N // world
-    W = args.window or args.num_frames
-    if args.num_frames % 3 or W % 3 or W > args.num_frames:
-        raise SystemExit(f"--num-frames {args.num_frames} and --window {W} must be multiples of the "
-                         f"block size 3, with the window inside the video")
-    bad = [x for x in args.window_starts if x % 3 or not 0 <= x <= args.num_frames - W]
+    T, block = args.window or args.num_frames, CONFIGS[args.model].frames_per_block
+    if args.num_frames % block or T % block or T > args.num_frames:
+        raise SystemExit(f"--num-frames {args.num_frames} and --window {T} must be multiples of the "
+                         f"block size {block}, with the window inside the video")
+    bad = [x for x in args.window_starts if x % block or not 0 <= x <= args.num_frames - T]
     if bad or (args.window_select == "random_choice" and not args.window_starts):
         raise SystemExit(f"--window-starts {args.window_starts}: give block-aligned starts in "
-                         f"[0, {args.num_frames - W}] for --window-select random_choice")
+                         f"[0, {args.num_frames - T}] for --window-select random_choice")
 
     # ---- every input file up front: one message listing what is missing, before anything loads;
     # then each path as found (relative to the cwd, else to this repository: `assets/...` anywhere)
@@ -505,7 +554,8 @@ def main(args: Args):
     if missing:
         raise SystemExit("not found:\n" + "\n".join("  " + m for m in missing) + "\n(download list and "
                          "default paths: README, Real models; or point the flags at your copies)")
-    args = dataclasses.replace(args, **{f: find_file(p) for f in files if (p := getattr(args, f))})
+    found = {f: find_file(getattr(args, f)) for f in files if getattr(args, f)}
+    args = dataclasses.replace(args, **found)
 
     # ---- prompts; text embeddings first (umT5 leaves the GPU before the DiT arrives), rewards
     prompts = list(args.prompts)
@@ -515,23 +565,23 @@ def main(args: Args):
     if not prompts and args.model != "tiny":
         raise SystemExit(f"--model {args.model}: give training prompts with --prompt-file or --prompts")
     prompts = prompts or tiny_world.PROMPTS
-    embed, decode = frozen_parts(args, prompts, device)
-    multi = MultiReward(args.rewards)
+    frozen = FrozenParts(args, prompts, device)
+    multi = MultiReward(args.rewards, registry={**REWARDS, **tiny_world.REWARDS})
     names = multi.names
     if args.selective and len(names) < 2:
         raise SystemExit("--selective needs at least two rewards (the first is the main one)")
 
     # ---- model: frozen base + LoRA adapters default (trained), old (rollout), ref, ema
     bf16 = cuda and args.bf16
-    dtype = torch.bfloat16 if bf16 else torch.float32  # frozen base in bf16 on GPU
+    dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base in bf16 on GPU
     model = build_model(args, device, dtype)
     if args.model == "tiny" and not args.ckpt:
         log("no base checkpoint: RL starts from a randomly initialised tiny model")
-    params = model.adapter_params("default")
+    params = adapter_params(model, "default")
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
-    # bf16 matmuls, float32 LoRA parameters, optimizer state and loss math (x0 and the loss are .float())
+    # bf16 matmuls; LoRA parameters, optimizer state and loss math stay float32 (x0 is .float())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     compensator, dynref = nft.RiskCompensator(), nft.DynamicReference()
 
@@ -539,9 +589,9 @@ def main(args: Args):
     start, bad_steps = 0, 0
     os.makedirs(args.out_dir, exist_ok=True)
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    path = find_ckpt(args.out_dir, args.resume) if args.resume else None
+    path = find_run_checkpoint(args.out_dir, args.resume) if args.resume else None
     if path:
-        state = load_ckpt(path, model, opt)
+        state = load_run(path, model, opt)
         start, bad_steps = state["step"], state["bad_steps"]
         compensator.load_state_dict(state["compensator"])
         dynref.load_state_dict(state["dynref"])
@@ -557,46 +607,16 @@ def main(args: Args):
         wandb.init(project="astrolabe", config=dataclasses.asdict(args), dir=args.out_dir)
     log(f"{world} rank(s) on {device} ({dtype}); global batch {args.prompts_per_step} prompts x {K} videos "
         f"= {N} per step, micro-batch {args.micro_batch} per rank; rewards {args.rewards}")
-    log(f"memory levers: bf16 {bf16}, grad checkpointing {args.grad_checkpointing}, window "
-        f"{W} of {args.num_frames} frames, cache {'global' if args.local_attn < 0 else args.local_attn} "
-        f"(sink {args.sink}), decode batch {args.decode_batch}")
+    cache_kind = "global" if args.local_attn < 0 else args.local_attn
+    log(f"memory levers: bf16 {bf16}, grad checkpointing {args.grad_checkpointing}, window {T} of "
+        f"{args.num_frames} frames, cache {cache_kind} (sink {args.sink}), decode batch {args.decode_batch}")
 
-    def gather(x):  # (n_local, ...) -> (N, ...) in global sample order
-        if world == 1:
-            return x
-        out = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(out, x.contiguous())
-        return torch.cat(out)
-
-    def write_row(row):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if wandb:
-                wandb.log(row, step=row["step"])
-
-    eval_p = prompts[::max(1, len(prompts) // args.eval_prompts)][:args.eval_prompts]  # spread out
-    policy = "ema" if args.ema else "default"
-
-    def eval_videos(adapter):  # fixed prompts and seeds, the whole video: (E, F, 3, H, W)
-        seeds = [seed_of(args.seed, "eval", i) for i in range(len(eval_p))]
-        return decode(rollout(model, embed(eval_p), seeds, args.num_frames, args, adapter))
-
-    def evaluate(n):
-        """The EMA (or current) policy on the eval prompts: mp4 + reward; returns the videos."""
-        videos = eval_videos(policy)
-        total, per = multi(videos, eval_p)
-        save_video(os.path.join(args.out_dir, "eval", f"step_{n:06d}.mp4"),
-                   torch.cat(list(videos), dim=-1))  # the eval prompts side by side
-        row = {"step": n, "eval/reward_mean": total.mean().item(),
-               **{f"eval/rewards/{k}/mean": v.mean().item() for k, v in per.items()}}
-        write_row(row)
-        log(f"eval step {n}: reward {row['eval/reward_mean']:.4f}")
-        return videos
-
+    # the eval prompts: args.eval_prompts of them, spread evenly over the training prompts
+    eval_p = prompts[::max(1, len(prompts) // args.eval_prompts)][:args.eval_prompts]
+    policy = "ema" if args.ema else "default"  # what eval, export and the "after" picture use
     after = None  # the final policy's eval videos, once the last step has been evaluated
     if master and args.eval_every and start == 0:
-        evaluate(0)  # the "before" picture
+        evaluate(model, frozen, multi, eval_p, args, policy, 0, metrics_path, wandb)  # "before"
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not (master and args.progress),
                dynamic_ncols=True, desc="RL")
     for step in bar:
@@ -604,62 +624,58 @@ def main(args: Args):
         # ------------------------------------------------------------------ 1. rollout (old)
         step_prompts = prompts_for_step(prompts, args.prompts_per_step, step, args.seed)
         js = range(rank * n_local, (rank + 1) * n_local)  # this rank's global sample indices
-        my_prompts = [step_prompts[j // K] for j in js]
-        ctx = embed(my_prompts)  # (n_local, Lt, Dt)
+        my_prompts = [step_prompts[j // K] for j in js]  # sample j is candidate j % K of prompt j // K
+        ctx = frozen.embed(my_prompts)  # (n, Lt, Dt)
         model.eval()
         s = window_start(args, step)
-        lat, history = group_rollout(model, ctx, js, K, step, s, args)  # (n_local, W, C, H, W)
+        hist = rollout_histories(model, ctx, js, K, step, s, args)  # {} for s = 0
+        lat = rollout_windows(model, ctx, js, K, step, s, hist, args)  # (n, T, C, H, W)
         t_roll = time.time() - t0
         # ------------------------------------------------------------------ 2. reward
-        total, per = multi(decode(lat), my_prompts)  # scores see pixels in [0, 1]
-        scores = gather(torch.stack([total] + [per[k] for k in names], 1).to(device))  # (N, 1 + J)
-        groups = torch.arange(N, device=device) // K
+        total, per = multi(frozen.decode(lat), my_prompts)  # scores see pixels in [0, 1]
+        total = gather(total.to(device), world)  # (N,)
+        scores = {name: gather(per[name].to(device), world) for name in names}  # {name: (N,)}
+        groups = torch.arange(N, device=device) // K  # prompt index of every sample
         # ------------------------------------------------------------------ 3. advantage -> r
-        R = scores[:, 0] if args.reward_norm == "none" else \
-            sum(w * nft.group_normalize(scores[:, 1 + i], groups) for i, w in enumerate(multi.weights))
+        if args.reward_norm == "none":
+            R = total
+        else:  # per-reward: z-score each reward inside its group, then the weighted sum
+            R = sum(w * nft.group_normalize(scores[name], groups) for name, w in zip(names, multi.weights))
         adv = nft.group_advantages(R, groups, global_std=args.global_std)
         r = nft.optimality_prob(adv, args.adv_clip)  # (N,)
         if args.selective:  # where the rewards disagree, keep theta close to the reference
-            u = nft.uncertainty(scores[:, 1], [scores[:, 2 + i] for i in range(len(names) - 1)])
-            mask = nft.selective_mask(u, compensator.update(u))  # rho adapts to this step's u
+            u = nft.uncertainty(scores[names[0]], [scores[name] for name in names[1:]])
+            kl_mask = nft.selective_mask(u, compensator.update(u))  # rho adapts to this step's u
         else:
-            mask = torch.ones(N, dtype=torch.bool, device=device)
+            kl_mask = torch.ones(N, dtype=torch.bool, device=device)
         # ------------------------------------------------------------------ 4. NFT update
         model.train()
         t1, n_micro = time.time(), n_local // args.micro_batch
-        stats = torch.zeros(5, device=device)  # loss, kl (masked), kl (all), non-finite flag, count
+        sums = {k: torch.zeros((), device=device) for k in STATS}
         for mb in range(n_micro):
-            sl = slice(mb * args.micro_batch, (mb + 1) * args.micro_batch)
-            j0 = js[0] + mb * args.micro_batch
-            x0, c, gsl = lat[sl], ctx[sl], slice(j0, j0 + args.micro_batch)
-            x_t, t, sig = training_noise(args, x0, step, j0)
-            h = history(js[sl])  # the detached context before the window (None for s = 0)
-            with autocast:
-                with torch.no_grad():  # old and ref predictions on the same x_t
-                    x_old = predict_x0(model, "old", x_t, t, sig, c, args, x0, s, h)
-                    x_ref = predict_x0(model, "ref" if args.selective else None, x_t, t, sig, c, args, x0, s, h)
-                x_th = predict_x0(model, "default", x_t, t, sig, c, args, x0, s, h)
-            loss_pol, _ = nft.nft_policy_loss(x_th, x_old, x0, r[gsl], args.beta, args.adaptive_weight)
-            loss_ref = nft.ref_loss(x_th, x_ref, mask[gsl])
-            # L = L_NFT + lambda_KL * mean_{b in mask} ||x_theta - x_ref||^2
-            loss = loss_pol + args.kl_weight * loss_ref
-            if torch.isfinite(loss):
-                (loss / n_micro).backward()  # accumulate; one optimizer step per RL step
-            stats += torch.stack([loss.detach(), loss_ref.detach(), nft.ref_loss(x_th.detach(), x_ref),
-                                  (~torch.isfinite(loss)).float(), torch.ones((), device=device)])
-        if world > 1:  # one all-reduce per step: grads (averaged) and the stats (summed)
-            flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
-                              for p in params] + [stats])
-            dist.all_reduce(flat)
-            i = 0
-            for p in params:
-                p.grad = flat[i:i + p.numel()].view_as(p) / world
-                i += p.numel()
-            stats = flat[i:]
-        loss_m, kl_m, kl_all = (stats[:3] / stats[4]).tolist()  # means over micro-batches and ranks
-        bad = stats[3].item() > 0
+            lo = mb * args.micro_batch
+            rows = js[lo:lo + args.micro_batch]
+            g = slice(rows[0], rows[-1] + 1)  # the same samples in the step's global tensors
+            loss, kl = nft_microbatch(model, args, x0=lat[lo:lo + args.micro_batch], ctx=ctx[lo:lo + args.micro_batch],
+                                      r=r[g], kl_mask=kl_mask[g], step=step, j0=rows[0], start=s,
+                                      history=stack_history(hist, rows, K, args), autocast=autocast)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                (loss / n_micro).backward()  # accumulate: one optimizer step per RL step
+            sums["loss"] += loss.detach()
+            sums["kl"] += kl["kl"]
+            sums["kl_all"] += kl["kl_all"]
+            sums["nonfinite"] += float(not finite)
+            sums["micro_batches"] += 1
+        del hist  # the histories are done: free them before the next rollout allocates its own
+        # plumbing: one all-reduce averages the LoRA gradients and sums the statistics over ranks
+        flat = all_reduce_grads(params, torch.stack([sums[k] for k in STATS]), world)
+        sums = dict(zip(STATS, flat))
+        count = sums["micro_batches"]
+        loss_m, kl_m, kl_all = (sums["loss"] / count).item(), (sums["kl"] / count).item(), (sums["kl_all"] / count).item()
+        bad = sums["nonfinite"].item() > 0
         # ------------------------------------------------------------------ 5. optimizer, EMA, ref, old
-        if bad:  # a non-finite loss anywhere: skip the whole step on every rank
+        if bad:  # plumbing: a non-finite loss anywhere skips the whole step on every rank
             opt.zero_grad(set_to_none=True)
             bad_steps += 1
             log(f"step {step + 1}: non-finite loss, step skipped ({bad_steps} in a row)")
@@ -671,51 +687,46 @@ def main(args: Args):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if args.ema:
-                model.lerp_adapter("ema", "default", nft.ema_decay(step))
+            if args.ema:  # ema <- d ema + (1 - d) theta, d = min((1 + n)/(10 + n), 0.9)
+                lerp_adapter(model, "ema", "default", nft.ema_decay(step))
             if args.selective and dynref.step(kl_m):  # the reference drifted too far / too long
-                model.copy_adapter("default", "ref")
+                copy_adapter(model, "default", "ref")
             # theta_old <- d theta_old + (1 - d) theta, d from the step count after this update
-            model.lerp_adapter("old", "default", nft.old_decay(step + 1, args.old_decay))
+            lerp_adapter(model, "old", "default", nft.old_decay(step + 1, args.old_decay))
         # ------------------------------------------------------------------ 6. log, eval, ckpt
         n = step + 1
-        row = {"step": n, "reward_mean": scores[:, 0].mean().item(), "reward_std": scores[:, 0].std().item(),
-               **{f"rewards/{k}/mean": scores[:, 1 + i].mean().item() for i, k in enumerate(names)},
-               "window_start": s, "r_mean": r.mean().item(), "loss": loss_m, "kl": kl_m, "kl_all": kl_all,
-               "mask_frac": mask.float().mean().item(),
-               "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "skipped": bad,
-               "time/rollout_s": t_roll, "time/update_s": time.time() - t1, "time/step_s": time.time() - t0,
-               "mem/peak_mb": peak_growth(device, mem0)}
-        write_row(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{loss_m:.4f}", kl=f"{kl_m:.2e}")
-        msg = (f"step {n}/{args.steps} | reward {row['reward_mean']:.4f} | loss {loss_m:.5f} | kl {kl_m:.2e} "
-               f"| r {row['r_mean']:.3f} | grad {grad_norm:.2e} | {row['time/step_s']:.1f}s")
-        (bar.write if master and args.progress else log)(msg)
+        row = {"step": n, "reward_mean": total.mean().item(), "reward_std": total.std().item()}
+        for name in names:
+            row[f"rewards/{name}/mean"] = scores[name].mean().item()
+        row.update({"window_start": s, "r_mean": r.mean().item(), "loss": loss_m, "kl": kl_m, "kl_all": kl_all,
+                    "mask_frac": kl_mask.float().mean().item(), "grad_norm": grad_norm,
+                    "lr": opt.param_groups[0]["lr"], "skipped": bad, "time/rollout_s": t_roll,
+                    "time/update_s": time.time() - t1, "time/step_s": time.time() - t0,
+                    "mem/peak_mb": peak_growth(device, mem0)})
+        if master:
+            write_row(metrics_path, row, wandb)
+            bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{loss_m:.4f}", kl=f"{kl_m:.2e}")
+            msg = (f"step {n}/{args.steps} | reward {row['reward_mean']:.4f} | loss {loss_m:.5f} | kl {kl_m:.2e} "
+                   f"| r {row['r_mean']:.3f} | grad {grad_norm:.2e} | {row['time/step_s']:.1f}s")
+            if args.progress:
+                bar.write(msg)
+            else:
+                print(msg, flush=True)
         if master and args.eval_every and (n % args.eval_every == 0 or n == args.steps):
-            after = evaluate(n)  # at n == args.steps: the end-of-run "after", not sampled again
+            # at n == args.steps these are the end-of-run "after" videos: not sampled again
+            after = evaluate(model, frozen, multi, eval_p, args, policy, n, metrics_path, wandb)
         if (args.ckpt_every and n % args.ckpt_every == 0) or n == args.steps:
             if master:
-                save_ckpt(os.path.join(args.out_dir, f"ckpt_{n:06d}"), model, opt,
-                          {"step": n, "bad_steps": bad_steps, "args": dataclasses.asdict(args),
-                           "compensator": compensator.state_dict(), "dynref": dynref.state_dict()})
-                for old in sorted(glob.glob(os.path.join(args.out_dir, "ckpt_[0-9]*[0-9]")))[:-args.keep_ckpts]:
+                state = {"step": n, "bad_steps": bad_steps, "args": dataclasses.asdict(args),
+                         "compensator": compensator.state_dict(), "dynref": dynref.state_dict()}
+                save_run(os.path.join(args.out_dir, f"ckpt_{n:06d}"), model, opt, state, export=policy)
+                for old in run_checkpoints(args.out_dir)[:-args.keep_ckpts]:
                     shutil.rmtree(old)
             if ddp:
                 dist.barrier()
     bar.close()
-    if master:  # what RL changed, for people: before/after videos and frames, the reward curve
-        before = eval_videos(None)  # None = adapters off = the base
-        after = eval_videos(policy) if after is None else after
-        out = lambda name: os.path.join(args.out_dir, name)  # noqa: E731
-        save_video(out("before_after.mp4"), torch.cat([torch.cat(list(before), -1), torch.cat(list(after), -1)], -2))
-        save_strip(out("before_after.png"), [v for pair in zip(before, after) for v in pair])
-        with open(metrics_path) as f:
-            rs = [json.loads(line) for line in f]
-        series = {k: ([r["step"] for r in rs if k in r], [r[k] for r in rs if k in r])
-                  for k in ("reward_mean", "eval/reward_mean")}
-        save_curve(out("reward_curve.png"), {k: v for k, v in series.items() if v[0]},
-                   title=f"reward: {' + '.join(args.rewards)}")
-        log(f"wrote {out('before_after.mp4')}, {out('before_after.png')}, {out('reward_curve.png')}")
+    if master:
+        save_before_after(model, frozen, eval_p, args, policy, after, metrics_path)
     if ddp:
         dist.destroy_process_group()
 

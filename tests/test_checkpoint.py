@@ -3,8 +3,8 @@ Checkpoint loading: the real key manifests, every container layout, and the erro
 
 Test:  python -m pytest tests/test_checkpoint.py -q
 
-Layouts are synthetic (WAN_SPEC.md §9): a random tiny model written in each real key form,
-loaded back into a fresh model, must give bit-identical outputs.
+Layouts are synthetic (docs/wan_architecture.md#checkpoint-files): a random tiny model written in
+each real key form, loaded back into a fresh model, must give bit-identical outputs.
 """
 import json
 import os
@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import (CONFIGS, CausalWanModel, ModelConfig, load_adapter_file, load_checkpoint,
-                   save_adapter)
+from checkpoints import load_adapter_file, load_checkpoint, save_adapter
+from model import CONFIGS, CausalWanModel, ModelConfig
+from lora import adapter_names, adapter_params, adapter_state_dict, add_adapter, set_adapter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the key manifests live in shared/reference (inside the checkout, or beside it)
-REF = next((d for d in (os.path.join(ROOT, "shared", "reference"),
-                        os.path.join(ROOT, "..", "shared", "reference")) if os.path.isdir(d)), None)
+# the key manifests: every key and shape of the released 1.3B and 14B generators (fixtures README)
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 CFG = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4,
                   text_dim=16, text_len=8)
 
@@ -58,18 +58,16 @@ def meta_model(cfg=CFG):
 @pytest.mark.parametrize("name,manifest", [("wan-1.3b", "wan_keys_1_3b.json"),
                                            ("wan-14b", "wan_keys_14b.json")])
 def test_manifest(name, manifest):
-    if REF is None:
-        pytest.skip("shared/reference (key manifests) not found")
-    with open(os.path.join(REF, manifest)) as f:
+    with open(os.path.join(FIXTURES, manifest)) as f:
         ref = json.load(f)
     m = meta_model(CONFIGS[name])
     got = {k: list(v.shape) for k, v in m.state_dict().items()}
     assert list(got) == list(ref["keys"])  # same keys, same order
     assert got == ref["keys"]
     assert sum(p.numel() for p in m.parameters()) == ref["_num_params"]
-    assert not m.adapters()
-    m.add_adapter("default", rank=4)
-    m.add_adapter("old", rank=4)
+    assert not adapter_names(m)
+    add_adapter(m, "default", rank=4)
+    add_adapter(m, "old", rank=4)
     base = {k: list(v.shape) for k, v in m.state_dict().items() if ".lora." not in k}
     assert base == ref["keys"]
     assert len(m.state_dict()) == len(ref["keys"]) + 2 * 2 * 10 * CONFIGS[name].num_layers
@@ -136,31 +134,31 @@ def test_dtype(tmp_path):
 
 def test_longlive_base_plus_lora(tmp_path):
     src = random_model(1)
-    src.add_adapter("default", rank=4, alpha=4)
+    add_adapter(src, "default", rank=4, alpha=4)
     with torch.no_grad():
-        for p in src.adapter_params("default"):
+        for p in adapter_params(src, "default"):
             p.normal_(0, 0.2)
-    src.set_adapter("default")
+    set_adapter(src, "default")
     base = {k: v for k, v in src.state_dict().items() if ".lora." not in k}
     torch.save({"generator_ema": prefixed(base, "model._fsdp_wrapped_module.")}, tmp_path / "base.pt")
     # LongLive key variants: 'model.' in front and PEFT's '.default' before '.weight'
     lsd = {"model." + k.replace(".weight", ".default.weight") if i % 2 else k: v
-           for i, (k, v) in enumerate(src.adapter_state_dict("default").items())}
+           for i, (k, v) in enumerate(adapter_state_dict(src, "default").items())}
     torch.save({"generator_lora": lsd}, tmp_path / "lora.pt")
     m = load_checkpoint(meta_model(), str(tmp_path / "base.pt"), lora=str(tmp_path / "lora.pt"))
-    assert m.adapters() == ["default"]
+    assert adapter_names(m) == ["default"]
     assert not same_output(m, src)  # loaded but not active yet
-    m.set_adapter("default")
+    set_adapter(m, "default")
     assert same_output(m, src)
 
 
 def test_peft_folder_roundtrip(tmp_path):
     src = random_model(1)
-    src.add_adapter("trained", rank=4, alpha=8)  # scale 2: alpha must come back from the json
+    add_adapter(src, "trained", rank=4, alpha=8)  # scale 2: alpha must come back from the json
     with torch.no_grad():
-        for p in src.adapter_params("trained"):
+        for p in adapter_params(src, "trained"):
             p.normal_(0, 0.2)
-    src.set_adapter("trained")
+    set_adapter(src, "trained")
     save_adapter(src, "trained", str(tmp_path / "lora"))
     assert sorted(os.listdir(tmp_path / "lora")) == ["adapter_config.json", "adapter_model.safetensors"]
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
@@ -168,12 +166,12 @@ def test_peft_folder_roundtrip(tmp_path):
     for path in [tmp_path / "lora", tmp_path / "lora" / "adapter_model.safetensors"]:
         m = random_model(1)
         load_adapter_file(m, "x", str(path))
-        m.set_adapter("x")
+        set_adapter(m, "x")
         assert same_output(m, src)
     torch.save({k: v for k, v in src.state_dict().items() if ".lora." not in k}, tmp_path / "full.pt")
     m = load_checkpoint(random_model(2), str(tmp_path / "full.pt"), lora=str(tmp_path / "lora"),
                         lora_adapter="x")
-    m.set_adapter("x")
+    set_adapter(m, "x")
     assert same_output(m, src)
 
 
@@ -203,9 +201,9 @@ def test_named_size_hint(tmp_path):
 
 def test_lora_as_base(tmp_path):
     m = random_model(1)
-    m.add_adapter("default", rank=2)
-    torch.save({"generator_lora": m.adapter_state_dict("default")}, tmp_path / "lora.pt")
-    torch.save(m.adapter_state_dict("default"), tmp_path / "bare_lora.pt")
+    add_adapter(m, "default", rank=2)
+    torch.save({"generator_lora": adapter_state_dict(m, "default")}, tmp_path / "lora.pt")
+    torch.save(adapter_state_dict(m, "default"), tmp_path / "bare_lora.pt")
     for f in ["lora.pt", "bare_lora.pt"]:
         with pytest.raises(ValueError, match="LoRA file; pass it as lora="):
             load_checkpoint(random_model(1), str(tmp_path / f))

@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-import frozen  # noqa: E402
-from frozen import TextEncoder, WanVAE, wan_t5_to_hf  # noqa: E402
+import frozen
+from frozen import TextEncoder, WanVAE, wan_t5_to_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # diffusers' converter hard-codes the Wan2.1 block indices (2 res blocks, dim_mult of length 4),
@@ -296,9 +296,8 @@ def test_t5_cache_runs_each_prompt_once(t5_files):
     assert len(calls) == 2 and torch.equal(first[0], first[2])
     again = enc(["a blue square", "a red circle"])
     assert len(calls) == 2 and torch.equal(again, first[[1, 0]])
-    enc.offload()
-    enc(["a green circle"])                                            # new prompt after offload: runs
-    assert len(calls) == 3 and enc.model.device.type == "cpu" and len(enc.cache) == 3
+    enc(["a green circle"])                                            # a new prompt: one more run
+    assert len(calls) == 3 and len(enc.cache) == 3
     hook.remove()
 
 

@@ -6,13 +6,11 @@ make independent copies, and bad settings fail with a clear message.
 Run:  python -m pytest tests/test_kvcache.py -q
 """
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kvcache import KVCache, check_window, visible  # noqa: E402
+from kvcache import KVCache, check_window, visible
 
 TPF, LAYERS, HEADS, D = 2, 2, 1, 4
 
@@ -62,23 +60,23 @@ def test_repeat_call_does_not_evict_or_move():
     assert cache.frames == before
 
 
-def test_snapshot_and_expand_are_independent():
+def test_stacked_copies_are_independent():
     cache = KVCache(LAYERS, 2, 12, TPF, HEADS, D, sink=3, local=9)
     for a in (0, 3, 6):
         write_block(cache, a, 3, lambda f: f + 0.5)
     cache.cross[0] = (torch.randn(2, 5, HEADS, D), torch.randn(2, 5, HEADS, D))
-    snap = cache.snapshot()
-    big = cache.expand(3)  # rows (b0, b0, b0, b1, b1, b1)
+    snap = KVCache.stack([cache])
+    big = KVCache.stack([cache] * 3)  # rows (b0, b1, b0, b1, b0, b1)
     assert big.k.shape[1] == 6 and big.frames == cache.frames
     for r in range(6):
-        assert torch.equal(big.k[:, r], cache.k[:, r // 3])
-        assert torch.equal(big.cross[0][0][r], cache.cross[0][0][r // 3])
+        assert torch.equal(big.k[:, r], cache.k[:, r % 2])
+        assert torch.equal(big.cross[0][0][r], cache.cross[0][0][r % 2])
     # branch: every candidate continues on its own; nobody else sees it
     write_block(big, 9, 3, lambda f: 100.0)
     big.k[:, 0] += 7
     assert cache.frames == [0, 1, 2, 3, 4, 5, 6, 7, 8] and snap.frames == cache.frames
     assert torch.equal(snap.k, cache.k) and torch.equal(snap.v, cache.v)
-    assert not torch.equal(big.k[:, 1], big.k[:, 0])
+    assert not torch.equal(big.k[:, 2], big.k[:, 0])  # two copies of row b0 now differ
     assert big.k.data_ptr() != cache.k.data_ptr() and snap.k.data_ptr() != cache.k.data_ptr()
     # the original goes on unchanged by the branches
     write_block(cache, 9, 3)

@@ -10,6 +10,7 @@ import re
 import torch
 
 from model import CausalWanModel, ModelConfig
+from lora import adapter_params, adapter_state_dict, add_adapter, copy_adapter, lerp_adapter, load_adapter_state, set_adapter, use_adapter, lora_layers
 
 CFG = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4,
                   text_dim=16, text_len=8)
@@ -42,91 +43,91 @@ def run(m, grad=False):
 def test_new_adapter_is_identity_and_none_is_base():
     m = tiny()
     base = run(m)
-    m.add_adapter("a", rank=4, alpha=4)
-    m.set_adapter("a")
-    assert all(torch.count_nonzero(p) > 0 for p in m.adapter_params("a")[::2])  # A is random
+    add_adapter(m, "a", rank=4, alpha=4)
+    set_adapter(m, "a")
+    assert all(torch.count_nonzero(p) > 0 for p in adapter_params(m, "a")[::2])  # A is random
     assert torch.equal(run(m), base)  # ... but B = 0
-    randomize(m.adapter_params("a"), 2)
-    m.set_adapter(None)
+    randomize(adapter_params(m, "a"), 2)
+    set_adapter(m, None)
     assert torch.equal(run(m), base)
 
 
 def test_switching():
     m = tiny()
     base = run(m)
-    m.add_adapter("a", rank=4, alpha=4)
-    randomize(m.adapter_params("a"), 2)
-    m.set_adapter("a")
+    add_adapter(m, "a", rank=4, alpha=4)
+    randomize(adapter_params(m, "a"), 2)
+    set_adapter(m, "a")
     out_a = run(m)
     assert (out_a - base).abs().max() > 1e-3
-    with m.adapter(None):
+    with use_adapter(m, None):
         assert torch.equal(run(m), base)
     assert torch.equal(run(m), out_a)  # the context manager restores the previous adapter
 
 
 def test_copy_adapter():
     m = tiny()
-    m.add_adapter("a", rank=4, alpha=8)
-    randomize(m.adapter_params("a"), 2)
-    m.copy_adapter("a", "b")  # creates b with a's rank and scale
-    with m.adapter("a"):
+    add_adapter(m, "a", rank=4, alpha=8)
+    randomize(adapter_params(m, "a"), 2)
+    copy_adapter(m, "a", "b")  # creates b with a's rank and scale
+    with use_adapter(m, "a"):
         out_a = run(m)
-    with m.adapter("b"):
+    with use_adapter(m, "b"):
         assert torch.equal(run(m), out_a)
-    randomize(m.adapter_params("a"), 3)  # a real copy, not shared storage
-    with m.adapter("b"):
+    randomize(adapter_params(m, "a"), 3)  # a real copy, not shared storage
+    with use_adapter(m, "b"):
         assert torch.equal(run(m), out_a)
 
 
 def test_lerp_adapter():
     m = tiny()
-    m.add_adapter("dst", rank=4, alpha=4)
-    m.add_adapter("src", rank=4, alpha=4)
-    randomize(m.adapter_params("dst"), 2)
-    randomize(m.adapter_params("src"), 3)
-    dst0 = [p.clone() for p in m.adapter_params("dst")]
-    src0 = [p.clone() for p in m.adapter_params("src")]
-    m.lerp_adapter("dst", "src", 0.9)
-    for d, d0, s, s0 in zip(m.adapter_params("dst"), dst0, m.adapter_params("src"), src0):
+    add_adapter(m, "dst", rank=4, alpha=4)
+    add_adapter(m, "src", rank=4, alpha=4)
+    randomize(adapter_params(m, "dst"), 2)
+    randomize(adapter_params(m, "src"), 3)
+    dst0 = [p.clone() for p in adapter_params(m, "dst")]
+    src0 = [p.clone() for p in adapter_params(m, "src")]
+    lerp_adapter(m, "dst", "src", 0.9)
+    for d, d0, s, s0 in zip(adapter_params(m, "dst"), dst0, adapter_params(m, "src"), src0):
         torch.testing.assert_close(d, 0.9 * d0 + 0.1 * s0, rtol=0, atol=1e-6)
         assert torch.equal(s, s0)  # the source is untouched
-    assert not torch.equal(m.adapter_params("dst")[0], dst0[0])
+    assert not torch.equal(adapter_params(m, "dst")[0], dst0[0])
 
 
 def test_matches_merged_weights():
     """y = W x + b + (alpha/r) B A x  ==  (W + (alpha/r) B @ A) x + b."""
     m = tiny()
-    m.add_adapter("a", rank=4, alpha=12)  # scale 3, so a missing scale would show
-    randomize(m.adapter_params("a"), 2, std=0.1)
-    m.set_adapter("a")
+    add_adapter(m, "a", rank=4, alpha=12)  # scale 3, so a missing scale would show
+    randomize(adapter_params(m, "a"), 2, std=0.1)
+    set_adapter(m, "a")
     merged = tiny()
     with torch.no_grad():
-        for (n, lin), (n2, lin2) in zip(m.lora_layers(), merged.lora_layers()):
+        for (n, lin), (n2, lin2) in zip(lora_layers(m), lora_layers(merged)):
             assert n == n2
             ad = lin.lora["a"]
             lin2.weight.copy_(lin.weight + 3.0 * ad.B @ ad.A)
     torch.testing.assert_close(run(m), run(merged), rtol=1e-4, atol=1e-5)
-    with m.adapter(None):
+    with use_adapter(m, None):
         assert (run(m) - run(merged)).abs().max() > 1e-3
 
 
 def test_grads_only_reach_active_adapter():
     m = tiny()
     m.requires_grad_(False)  # frozen base, as in training
-    m.add_adapter("policy", rank=4, alpha=4)
-    m.add_adapter("old", rank=4, alpha=4)
-    randomize(m.adapter_params("policy"), 2)  # B != 0, so A gets a gradient too
-    m.set_adapter("policy")
+    add_adapter(m, "policy", rank=4, alpha=4)
+    add_adapter(m, "old", rank=4, alpha=4)
+    randomize(adapter_params(m, "policy"), 2)  # B != 0, so A gets a gradient too
+    set_adapter(m, "policy")
     run(m, grad=True).square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.adapter_params("policy"))
-    assert all(p.grad is None for p in m.adapter_params("old"))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_params(m, "policy"))
+    assert all(p.grad is None for p in adapter_params(m, "old"))
     assert all(p.grad is None for n, p in m.named_parameters() if ".lora." not in n)
 
 
 def test_peft_key_layout():
     m = tiny()
-    m.add_adapter("a", rank=4, alpha=4)
-    sd = m.adapter_state_dict("a")
+    add_adapter(m, "a", rank=4, alpha=4)
+    sd = adapter_state_dict(m, "a")
     pat = re.compile(r"base_model\.model\.blocks\.(\d+)\.((?:self_attn|cross_attn)\.[qkvo]|ffn\.[02])"
                      r"\.lora_([AB])\.weight")
     assert len(sd) == 2 * 10 * CFG.num_layers
@@ -137,9 +138,9 @@ def test_peft_key_layout():
     assert sd["base_model.model.blocks.1.ffn.0.lora_B.weight"].shape == (CFG.ffn_dim, 4)  # B (out, r)
     assert sd["base_model.model.blocks.0.cross_attn.o.lora_B.weight"].shape == (CFG.dim, 4)
     # loading the dict back into a fresh model reproduces the adapter
-    randomize(m.adapter_params("a"), 2)
-    m.set_adapter("a")
+    randomize(adapter_params(m, "a"), 2)
+    set_adapter(m, "a")
     m2 = copy.deepcopy(m)
-    m2.load_adapter("b", m.adapter_state_dict("a"), alpha=4)
-    m2.set_adapter("b")
+    load_adapter_state(m2, "b", adapter_state_dict(m, "a"), alpha=4)
+    set_adapter(m2, "b")
     assert torch.equal(run(m2), run(m))

@@ -4,7 +4,7 @@ change a number, and the analytic FLOP count behind bench.py's MFU must match to
 
   checkpointed forward + backward   == plain, outputs and every gradient (window, history,
                                        teacher forcing), with far fewer saved activations
-  the adapter is switched before backward (train.py leaves `model.adapter("default")` first)
+  the adapter is switched before backward (train.py leaves `use_adapter(model, "default")` first)
                                     == plain; an unpinned recompute crashes or silently differs
   bench.train_flops                 == FlopCounterMode on the tiny model, forward and backward
   bench.py gpu --device cpu --size tiny   runs (a smoke test of the GPU bench's code path)
@@ -12,7 +12,6 @@ change a number, and the analytic FLOP count behind bench.py's MFU must match to
 Test:  python -m pytest tests/test_memory.py -q
 """
 import os
-import sys
 
 import pytest
 import torch
@@ -20,11 +19,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointError
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench  # noqa: E402
-import model as model_py  # noqa: E402
-from kvcache import KVCache  # noqa: E402
-from model import CONFIGS, CausalWanModel, ModelConfig  # noqa: E402
+import bench
+import model as model_py
+from kvcache import KVCache
+from model import CONFIGS, CausalWanModel, ModelConfig
+from lora import adapter_params, add_adapter, set_adapter, use_adapter
 
 CFG = ModelConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=16, text_len=8)
 HW = (4, 6)  # latent H, W -> 2 x 3 = 6 tokens per frame
@@ -34,8 +33,8 @@ def make(cfg=CFG, seed=0):
     """Random base and adapter weights, all trainable; "old" differs from "default"."""
     torch.manual_seed(seed)
     m = CausalWanModel(cfg)
-    m.add_adapter("default", rank=4)
-    m.add_adapter("old", rank=4)
+    add_adapter(m, "default", rank=4)
+    add_adapter(m, "old", rank=4)
     for p in m.parameters():  # random everywhere (the init zeroes the head and every LoRA B)
         torch.nn.init.normal_(p, std=0.1)
     return m
@@ -60,7 +59,7 @@ def history_cache(m, ctx, frames, hw, local, sink, cfg=CFG):
 
 def forward_backward(m, ckpt, backward_adapter=None, **kw):
     """x_theta under adapter "default", then backward under `backward_adapter` (as train.py: the
-    `with model.adapter(...)` block is left before backward). Returns (output, grads, saved
+    `with use_adapter(model, ...)` block is left before backward). Returns (output, grads, saved
     activation elements outside checkpointed regions)."""
     m.grad_checkpointing = ckpt
     m.zero_grad(set_to_none=True)
@@ -75,9 +74,9 @@ def forward_backward(m, ckpt, backward_adapter=None, **kw):
         saved[0] += a.numel()
         return a
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda a: a):
-        with m.adapter("default"):
+        with use_adapter(m, "default"):
             y = m(x, t, ctx, **kw)
-    with m.adapter(backward_adapter):
+    with use_adapter(m, backward_adapter):
         y.pow(2).mean().backward()
     m.grad_checkpointing = False
     return y, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, saved[0]
@@ -104,7 +103,7 @@ def test_checkpointing_changes_no_number(kw):
 @pytest.mark.parametrize("backward_adapter", [None, "old"])
 @pytest.mark.parametrize("trained", ["lora", "all"])
 def test_recompute_uses_the_forward_adapter(backward_adapter, trained, monkeypatch):
-    """train.py computes x_theta inside `model.adapter("default")` and calls backward after
+    """train.py computes x_theta inside `use_adapter(model, "default")` and calls backward after
     leaving it. The recompute must still use "default": model._run_block pins it. An unpinned
     recompute runs under the adapter active at backward: under none, or under a frozen "old",
     it saves other tensors and checkpoint raises; under an "old" whose weights also require grad
@@ -112,7 +111,7 @@ def test_recompute_uses_the_forward_adapter(backward_adapter, trained, monkeypat
     m = make()
     if trained == "lora":  # train.py: a frozen base, only the "default" adapter is trained
         m.requires_grad_(False)
-        for p in m.adapter_params("default"):
+        for p in adapter_params(m, "default"):
             p.requires_grad_(True)
     _, g0, _ = forward_backward(m, False, backward_adapter)
     _, g1, _ = forward_backward(m, True, backward_adapter)
@@ -165,9 +164,9 @@ def test_train_flops_match_flop_counter(lora, base_grad, kw):
     m = CausalWanModel(cfg)
     m.requires_grad_(base_grad)
     if lora:
-        m.add_adapter("default", rank=lora)
-        m.set_adapter("default")
-        for p in m.adapter_params("default"):
+        add_adapter(m, "default", rank=lora)
+        set_adapter(m, "default")
+        for p in adapter_params(m, "default"):
             p.requires_grad_(True)
     x, t, ctx = inputs(F, B, cfg, hw)
     args = dict(local=kw.get("local", -1), sink=kw.get("sink", 0))

@@ -10,14 +10,13 @@ a brute-force mask written straight from the spec (WAN_SPEC.md §5, §7).
 Run:  python -m pytest tests/test_model.py -q
 """
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kvcache import KVCache  # noqa: E402
-from model import CausalWanModel, ModelConfig, attention_plan  # noqa: E402
+from kvcache import KVCache
+from model import CausalWanModel, ModelConfig, attention_plan
+from lora import adapter_params, add_adapter, set_adapter
 
 CFG = ModelConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=16, text_len=8)
 HW = (4, 6)  # latent H, W -> 2 x 3 = 6 tokens per frame
@@ -133,9 +132,9 @@ def test_window_over_snapshot_equals_longer_forward(local, sink):
         cache = KVCache.for_model(CFG, B, F, HW, sink=sink, local=local)
         for a, b in blocks(s, 3):  # the prefix, clean
             m(clean[:, a:b], torch.zeros(B, b - a), ctx, cache=cache, start_frame=a)
-        hist = cache.snapshot()
+        hist = KVCache.stack([cache])  # a copy: the history the window attends to
         noisy_ref, clean_ref = [], []
-        c1, c2 = cache.snapshot(), cache.snapshot()
+        c1, c2 = KVCache.stack([cache]), KVCache.stack([cache])
         for a, b in blocks(F, 3)[s // 3:]:
             noisy_ref.append(m(x[:, a:b], t[:, a:b], ctx, cache=c1, start_frame=a))  # noisy K/V kept
             clean_ref.append(m(x[:, a:b], t[:, a:b], ctx, cache=c2, start_frame=a))
@@ -160,17 +159,17 @@ def test_window_over_snapshot_equals_longer_forward(local, sink):
 def test_training_forward_backward_and_lora_grads():
     """Gradients reach the active adapter (and only it) through the block loop."""
     m = make()
-    m.add_adapter("default", rank=4)
-    m.add_adapter("old", rank=4)
+    add_adapter(m, "default", rank=4)
+    add_adapter(m, "old", rank=4)
     m.requires_grad_(False)
-    for p in m.adapter_params("default"):
+    for p in adapter_params(m, "default"):
         p.requires_grad_(True)
-    m.set_adapter("default")
+    set_adapter(m, "default")
     x, t, ctx = inputs(2, 6)
     m(x, t, ctx).pow(2).mean().backward()
-    assert all(p.grad is not None for p in m.adapter_params("default"))
-    assert any(p.grad.abs().sum() > 0 for p in m.adapter_params("default"))
-    assert all(p.grad is None for p in m.adapter_params("old"))
+    assert all(p.grad is not None for p in adapter_params(m, "default"))
+    assert any(p.grad.abs().sum() > 0 for p in adapter_params(m, "default"))
+    assert all(p.grad is None for p in adapter_params(m, "old"))
 
 
 def test_clear_errors():

@@ -7,16 +7,13 @@ Run:  python -m pytest tests/test_nft_loss.py -q
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import naive_nft as naive  # noqa: E402
-from nft_loss import (DynamicReference, RiskCompensator, ema_decay, group_advantages,  # noqa: E402
+import naive_nft as naive
+from nft_loss import (DynamicReference, RiskCompensator, ema_decay, group_advantages,
                       group_normalize, nft_policy_loss, old_decay, optimality_prob, ranks,
                       ref_loss, selective_mask, selective_threshold, uncertainty)
 

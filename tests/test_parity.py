@@ -1,9 +1,10 @@
 """
-Parity with the public reference implementation (Self-Forcing / LongLive / Astrolabe code run
-on CPU in float32 with small random weights; see shared/reference/WAN_SPEC.md §10).
+Parity with the public reference implementation (the released Astrolabe model, wrapper, sampler
+and scheduler code run on CPU in float32 with small random weights; how the committed set was
+made: tests/fixtures/README.md).
 
-Every fixture set (a `*.json` description + its weights and tensors) in the folder named by
-ASTRO_FIXTURES (default ../shared/reference/fixtures) is replayed case by case:
+Every fixture set (a `*.json` description + its weights and tensors) in tests/fixtures/, or in
+the folder named by ASTRO_FIXTURES instead, is replayed case by case:
   unit   sinusoid and RoPE tables          a       block-causal training forward (+ hooks, mask)
   a_local  local-window training mask      d       teacher forcing (+ mask)
   b      4-step AR sampling, global cache  c       rolling cache with sink (per-block cache)
@@ -17,22 +18,21 @@ import glob
 import json
 import os
 import re
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kvcache import KVCache  # noqa: E402
-from model import CausalWanModel, ModelConfig, attention_plan, rope_freqs, apply_rope, sinusoid  # noqa: E402
-from sample import TensorNoise, generate, sampler_timesteps, flow_to_x0  # noqa: E402
+from kvcache import KVCache
+from model import CausalWanModel, ModelConfig, attention_plan, rope_freqs, apply_rope, sinusoid
+from sample import TensorNoise, generate, sampler_timesteps, flow_to_x0
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURES = os.environ.get("ASTRO_FIXTURES", os.path.join(HERE, "..", "..", "shared", "reference", "fixtures"))
+FIXTURES = os.environ.get("ASTRO_FIXTURES", os.path.join(HERE, "fixtures"))
 TOL = 1e-4
 KNOWN = {"unit", "a", "alocal", "d", "b", "c", "sampler"}  # tensor-name prefixes we replay
-SETS = sorted(glob.glob(os.path.join(FIXTURES, "*.json")))
+# a fixture set is a JSON naming its weights and tensors files (the key manifests are not sets)
+SETS = sorted(p for p in glob.glob(os.path.join(FIXTURES, "*.json")) if "tensors_file" in json.load(open(p)))
 
 
 def maxdiff(a, b):

@@ -7,15 +7,14 @@ Test: python -m pytest tests/test_presets.py -q
 """
 import dataclasses
 import os
-import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from model import CONFIGS, CausalWanModel  # noqa: E402
+import train
+from model import CONFIGS, CausalWanModel
+from lora import adapter_names, adapter_params, adapter_state_dict, add_adapter, set_adapter, use_adapter
 
 REAL = ["self-forcing", "causal-forcing", "longlive", "longlive-lora", "krea-14b"]
 TINY = CONFIGS["tiny"]
@@ -48,8 +47,8 @@ def test_real_size_on_meta(name, params):
     with torch.device("meta"):
         m = CausalWanModel(CONFIGS[args.model])
         n_base = sum(p.numel() for p in m.parameters())
-        m.add_adapter("default", args.lora_rank, args.lora_alpha)
-    n_lora = sum(p.numel() for p in m.adapter_params("default"))
+        add_adapter(m, "default", args.lora_rank, args.lora_alpha)
+    n_lora = sum(p.numel() for p in adapter_params(m, "default"))
     assert abs(n_base / params - 1) < 0.01, n_base
     cfg = CONFIGS[args.model]
     # rank r on 10 linears per block: 8 attention (dim x dim) and the FFN pair (dim x ffn)
@@ -82,21 +81,21 @@ def test_preset_loader_takes_its_family_layout(name, tmp_path):
     args = dataclasses.replace(train.PRESETS[name], ckpt=family_file(name, src.state_dict(), tmp_path),
                                lora_rank=4, lora_alpha=4.0, lora_init=None, grad_checkpointing=False)
     if name == "longlive-lora":  # LongLive's lora.pt: {'generator_lora': PEFT-style keys}
-        src.add_adapter("default", 4, 4.0)
-        for p in src.adapter_params("default"):
+        add_adapter(src, "default", 4, 4.0)
+        for p in adapter_params(src, "default"):
             torch.nn.init.normal_(p, std=0.1)
-        torch.save({"generator_lora": {"base_model.model." + k: v for k, v in src.adapter_state_dict("default").items()}},
+        torch.save({"generator_lora": {"base_model.model." + k: v for k, v in adapter_state_dict(src, "default").items()}},
                    tmp_path / "lora.pt")
         args = dataclasses.replace(args, lora_init=str(tmp_path / "lora.pt"))
-        src.set_adapter("default")
+        set_adapter(src, "default")
     m = train.build_model(args, cfg=TINY)
-    assert m.adapters() == ["default", "old", "ref", "ema"]
+    assert adapter_names(m) == ["default", "old", "ref", "ema"]
     with torch.no_grad():
-        with m.adapter("default" if args.lora_init else None):
+        with use_adapter(m, "default" if args.lora_init else None):
             assert torch.allclose(out_of(m), out_of(src), atol=1e-5)
         outs = []
-        for a in m.adapters():  # the warm start (or B = 0) is in every adapter
-            with m.adapter(a):
+        for a in adapter_names(m):  # the warm start (or B = 0) is in every adapter
+            with use_adapter(m, a):
                 outs.append(out_of(m))
     assert all(torch.equal(o, outs[0]) for o in outs)
 
@@ -106,7 +105,7 @@ def test_real_model_needs_its_files(tmp_path):
     with pytest.raises(SystemExit, match="needs --ckpt"):
         train.build_model(args, cfg=TINY)
     with pytest.raises(SystemExit, match="needs --vae and --text-encoder"):
-        train.frozen_parts(dataclasses.replace(args, vae=None, text_encoder=None), ["a cat"], "cpu")
+        train.FrozenParts(dataclasses.replace(args, vae=None, text_encoder=None), ["a cat"], "cpu")
     with pytest.raises(FileNotFoundError, match="nowhere/self_forcing_dmd.pt"):
         train.build_model(dataclasses.replace(args, ckpt=str(tmp_path / "nowhere/self_forcing_dmd.pt")), cfg=TINY)
 

@@ -9,7 +9,6 @@ Test: python -m pytest tests/test_real_path.py -q
 import dataclasses
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -18,11 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as model_lib  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
-from test_frozen import TINY_T5, TINY_VAE, randomise, tiny_tokenizer  # noqa: E402
+import model as model_lib
+import sample
+import train
+from test_frozen import TINY_T5, TINY_VAE, randomise, tiny_tokenizer
 
 TOY = model_lib.ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=TINY_T5["d_model"])
 

@@ -17,10 +17,13 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import rewards  # noqa: E402
-from rewards import (REWARDS, MultiReward, get_reward, grayscale,  # noqa: E402
+import rewards
+import tiny_world
+from rewards import (REWARDS, MultiReward, get_reward, grayscale,
                      parse_rewards, top_fraction, weighted_total)
+from tiny_world import color_match, direction_match, direction_progress, size_constancy
+
+ALL = {**REWARDS, **tiny_world.REWARDS}  # the generic rewards and the shapes world's detectors
 
 F, H, W = 8, 32, 32
 
@@ -38,20 +41,20 @@ def square_video(color=(1.0, 0.0, 0.0), dx=0, dy=0, bg=0.0, size=6, frames=F):
 # ---- one signature for every registered reward
 
 
-@pytest.mark.parametrize("name", sorted(set(REWARDS) - rewards.LEARNED))
+@pytest.mark.parametrize("name", sorted(set(ALL) - set(rewards.LEARNED)))
 def test_shape_dtype_range_on_random_videos(name):
     torch.manual_seed(0)
     videos = torch.rand(3, F, 3, H, W)
-    out = REWARDS[name](videos, ["a red square moving left", "a blue circle moving up", "noise"])
+    out = ALL[name](videos, ["a red square moving left", "a blue circle moving up", "noise"])
     assert out.shape == (3,) and out.dtype == torch.float32 and torch.isfinite(out).all()
     hi = {"sharpness": 16.0, "colorfulness": 2.0}.get(name, 1.0)  # the rest are in [0, 1]
     lo = -1.0 if name == "direction_progress" else 0.0  # moving the opposite way scores below 0
     assert (out >= lo).all() and (out <= hi).all(), out
 
 
-@pytest.mark.parametrize("name", sorted(set(REWARDS) - rewards.LEARNED))
+@pytest.mark.parametrize("name", sorted(set(ALL) - set(rewards.LEARNED)))
 def test_single_frame_and_half_precision(name):
-    out = REWARDS[name](torch.rand(2, 1, 3, 16, 16).half(), ["red left", "blue up"])
+    out = ALL[name](torch.rand(2, 1, 3, 16, 16).half(), ["red left", "blue up"])
     assert out.shape == (2,) and torch.isfinite(out).all()
 
 
@@ -122,10 +125,10 @@ def test_color_match_names_the_right_colour():
     red_left = square_video((1.0, 0.0, 0.0), dx=-1)
     dark_blue = square_video((0.0, 0.0, 0.6), dx=-1, bg=0.3)  # shaded colour, gray background
     v = torch.cat([red_left, red_left, red_left, dark_blue, dark_blue])
-    out = rewards.color_match(v, ["a red square moving left", "a blue square moving left",
+    out = color_match(v, ["a red square moving left", "a blue square moving left",
                                   "a square moving left", "a Blue box", "a magenta box"])
     assert out.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
-    assert rewards.color_match(torch.zeros(1, F, 3, H, W), ["a red square"]).item() == 0.0
+    assert color_match(torch.zeros(1, F, 3, H, W), ["a red square"]).item() == 0.0
 
 
 def test_direction_match_names_the_right_direction():
@@ -133,7 +136,7 @@ def test_direction_match_names_the_right_direction():
     v = torch.cat([left] * 4 + [down] * 2 + [square_video()])
     prompts = ["moving left", "moving right", "going up", "a square", "moving down", "moving left",
                "moving left"]
-    out = rewards.direction_match(v, prompts)
+    out = direction_match(v, prompts)
     assert out.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # the last one stands still
 
 
@@ -148,10 +151,10 @@ def test_direction_progress_partial_credit_and_wrap_around():
     full, half, back = wrapping(2), wrapping(1), wrapping(-2)
     stop_go = wrapping(2, stop=(2, 3, 4, 5))  # moves on 3 of 7 frame pairs
     v, ps = torch.cat([full, half, back, stop_go, full]), ["moving right"] * 4 + ["a square"]
-    out = rewards.direction_progress(v, ps, speed=speed)
+    out = direction_progress(v, ps, speed=speed)
     assert torch.allclose(out, torch.tensor([1.0, 0.5, -1.0, 3 / 7, 0.0]), atol=1e-4)
     # the same videos through a plain centroid: crossing the edge reads as a jump the wrong way
-    assert rewards.direction_match(full, ["moving right"]).item() < 1.0
+    assert direction_match(full, ["moving right"]).item() < 1.0
 
 
 def test_size_constancy_moving_is_fine_fading_and_smearing_are_not():
@@ -160,7 +163,7 @@ def test_size_constancy_moving_is_fine_fading_and_smearing_are_not():
     fading[0, F // 2:] *= 0.0  # the square vanishes half-way
     smear = steady.clone()
     smear[0, -1, :, H // 2 - 3:H // 2 + 3, :W // 2] = 1.0  # the last frame grows a streak
-    out = rewards.size_constancy(torch.cat([steady, fading, smear]), [""] * 3)
+    out = size_constancy(torch.cat([steady, fading, smear]), [""] * 3)
     assert out[0] == 1.0 and out[1] == 0.0 and 0.5 < out[2] < 0.8, out  # smear: 1 - (96/36)/8
 
 
@@ -225,7 +228,7 @@ def test_parse_rewards_weights_and_errors(tmp_path):
     d.mkdir()
     path = write(d, "def fn(videos, prompts):\n    return videos[:, 0, 0, 0, 0]\n", "r.py")
     parsed = parse_rewards(["flicker=0.5", "motion", "sharpness=-1e-2", f"{path}:fn=2",
-                            "color_match=0"])
+                            "color_match=0"], registry=ALL)
     assert [(n, w) for n, _, w in parsed] == [("flicker", 0.5), ("motion", 1.0),
                                               ("sharpness", -0.01), ("r.fn", 2.0),
                                               ("color_match", 0.0)]
@@ -296,4 +299,5 @@ def test_weighted_total_on_raw_scores():
 
 def test_docstring_examples():
     result = doctest.testmod(rewards)
+    assert doctest.testmod(tiny_world).failed == 0
     assert result.attempted >= 12 and result.failed == 0

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from kvcache import KVCache  # noqa: E402
-from model import CausalWanModel, ModelConfig  # noqa: E402
-from sample import (GeneratorNoise, generate, generate_multi_prompt, make_generators,  # noqa: E402
-                    sampler_timesteps, save_video, sigma_of, toy_text_embed)
+from kvcache import KVCache
+from model import CausalWanModel, ModelConfig
+from sample import (GeneratorNoise, generate, generate_multi_prompt, make_generators,
+                    sampler_timesteps, save_video, sigma_of)
+from tiny_world import toy_text_embed
 
 CFG = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=8)
 HW = (4, 4)

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train  # noqa: E402
-from model import CausalWanModel, ModelConfig  # noqa: E402
-from sample import GeneratorNoise, generate, make_generators  # noqa: E402
+import train
+from common import seed_of
+from model import CausalWanModel, ModelConfig
+from sample import GeneratorNoise, generate, make_generators
+from lora import add_adapter, use_adapter
 
 CFG = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=3, out_dim=3, text_dim=16, text_len=8)
 
@@ -26,7 +27,7 @@ def setup(**kw):
     m = CausalWanModel(CFG).eval()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    m.add_adapter("old", rank=2)
+    add_adapter(m, "old", rank=2)
     base = dict(height=8, width=8, num_frames=15, window=6, local_attn=6, sink=3, micro_batch=2)
     args = train.Args(**{**base, **kw})
     ctx = torch.randn(2, 4, CFG.text_dim).repeat_interleave(3, 0)  # 2 prompts x K = 3 candidates
@@ -37,9 +38,11 @@ def setup(**kw):
 def test_candidates_branch_from_one_history(mode):
     m, args, ctx = setup(group_mode=mode, micro_batch=3)
     js, K, step, s = range(6), 3, 7, 9
-    lat, history = train.group_rollout(m, ctx, js, K, step, s, args)
+    hist = train.rollout_histories(m, ctx, js, K, step, s, args)
+    assert len(hist) == (2 if mode == "shared-prefix" else 6)  # one per prompt, or per sample
+    lat = train.rollout_windows(m, ctx, js, K, step, s, hist, args)
     assert lat.shape == (6, 6, 3, 8, 8)
-    h = history(js)
+    h = train.stack_history(hist, js, K, args)
     assert h.frames == [0, 1, 2, 6, 7, 8] and h.k.shape[1] == 6  # sink + recent, at frame 9
     same = [torch.equal(h.k[:, 0], h.k[:, i]) for i in (1, 2)]
     assert all(same) if mode == "shared-prefix" else not any(same)
@@ -52,14 +55,14 @@ def test_window_is_the_continuation_of_the_shared_prefix():
     blocks < s and candidate k's own noise after: the history is exactly shared."""
     m, args, ctx = setup()
     js, K, step, s = range(6), 3, 2, 9
-    lat, _ = train.group_rollout(m, ctx, js, K, step, s, args)
+    lat = train.rollout_windows(m, ctx, js, K, step, s, train.rollout_histories(m, ctx, js, K, step, s, args), args)
     for j in (0, 2, 4):
         cache = train.new_cache(m, 1, args, torch.float32, "cpu")
         c = ctx[j][None]
-        with m.adapter("old"):
-            pre = generate(m, c, cache, s, GeneratorNoise(make_generators([train.seed_of(args.seed, step, j // K)]),
+        with use_adapter(m, "old"):
+            pre = generate(m, c, cache, s, GeneratorNoise(make_generators([seed_of(args.seed, step, j // K)]),
                                                           (3, 8, 8)))
-            win = generate(m, c, cache, 6, GeneratorNoise(make_generators([train.seed_of(args.seed, step, j // K, j % K)]),
+            win = generate(m, c, cache, 6, GeneratorNoise(make_generators([seed_of(args.seed, step, j // K, j % K)]),
                                                           (3, 8, 8)), start_frame=s)
         assert pre.shape[1] == s
         assert torch.allclose(win[0], lat[j], atol=1e-6)

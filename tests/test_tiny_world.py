@@ -7,17 +7,15 @@ Run:  python -m pytest tests/test_tiny_world.py -q
 """
 import json
 import os
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from model import CONFIGS, CausalWanModel  # noqa: E402
-from rewards import color_match, direction_match  # noqa: E402
-import tiny_world as tw  # noqa: E402
+from model import CONFIGS, CausalWanModel
+import tiny_world as tw
+from tiny_world import color_match, direction_match
 
 ASSET = os.path.join(ROOT, "assets", "tiny_world.safetensors")
 SWAP = {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green",
@@ -40,10 +38,10 @@ def test_prompts_and_parse():
 
 def test_video_shape_range_and_determinism():
     g = torch.Generator().manual_seed(0)
-    v = tw.make_video("a green triangle moving up", 9, generator=g)
+    v = tw.render([tw.parse_prompt("a green triangle moving up")], 9, generator=g)[0]
     assert v.shape == (9, 3, 32, 32) and v.dtype == torch.float32
     assert v.min() == -1 and v.max() == 1  # black background, pure palette colour
-    same = tw.make_video(("green", "triangle", "up"), 9, generator=torch.Generator().manual_seed(0))
+    same = tw.render([("green", "triangle", "up")], 9, generator=torch.Generator().manual_seed(0))[0]
     assert torch.equal(v, same)  # the generator is the only randomness
     assert tw.render([("red", "square", "left")], 6, H=24, W=40).shape == (1, 6, 3, 24, 40)
 

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train  # noqa: E402
+import train
 
 SMALL = ["--height", "16", "--width", "16", "--num-frames", "3", "--window", "0", "--prompts-per-step", "2",
          "--group-size", "2", "--micro-batch", "2", "--eval-prompts", "2", "--no-progress"]

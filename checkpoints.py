@@ -1,0 +1,247 @@
+"""
+Checkpoint files: the released distilled generators (read), LoRA adapter files (read and write),
+and train.py's own run checkpoints (write, read, find). One strict key check serves the
+generators here and the frozen VAE / umT5 in frozen.py.
+
+Released generators (docs/wan_architecture.md#checkpoint-files): every one is the reference
+wrapper's `state_dict()` inside some container; unwrap it, strip the wrapper prefixes and the
+keys are exactly model.py's:
+    Self-Forcing / Causal Forcing / LongLive   .pt   {"generator_ema": sd, "generator": sd, ...}
+    Krea Realtime 14B                          .safetensors, a bare state dict
+    LongLive lora.pt                           {"generator_lora": PEFT-keyed LoRA tensors}
+A run checkpoint `ckpt_<step>/` holds adapters.safetensors (every adapter), optim.safetensors
+(AdamW moments), state.json (step, args, schedule states) and lora/ (the exported policy in
+PEFT layout). Tensors go to safetensors, everything else to JSON; nothing is pickled.
+
+Test:  python -m pytest tests/test_checkpoint.py tests/test_presets.py -q
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import zipfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common import write_atomic
+from lora import adapter_names, adapter_state_dict, load_adapter_state, peft_config
+from model import CONFIGS
+
+# wrapper prefixes of the released files: WanDiffusionWrapper ("model."), FSDP, DDP, torch.compile
+PREFIXES = ("model.", "_fsdp_wrapped_module.", "diffusion_model.", "module.", "_orig_mod.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading any tensor file, and the one strict key check
+
+def read_tensors(path, what="a checkpoint"):
+    """The raw contents of a .safetensors or torch file, or one ValueError naming the file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory; expected {what} file (.pt / .pth / .safetensors)")
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        # mmap: a 14B checkpoint is paged in as it is assigned, never copied whole into RAM
+        # (legacy non-zip files cannot be mapped); weights_only: tensors, never code
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # garbage, truncated, or pickled Python objects besides tensors
+        kind = "safetensors" if path.endswith(".safetensors") else "torch.save (dict of tensors)"
+        # torch's weights_only refusal buries the actual reason in a long paragraph
+        why = " ".join(str(e).split()).split("WeightsUnpickler error: ")[-1]
+        raise ValueError(f"cannot read {path} as {what} ({kind}): {type(e).__name__}: "
+                         f"{why.split(' Check the documentation')[0][:300]}") from None
+
+
+def check_keys(model, sd, path, what, hint="", skip=()):
+    """strict=True, explained: one ValueError listing every missing, unexpected and mis-shaped
+    key, and `hint`, the likely cause. Keys containing a `skip` string (our LoRA adapters) are
+    not expected in the file."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not any(s in k for s in skip)}
+    have = {k: tuple(v.shape) for k, v in sd.items()}
+    missing = [k for k in want if k not in have]
+    unexpected = [k for k in have if k not in want]
+    shaped = [f"{k}: file {have[k]} vs model {want[k]}" for k in want if k in have and have[k] != want[k]]
+    if not (missing or unexpected or shaped):
+        return
+    cause = f"\n  likely cause: {hint}" if hint else ""
+    raise ValueError(
+        f"{path} does not match {what} ({len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(shaped)} mis-shaped keys):\n  missing:     {missing[:4]}\n  unexpected:  "
+        f"{unexpected[:4]}\n  mis-shaped:  {shaped[:4]}{cause}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Released generators
+
+def strip_prefixes(sd):
+    """Drop leading wrapper prefixes, repeatedly: 'model._fsdp_wrapped_module.blocks.0...'."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(PREFIXES):
+            prefix = next(p for p in PREFIXES if k.startswith(p))
+            k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def generator_state_dict(obj, path, ema):
+    """Pick the generator state dict out of a checkpoint container (ema: generator_ema)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}; expected a dict of tensors")
+    if "generator_ema" in obj or "generator" in obj:  # Self-Forcing, Causal Forcing, LongLive
+        want = "generator_ema" if ema else "generator"
+        if want not in obj:
+            other = "generator" if ema else "generator_ema"
+            raise ValueError(f"{path} has no {want!r} (keys: {list(obj)}); use ema={not ema} to load {other!r}")
+        obj = obj[want]
+    else:  # generic trainers' containers, else a bare state dict (generator_lora: for the hint)
+        for key in ("model", "state_dict", "generator_lora"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path} is not a state dict: entries {bad[:5]} are not tensors (top-level "
+                         f"keys: {list(obj)[:8]}; expected generator_ema / generator / model / "
+                         f"state_dict or a bare state dict)")
+    return strip_prefixes(obj)
+
+
+def _guess_mismatch(cfg, sd):
+    """The likely cause when a generator file does not fit the model: which file it is instead."""
+    if any("lora_A" in k for k in sd):
+        return "this looks like a LoRA file; pass it as lora="
+    if "patch_embedding.weight" not in sd:
+        return "no Wan DiT keys found (expected e.g. 'patch_embedding.weight', 'blocks.0.self_attn.q.weight')"
+    # the size from the file itself: dim from the patch embedding, depth from block indices
+    dim = sd["patch_embedding.weight"].shape[0]
+    blocks = [int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))]
+    n = 1 + max(blocks, default=-1)
+    if (dim, n) == (cfg.dim, cfg.num_layers):
+        return "same dim and depth, so another layout or variant (channels, patch, text dim?)"
+    name = next((f"a {c} checkpoint" for c, m in CONFIGS.items() if (m.dim, m.num_layers) == (dim, n)),
+                "a different-size checkpoint")
+    return (f"this looks like {name} (dim {dim}, {n} blocks) but the model is built with dim "
+            f"{cfg.dim}, {cfg.num_layers} blocks: pass the matching --model")
+
+
+def load_checkpoint(model, path, *, ema=True, lora=None, lora_adapter="default"):
+    """Load a released generator (Self-Forcing / Causal Forcing / LongLive .pt, Krea .safetensors).
+
+    ema: take `generator_ema` (what Astrolabe trains from) rather than `generator`.
+    lora: a LongLive lora.pt, PEFT adapter file or folder, loaded into adapter `lora_adapter`
+          (not activated: lora.set_adapter(model, lora_adapter) makes forwards use it).
+    A model built under `torch.device("meta")` gets the file's tensors assigned (no second copy);
+    otherwise they are copied into the existing parameters, in their dtype and device.
+    """
+    sd = generator_state_dict(read_tensors(path), path, ema)
+    check_keys(model, sd, path, "the model", hint=_guess_mismatch(model.cfg, sd), skip=(".lora.",))
+    meta = any(v.is_meta for k, v in model.state_dict().items() if ".lora." not in k)
+    # strict=False can only skip our adapters: check_keys has vouched for every other key
+    model.load_state_dict(sd, strict=False, assign=meta)
+    if lora is not None:
+        load_adapter_file(model, lora_adapter, lora)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapter files
+
+def save_adapter(model, name, folder):
+    """Adapter `name` as a PEFT folder: adapter_model.safetensors + adapter_config.json."""
+    os.makedirs(folder, exist_ok=True)
+    sd = {k: v.cpu().contiguous() for k, v in adapter_state_dict(model, name).items()}
+    write_atomic(os.path.join(folder, "adapter_model.safetensors"),
+                 lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    write_atomic(os.path.join(folder, "adapter_config.json"),
+                 lambda tmp: _write_json(tmp, peft_config(model, name)))
+
+
+def load_adapter_file(model, name, path):
+    """A PEFT folder / adapter file or a LongLive lora.pt into adapter `name`. alpha comes from
+    adapter_config.json beside the weights when there is one, else alpha = r."""
+    if os.path.isdir(path):  # a PEFT folder: ours (.safetensors) or Astrolabe's (.bin)
+        files = [os.path.join(path, f) for f in ("adapter_model.safetensors", "adapter_model.bin")]
+        found = [f for f in files if os.path.isfile(f)]
+        if not found:
+            raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {path}")
+        path = found[0]
+    sd = read_tensors(path, "a LoRA file")
+    if isinstance(sd, dict) and "generator_lora" in sd:  # LongLive wraps its adapter
+        sd = sd["generator_lora"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} holds a {type(sd).__name__}; expected a LoRA state dict")
+    cfg = os.path.join(os.path.dirname(path), "adapter_config.json")
+    alpha = None
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            alpha = json.load(f)["lora_alpha"]
+    load_adapter_state(model, name, sd, alpha)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py's run checkpoints
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def save_run(path, model, opt, state, export="default"):
+    """ckpt folder: every adapter, the optimizer, `state` (JSON-able) and `export` in PEFT layout.
+    Written to a temporary folder, then renamed: a crash leaves the previous checkpoint intact."""
+    def write(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        ad = {}
+        for name in adapter_names(model):
+            for k, v in adapter_state_dict(model, name).items():
+                ad[f"{name}/{k}"] = v.cpu().contiguous()
+        save_file(ad, os.path.join(tmp, "adapters.safetensors"))
+        sd = opt.state_dict()
+        # AdamW's state: {param index: {"step", "exp_avg", "exp_avg_sq"}} -> "i.name" tensors
+        moments = {f"{i}.{k}": v.cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
+        save_file(moments, os.path.join(tmp, "optim.safetensors"))
+        _write_json(os.path.join(tmp, "state.json"), dict(state, param_groups=sd["param_groups"]))
+        save_adapter(model, export, os.path.join(tmp, "lora"))  # the policy to sample with
+    write_atomic(path, write)
+
+
+def load_run(path, model, opt):
+    """Restore the adapters the model has (others in the file are ignored) and the optimizer;
+    returns state.json's dict."""
+    ad = load_file(os.path.join(path, "adapters.safetensors"))
+    for name in adapter_names(model):
+        sd = {k[len(name) + 1:]: v for k, v in ad.items() if k.startswith(name + "/")}
+        if not sd:
+            raise ValueError(f"{path}: no adapter {name!r} in adapters.safetensors")
+        load_adapter_state(model, name, sd)
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    flat = load_file(os.path.join(path, "optim.safetensors"))
+    osd = {"state": {}, "param_groups": state.pop("param_groups")}
+    for k, v in flat.items():
+        i, name = k.split(".", 1)
+        osd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(osd)
+    return state
+
+
+def run_checkpoints(out_dir):
+    """ckpt_<step> folders of out_dir, oldest first."""
+    return sorted(glob.glob(os.path.join(out_dir, "ckpt_[0-9]*[0-9]")))
+
+
+def find_run_checkpoint(out_dir, resume):
+    """--resume latest (newest ckpt_* of out_dir, None if there is none) or a checkpoint folder."""
+    if resume != "latest":
+        if not os.path.isfile(os.path.join(resume, "state.json")):
+            raise SystemExit(f"--resume {resume}: not a checkpoint folder (no state.json)")
+        return resume
+    found = run_checkpoints(out_dir)
+    return found[-1] if found else None

@@ -1,0 +1,183 @@
+"""
+Small plumbing shared by the scripts: seeds, paths, atomic writes, the DDP collectives, memory
+probes and PNG figures. Nothing here is part of the algorithm.
+
+Test:  python -m pytest tests/test_train.py -q      (every helper runs in a training run)
+"""
+import hashlib
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # the repository root
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds and paths
+
+def seed_of(*parts) -> int:
+    """A 63-bit seed from any tuple, e.g. (seed, step, prompt, k): the same on every rank and for
+    any batch layout, so a sample's noise depends only on which sample it is."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def find_file(path):
+    """`path` as given, else relative to this repository, so `assets/...` works from any cwd."""
+    alt = os.path.join(HERE, path)
+    return path if os.path.exists(path) or not os.path.exists(alt) else alt
+
+
+def missing_files(args, fields):
+    """'--flag path' for every path field of args that is set but exists nowhere (find_file)."""
+    out = []
+    for f in fields:
+        path = getattr(args, f)
+        if path and not os.path.exists(find_file(path)):
+            out.append(f"--{f.replace('_', '-')} {path}")
+    return out
+
+
+def write_atomic(path, write):
+    """write(tmp), then rename tmp -> path, so a crash never leaves a half-written file or folder
+    under `path` (a folder that already exists is replaced only once the new one is complete).
+    The temporary name keeps the extension (a.mp4 -> a.tmp123.mp4): writers pick formats by it.
+    Returns what write(tmp) returns."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    result = write(tmp)
+    if os.path.isdir(path):  # os.replace cannot overwrite a folder: move the old one aside first
+        old = f"{path}.old{os.getpid()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return result
+
+
+def log(*args):
+    """print on rank 0 only (torchrun sets RANK), flushed at once."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP plumbing: every rank holds n_local samples; these restore the global picture
+
+def gather(x, world):
+    """(n_local, ...) on every rank -> (N, ...) in global sample order (rank 0's rows first)."""
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_grads(params, stats, world):
+    """One all-reduce per step: gradients averaged over ranks, `stats` (a 1-D tensor of sums)
+    summed. Returns the summed stats; the averaged gradients are written back into p.grad."""
+    if world == 1:
+        return stats
+    grads = [p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten() for p in params]
+    flat = torch.cat(grads + [stats])
+    dist.all_reduce(flat)
+    i = 0
+    for p in params:
+        p.grad = flat[i:i + p.numel()].view_as(p) / world
+        i += p.numel()
+    return flat[i:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory probes: allocated bytes on a GPU, resident memory (RSS) on a CPU
+
+def rss_mb(field_name="VmRSS"):
+    """Resident memory of this process (MiB) from /proc (Linux); VmHWM is its peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def reset_peak(device):
+    """Start a peak-memory measurement; returns the baseline (MiB)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2 ** 20
+    if os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS
+            f.write("5")
+    return rss_mb()
+
+
+def peak_growth(device, base):
+    """Peak memory since reset_peak, above its baseline (MiB)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2 ** 20 - base
+    return rss_mb("VmHWM") - base
+
+
+# ----------------------------------------------------------------------------------------------
+# PNG figures drawn with PIL (no plotting library needed)
+
+def save_strip(path, videos, labels=None, frames=8, scale=2):
+    """A PNG of frame strips, one row per video ((F, 3, H, W) in [0, 1]): `frames` evenly spaced
+    frames per row, upscaled `scale`x (nearest) so tiny videos stay visible. labels: one text per
+    row, printed on a white band above it."""
+    rows = []
+    for v in videos:
+        idx = torch.linspace(0, len(v) - 1, min(frames, len(v))).round().long()
+        rows.append(torch.cat(list(v[idx]), dim=-1))  # (3, H, frames * W)
+    band = 14 if labels else 0  # pixels of label text above each row
+    row_h, width = rows[0].shape[1] * scale, rows[0].shape[2] * scale
+    img = Image.new("RGB", (width, len(rows) * (row_h + band)), "white")
+    draw = ImageDraw.Draw(img)
+    for i, row in enumerate(rows):
+        row = row.clamp(0, 1).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+        arr = (row * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        top = i * (row_h + band)
+        img.paste(Image.fromarray(arr), (0, top + band))
+        if labels:
+            draw.text((2, top + 1), labels[i], fill="black")
+    write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_curve(path, series, title="reward", size=(560, 320)):
+    """A line chart PNG: series = {name: (xs, ys)}, one coloured line each, a legend, y ticks."""
+    W, H, m = size[0], size[1], 44  # canvas and margin
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xs = [x for v in series.values() for x in v[0]]
+    ys = [y for v in series.values() for y in v[1]]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    pad = 0.05 * ((max(ys) - min(ys)) or 1)  # 5% head room above and below the data
+    y0, y1 = min(ys) - pad, max(ys) + pad
+
+    def px(x):  # data -> pixel coordinates
+        return m + (x - x0) / (x1 - x0) * (W - 2 * m)
+
+    def py(y):
+        return H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    d.text((m, 8), title, fill="black")
+    for y in (y0, (y0 + y1) / 2, y1):
+        d.text((4, py(y) - 6), f"{y:.3f}", fill="black")
+    d.text((m, H - m + 6), f"{x0:g}", fill="black")
+    d.text((W - m - 20, H - m + 6), f"{x1:g}", fill="black")
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for i, (name, (sx, sy)) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        pts = [(px(x), py(y)) for x, y in zip(sx, sy)]
+        if len(pts) > 1:
+            d.line(pts, fill=c, width=2)
+        if len(pts) < 40:  # dots only while they stay readable
+            for p in pts:
+                d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
+        d.text((W - m - 150, m + 6 + 14 * i), name, fill=c)
+    write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))

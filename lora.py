@@ -1,0 +1,195 @@
+"""
+Named LoRA adapters on a frozen base network, and their key layouts (PEFT, LongLive).
+
+Astrolabe trains LoRA, not the full model (paper §4; rank 256, alpha 256 on every linear of
+every transformer block), and keeps several copies of the low-rank weights side by side on one
+frozen base:
+    default  theta, the trained policy           old  theta_old, the rollout policy
+    ref      the dynamic reference (--selective) ema  the evaluation / export average
+Switching policy is switching which adapter the linears use, so one base serves all four.
+
+    lora.add_adapter(model, "default", rank=16)      # every LoRALinear gets A (r, in), B (out, r)
+    with lora.use_adapter(model, "old"):             # forwards now use W + (alpha/r) B_old A_old
+        ...
+    lora.lerp_adapter(model, "old", "default", d)    # theta_old <- d theta_old + (1 - d) theta
+
+Works on any nn.Module whose linears are LoRALinear; imports nothing of this repository, so it
+can be copied alone. File I/O (PEFT folders, LongLive lora.pt) is in checkpoints.py.
+
+Test:  python -m pytest tests/test_lora.py -q
+
+Shape legend: r rank, I input features, O output features.
+"""
+import math
+import re
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_
+
+# PEFT's target_modules for the Wan blocks: a suffix match picks the 10 linears of each block
+# (self_attn q k v o, cross_attn q k v o, ffn.0 and ffn.2)
+LORA_TARGETS = ["q", "k", "v", "o", "ffn.0", "ffn.2"]
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus named low-rank adapters: y = W x + b + (alpha/r) B A x.
+
+    Adapters live in `self.lora[name]` as A (r, I) and B (O, r), PEFT's layout. `active` names the
+    adapter in use (None = base weights only). The base weight keeps its checkpoint name, so a
+    state dict without adapters is exactly the checkpoint's.
+    """
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.lora = nn.ModuleDict()
+        self.scale = {}  # name -> alpha / r
+        self.active = None
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.active is not None:
+            ad = self.lora[self.active]
+            # adapters stay float32 while the base may run in bf16: cast in, compute, cast back
+            # y = W x + b + s * B (A x)
+            y = y + self.scale[self.active] * F_.linear(F_.linear(x.to(ad.A.dtype), ad.A), ad.B).to(y.dtype)
+        return y
+
+
+def lora_layers(model):
+    """(name, LoRALinear) for every adapted linear of `model`, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def adapter_names(model):
+    """Names of the adapters every LoRALinear holds, in the order they were added."""
+    layers = lora_layers(model)
+    return list(layers[0][1].lora.keys()) if layers else []
+
+
+def add_adapter(model, name, rank=256, alpha=None):
+    """Add adapter `name` to every LoRALinear: A kaiming-uniform as PEFT, B = 0, so the new
+    adapter starts as the base model. alpha: scale = alpha / rank; default alpha = rank (scale 1,
+    LongLive's and Astrolabe's r = alpha = 256)."""
+    # ModuleDict keys become attribute names: refuse names that would shadow its own methods
+    if not name.isidentifier() or hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name {name!r} is not allowed (use e.g. 'default', 'old', 'ref')")
+    alpha = rank if alpha is None else alpha
+    for _, m in lora_layers(model):
+        dev = m.weight.device
+        A = torch.empty(rank, m.in_features, device=dev, dtype=torch.float32)  # (r, I)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # PEFT's init for A
+        ad = nn.Module()
+        ad.A = nn.Parameter(A)
+        # B = 0: B A x = 0, the adapter changes nothing until it is trained
+        ad.B = nn.Parameter(torch.zeros(m.out_features, rank, device=dev))  # (O, r)
+        m.lora[name], m.scale[name] = ad, alpha / rank
+
+
+def set_adapter(model, name):
+    """Use adapter `name` in every forward from now on (None = the base model, adapters off)."""
+    if name is not None and name not in adapter_names(model):
+        raise KeyError(f"no adapter {name!r}; have {adapter_names(model)}")
+    for _, m in lora_layers(model):
+        m.active = name
+
+
+@contextmanager
+def use_adapter(model, name):
+    """`with use_adapter(model, "old"): ...` runs the block with adapter `name`, then restores the
+    previous selection (also on an exception)."""
+    prev = lora_layers(model)[0][1].active
+    set_adapter(model, name)
+    try:
+        yield
+    finally:
+        set_adapter(model, prev)
+
+
+def adapter_params(model, name):
+    """The parameters of adapter `name`: A, B of every layer, in layer order."""
+    return [p for _, m in lora_layers(model) for p in m.lora[name].parameters()]
+
+
+def adapter_numel(model, name):
+    """Number of parameters of adapter `name` (r (I + O) per layer)."""
+    return sum(p.numel() for p in adapter_params(model, name))
+
+
+@torch.no_grad()
+def copy_adapter(model, src, dst):
+    """dst <- src, adding dst (same rank and scale) if it does not exist yet."""
+    if dst not in adapter_names(model):
+        m = lora_layers(model)[0][1]
+        rank = m.lora[src].A.shape[0]
+        add_adapter(model, dst, rank, m.scale[src] * rank)
+    for a, b in zip(adapter_params(model, src), adapter_params(model, dst)):
+        b.copy_(a)
+
+
+@torch.no_grad()
+def lerp_adapter(model, dst, src, decay):
+    """dst <- decay * dst + (1 - decay) * src: the old-policy and EMA updates."""
+    for d, s in zip(adapter_params(model, dst), adapter_params(model, src)):
+        d.mul_(decay).add_(s.to(d.dtype), alpha=1 - decay)
+
+
+def all_finite(model, name):
+    """True if every parameter of adapter `name` is finite."""
+    return all(bool(torch.isfinite(p).all()) for p in adapter_params(model, name))
+
+
+# ----------------------------------------------------------------------------------------------
+# Key layouts: PEFT's (what we save, what Astrolabe saves) and LongLive's lora.pt
+
+def adapter_state_dict(model, name):
+    """Adapter `name` in PEFT's layout: base_model.model.<layer>.lora_{A,B}.weight."""
+    sd = {}
+    for n, m in lora_layers(model):
+        sd[f"base_model.model.{n}.lora_A.weight"] = m.lora[name].A.detach()  # (r, I)
+        sd[f"base_model.model.{n}.lora_B.weight"] = m.lora[name].B.detach()  # (O, r)
+    return sd
+
+
+def peft_config(model, name):
+    """adapter_config.json of adapter `name`, so PEFT (and Astrolabe's loader) can read it back."""
+    m = lora_layers(model)[0][1]
+    r = m.lora[name].A.shape[0]
+    return dict(peft_type="LORA", r=r, lora_alpha=m.scale[name] * r, lora_dropout=0.0, bias="none",
+                target_modules=LORA_TARGETS)
+
+
+# a layer path of the Wan blocks, then lora_A / lora_B, then PEFT's optional adapter name
+# ("...q.lora_A.default.weight" in LongLive's lora.pt, "...q.lora_A.weight" in a PEFT file)
+_KEY = re.compile(r"(blocks\.\d+\.(?:self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02])"
+                  r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+@torch.no_grad()
+def load_adapter_state(model, name, sd, alpha=None):
+    """Load PEFT or LongLive LoRA tensors into adapter `name`, created with the file's rank if
+    missing. alpha: LoRA alpha; default = rank (scale 1, as LongLive and Astrolabe use)."""
+    found = {}  # (layer path, "A" | "B") -> tensor
+    for key, val in sd.items():
+        m = _KEY.search(key)
+        if m:
+            found[(m.group(1), m.group(2))] = val
+    layers = dict(lora_layers(model))
+    missing = [n for n in layers if (n, "A") not in found or (n, "B") not in found]
+    if missing:
+        raise ValueError(f"LoRA file has no weights for {len(missing)} of {len(layers)} "
+                         f"layers (first: {missing[:3]}); expected PEFT keys like "
+                         f"'base_model.model.blocks.0.self_attn.q.lora_A.weight'")
+    rank = found[next(iter(layers)), "A"].shape[0]  # A is (r, I)
+    if name not in adapter_names(model):
+        add_adapter(model, name, rank, alpha)
+    elif alpha is not None:
+        for m in layers.values():
+            m.scale[name] = alpha / rank
+    for n, m in layers.items():
+        for ab in "AB":
+            p, v = getattr(m.lora[name], ab), found[(n, ab)]
+            if p.shape != v.shape:
+                raise ValueError(f"LoRA {n}.lora_{ab}: file {tuple(v.shape)} vs model "
+                                 f"{tuple(p.shape)} (rank or model size differ)")
+            p.copy_(v)
