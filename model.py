@@ -135,7 +135,11 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (Wan's WanLayerNorm)."""
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        # the affine weights too in float32: a bf16 base holds them in bf16, and layer_norm takes
+        # no float input with bf16 weights outside CUDA autocast (which upcasts both, as here)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F_.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 def _attend(q, k, v, ranges):
@@ -336,7 +340,7 @@ class CausalWanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)  # the model starts by predicting v = 0
 
     def forward(self, x, t, context, *, cache: KVCache = None, start_frame=0, clean_x=None,
-                history: KVCache = None, local=-1, sink=0, kv_only=False):
+                history: KVCache = None, local=None, sink=None, mask_block=None, kv_only=False):
         """Flow (velocity) prediction v for noisy latents x at per-frame timesteps t.
 
         x: (B, F, C, H, W) noisy latents, frame 0 is absolute frame `start_frame`
@@ -344,8 +348,10 @@ class CausalWanModel(nn.Module):
         cache:   inference. x is one block, attending to the cache + itself; K/V are written.
         history: training on a window: a (read-only) cache prefix every block may attend to.
         clean_x: teacher forcing. Each noisy block sees the clean frames of earlier blocks.
-        local, sink: the attention window of the training mask (see kvcache.visible); with a
-                 cache they are the cache's own.
+        local, sink: the attention window of the training mask (see kvcache.visible); default:
+                 the history's own, else global (-1, 0); with a cache they are the cache's own.
+        mask_block: frames per block of the training mask (default cfg.frames_per_block; 1 is
+                 frame-causal, what the released trainer trains with: docs/method.md#training-attention-mask).
         kv_only: with a cache, only write K/V (the sampler's t = 0 pass): skips the last
                  layer's attention output, cross-attention, FFN and the head; returns None.
         returns: (B, F, C, H, W) flow prediction
@@ -382,10 +388,15 @@ class CausalWanModel(nn.Module):
             lo, _ = cache.begin(start_frame, Fr)
             plan = _Plan([((0, nf * tpf), [(0, cache.length)])], cache=cache, slot=lo)
         else:
-            if history is not None:  # a window continuing a rollout: the cache's own window rule
-                local, sink = history.local, history.sink
-            blocks = attention_plan(Fr, tpf, cfg.frames_per_block, start_frame, local, sink,
-                                    [] if history is None else history.frames, clean_x is not None)
+            # the window rule: as given, else the history cache's own (a window continuing a
+            # rollout), else global attention
+            if local is None:
+                local = history.local if history is not None else -1
+            if sink is None:
+                sink = history.sink if history is not None else 0
+            past = [] if history is None else history.frames  # absolute frames of the history
+            blocks = attention_plan(Fr, tpf, mask_block or cfg.frames_per_block, start_frame, local, sink,
+                                    past, clean_x is not None)
             plan = _Plan(blocks, history=history)
 
         ckpt = self.grad_checkpointing and cache is None and torch.is_grad_enabled()

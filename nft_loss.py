@@ -97,8 +97,8 @@ def adaptive_weight(pred, x0, floor=1e-5):
         return err.mean(1).clamp(min=floor)
 
 
-def nft_policy_loss(x0_theta, x0_old, x0, r, beta=0.1, adaptive=False, adv_clip=5.0):
-    """Negative-aware fine-tuning loss on x0 predictions. Returns (mean over B, per-sample (B,)).
+def nft_sample_losses(x0_theta, x0_old, x0, r, beta=0.1, adaptive=False, adv_clip=5.0):
+    """Negative-aware fine-tuning loss on x0 predictions, per sample: (B,).
 
     x0_theta (B, ...) trainable prediction; x0_old (B, ...) rollout policy's (detached here);
     x0 (B, ...) the generated clean sample; r (B,) optimality probability. Per sample
@@ -126,7 +126,12 @@ def nft_policy_loss(x0_theta, x0_old, x0, r, beta=0.1, adaptive=False, adv_clip=
     if adaptive:
         # × A_max/β: undoes the β carried by ∂x̂±/∂x̂_θ and restores the advantage scale
         per_sample = per_sample * (adv_clip / beta)
-    return per_sample.mean(), per_sample
+    return per_sample
+
+
+def nft_policy_loss(x0_theta, x0_old, x0, r, beta=0.1, adaptive=False, adv_clip=5.0):
+    """The NFT loss of a micro-batch: nft_sample_losses(...) averaged over its B samples."""
+    return nft_sample_losses(x0_theta, x0_old, x0, r, beta, adaptive, adv_clip).mean()
 
 
 def ref_loss(x0_theta, x0_ref, mask=None):
@@ -170,18 +175,24 @@ def ranks(scores, ties="average"):
     return (len(s) - n_le) + (n_le - n_lt + 1) / 2.0
 
 
-def uncertainty(main_scores, aux_scores_list, gardo_sign=False, ties="average"):
+def uncertainty(main_scores, aux_scores_list, sign="paper", ties="average"):
     """Rank disagreement between the main (optimised) reward and the auxiliary ones: (N,).
 
-    Default: u = mean_k rank_aux_k - rank_main, > 0 when the main reward likes a sample more
+    sign="paper": u = mean_k rank_aux_k - rank_main, > 0 when the main reward likes a sample more
     than the auxiliaries do ("main high, aux low", what reward hacking looks like).
-    gardo_sign=True reproduces the Astrolabe/GARDO code, u = rank_main - mean_k rank_aux_k,
-    which selects the opposite disagreement (§4 "Sign caveat"; kept for exact replication).
+    sign="released": the Astrolabe/GARDO code, u = rank_main - mean_k rank_aux_k, which selects
+    the opposite disagreement (docs/method.md#selective-regularization; kept for replication).
     Σ_i u_i = 0 either way, so {u >= 0} is never empty.
     """
+    if sign not in ("paper", "released"):
+        raise ValueError(f"sign must be 'paper' or 'released', got {sign!r}")
     r_main = ranks(main_scores, ties)  # (N,)
     r_aux = torch.stack([ranks(a, ties) for a in aux_scores_list]).mean(0)  # (N,)
-    return r_main - r_aux if gardo_sign else r_aux - r_main
+    if sign == "released":
+        # u = rank_main - mean_k rank_aux_k
+        return r_main - r_aux
+    # u = mean_k rank_aux_k - rank_main
+    return r_aux - r_main
 
 
 def selective_threshold(u, rho):
@@ -257,17 +268,16 @@ class DynamicReference:
     and, on a reset, adapts the threshold (start 0.15):
         gap > max_gap: thres <- max(thres - 0.01, thres_min = 0.1)   (held too long: lower it)
         gap < min_gap: thres <- min(thres + 0.01, thres_max)         (too frequent: raise it)
-    The reference writes min(thres + 0.01, 0.05), which forces thres <= 0.05 (more resets,
-    the opposite of the intent); gardo_thres_clamp=True reproduces that. thres_max = 0.5 is our
-    reading of 5e-2 as a typo for 5e-1 (an inference: no source states the intended cap).
+    The released code writes min(thres + 0.01, 0.05), which forces thres <= 0.05 (more resets,
+    the opposite of the intent); thres_max=0.05 reproduces that (train.py --ref-thres-cap). The
+    default 0.5 is our reading of 5e-2 as a typo for 5e-1 (an inference: no source states the
+    intended cap; docs/method.md#dynamic-reference).
     The reference is θ at step 0, so the first possible reset is after step 1.
     """
 
-    def __init__(self, thres=0.15, max_gap=15, min_gap=5, delta=0.01, thres_min=0.1,
-                 thres_max=0.5, gardo_thres_clamp=False):
+    def __init__(self, thres=0.15, max_gap=15, min_gap=5, delta=0.01, thres_min=0.1, thres_max=0.5):
         self.thres, self.max_gap, self.min_gap, self.delta = thres, max_gap, min_gap, delta
         self.thres_min, self.thres_max = thres_min, thres_max
-        self.gardo_thres_clamp = gardo_thres_clamp
         self.step_count = 0  # RL steps taken
         self.last_reset = 0  # step count at the last ref <- θ (0 = initialisation)
 
@@ -278,9 +288,8 @@ class DynamicReference:
             return False
         if gap > self.max_gap:
             self.thres = max(self.thres - self.delta, self.thres_min)
-        if gap < self.min_gap:
-            cap = 0.05 if self.gardo_thres_clamp else self.thres_max  # quirk: see the docstring
-            self.thres = min(self.thres + self.delta, cap)
+        if gap < self.min_gap:  # thres <- min(thres + delta, thres_max)
+            self.thres = min(self.thres + self.delta, self.thres_max)
         self.last_reset = self.step_count
         return True
 

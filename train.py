@@ -153,9 +153,10 @@ class Args:
     micro_batch: int = 8
     """samples per forward/backward (per rank)"""
     # ---- memory levers (the real presets turn them on)
-    bf16: bool = True
-    """on CUDA: frozen base and text encoder in bf16 and bf16 autocast (LoRA parameters, optimizer
-    and loss math stay float32); --no-bf16: float32 everywhere (CPU is always float32)"""
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """on: frozen base and text encoder in bf16 and bf16 autocast, on any device (LoRA parameters,
+    optimizer state and loss math stay float32); off: float32 everywhere; auto: on with CUDA, off
+    on a CPU (most CPUs emulate bf16 matmuls, slower than float32)"""
     grad_checkpointing: bool = False
     """recompute each transformer block in the backward pass: activations of one block instead
     of all of them, for ~1/3 more update time"""
@@ -176,6 +177,40 @@ class Args:
     """keep an EMA of theta (decay min((1+n)/(10+n), 0.9)) for eval and export"""
     selective: bool = False
     """uncertainty-aware selective reference term + dynamic reference (needs >= 2 rewards)"""
+    # ---- fidelity to the released code (docs/method.md; README, "Differences")
+    train_mask: Literal["block", "frame"] = "block"
+    """attention blocks of the training forward: block (the sampler's 3 frames, as at inference)
+    or frame (frame-causal: what the released trainer trains with, its block size never reaches
+    the PEFT-wrapped model)"""
+    train_sink: bool = True
+    """the training mask keeps the rolling cache's sink frames, as the rollout sees them;
+    --no-train-sink: the released local-window training mask, without a sink"""
+    uncertainty_sign: Literal["paper", "released"] = "paper"
+    """selective mode, u = rank disagreement: paper (u = mean rank_aux - rank_main, selects samples
+    the main reward likes more than the auxiliaries: suspected hacking) or released (u = rank_main
+    - mean rank_aux, the opposite samples; GARDO's and Astrolabe's code)"""
+    aux_rewards: int = 0
+    """selective mode: how many of the other rewards (in --rewards order) are the auxiliaries (0:
+    all; the released code takes the first 2)"""
+    rank_ties: Literal["average", "ordinal"] = "average"
+    """selective mode: tied scores share their mean rank (average), or get ordinal ranks in sample
+    order (ordinal; the released code's torch.sort, whose tie order is unspecified)"""
+    ref_thres_cap: float = 0.5
+    """dynamic reference: cap of the KL threshold when resets come fast (thres <- min(thres + 0.01,
+    cap)); the released code's 0.05 pins it below its 0.15 start (a likely typo for 0.5)"""
+    ema_start: Literal["sync", "base"] = "sync"
+    """sync: the EMA becomes theta at the first step, then averages (the released code's
+    sync_with_model); base: it starts from theta_0 = the base model and averages from there"""
+    prompt_draw: Literal["epoch-walk", "released"] = "epoch-walk"
+    """epoch-walk: every prompt once per epoch in a seeded shuffle; released: randperm(seed + step)
+    [:prompts-per-step], the released sampler (its 8-GPU layout: --prompts-per-step 1
+    --group-size 384)"""
+    reward_frames: int = 8
+    """frames the learned image rewards (hpsv2, clip_score, aesthetic) score per video, evenly
+    spaced; 0: every frame (the released code scores all 81)"""
+    exact_reference: bool = False
+    """turn on every released-code behaviour above at once (+ raw train timesteps, noisy window
+    context), for reproduction runs; overrides those flags"""
     # ---- eval
     eval_prompts: int = 4
     """number of fixed eval prompts (evenly spread over the training prompts)"""
@@ -210,6 +245,18 @@ PRESETS = {  # python train.py <preset> [--flags]; every field stays overridable
 }
 
 
+# --exact-reference: the released code's behaviour for every flag that has a choice (docs/method.md)
+RELEASED = dict(train_mask="frame", train_sink=False, uncertainty_sign="released", aux_rewards=2,
+                rank_ties="ordinal", ref_thres_cap=0.05, ema_start="sync", prompt_draw="released",
+                reward_frames=0, train_timesteps="raw", window_context="noisy", reward_norm="none",
+                global_std=True, adaptive_weight=False, old_decay="linear")
+
+
+def released_behaviour(args):
+    """args with every RELEASED value in place (what --exact-reference runs)."""
+    return dataclasses.replace(args, **RELEASED)
+
+
 def parse_args(argv=None):
     """`train.py [PRESET] [--flags]`: the preset is a named Args default, flags override it."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -225,10 +272,17 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Building blocks of one step (module level: bench.py and the tests call them too)
 
-def prompts_for_step(prompts, n, step, seed):
-    """The n prompts of RL step `step`: walk a seeded shuffle of the list, reshuffled every epoch.
-    Every prompt comes once per epoch, so the mean reward of an epoch's steps compares across
-    epochs (random draws make the per-step mean follow which prompts were drawn, not the policy)."""
+def prompts_for_step(prompts, n, step, seed, draw="epoch-walk"):
+    """The n prompts of RL step `step`.
+
+    epoch-walk: walk a seeded shuffle of the list, reshuffled every epoch. Every prompt comes once
+    per epoch, so the mean reward of an epoch's steps compares across epochs (random draws make
+    the per-step mean follow which prompts were drawn, not the policy).
+    released: the released sampler's draw, the first n of randperm(len) seeded with seed + step
+    (docs/method.md#prompt-layout-of-the-released-sampler)."""
+    if draw == "released":
+        g = torch.Generator().manual_seed(seed + step)
+        return [prompts[i] for i in torch.randperm(len(prompts), generator=g)[:n].tolist()]
     out = []
     for i in range(step * n, (step + 1) * n):
         epoch, k = divmod(i, len(prompts))
@@ -245,11 +299,16 @@ def latent_hw(args):
     return args.height // 8, args.width // 8
 
 
+def adapters_of(args):
+    """The LoRA adapters a run keeps: default (theta, trained), old (rollouts), ref (the dynamic
+    reference, --selective only: standard mode's reference is the base, adapters off), ema."""
+    return ["default", "old"] + (["ref"] if args.selective else []) + (["ema"] if args.ema else [])
+
+
 def build_model(args, device="cpu", dtype=torch.float32, cfg=None):
-    """The frozen base (--ckpt; a random init for tiny without one) with the LoRA adapters
-    `default` (trained), `old` (rollouts), `ref` (+ `ema`), all equal at the start: LoRA B = 0, or
-    --lora-init in every one. cfg overrides model.CONFIGS[args.model] (tests: tiny sizes through
-    a real preset's loading path)."""
+    """The frozen base (--ckpt; a random init for tiny without one) with the LoRA adapters of
+    adapters_of(args), all equal at the start: LoRA B = 0, or --lora-init in every one. cfg
+    overrides model.CONFIGS[args.model] (tests: tiny sizes through a real preset's loading path)."""
     cfg = cfg or CONFIGS[args.model]
     torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
     if args.ckpt:
@@ -268,10 +327,17 @@ def build_model(args, device="cpu", dtype=torch.float32, cfg=None):
         load_adapter_file(model, "default", args.lora_init)
     model.to(device)
     # every other adapter starts as a copy of theta
-    for name in ["old", "ref"] + (["ema"] if args.ema else []):
+    for name in adapters_of(args)[1:]:
         copy_adapter(model, "default", name)
     model.grad_checkpointing = args.grad_checkpointing
     return model
+
+
+def use_bf16(args, device):
+    """--bf16 auto: on with CUDA, off on a CPU."""
+    if args.bf16 == "auto":
+        return str(device).startswith("cuda")
+    return args.bf16 == "on"
 
 
 class FrozenParts:
@@ -289,7 +355,7 @@ class FrozenParts:
         missing = [f"--{f.replace('_', '-')}" for f in ("vae", "text_encoder") if not getattr(args, f)]
         if missing:
             raise SystemExit(f"--model {args.model} needs {' and '.join(missing)} (README, Real models)")
-        half = torch.bfloat16 if "cuda" in str(device) and args.bf16 else torch.float32
+        half = torch.bfloat16 if use_bf16(args, device) else torch.float32
         te = TextEncoder.load(args.text_encoder, args.tokenizer, device=device, dtype=half)
         for i in range(0, len(prompts), 8):  # rows are (512, 4096) each: keep them on the CPU
             self.table.update(zip(prompts[i:i + 8], te(prompts[i:i + 8]).to("cpu", half)))
@@ -319,9 +385,12 @@ def predict_x0(model, adapter, x_t, t, sigma, ctx, args, *, clean_x0=None, start
     sink + recent frames, so its size never depends on start) and block-causally to itself.
     """
     clean = clean_x0 if args.window_context == "clean" else None
+    # the training mask: the cache's window rule; frame-causal and/or sink-free for the released one
+    mask_block = 1 if args.train_mask == "frame" else None
+    sink = args.sink if args.train_sink else 0
     with use_adapter(model, adapter):
-        v = model(x_t, t, ctx, local=args.local_attn, sink=args.sink, start_frame=start, history=history,
-                  clean_x=clean)
+        v = model(x_t, t, ctx, local=args.local_attn, sink=sink, mask_block=mask_block, start_frame=start,
+                  history=history, clean_x=clean)
     # x0 = x_t - sigma v, in float32 (the loss math never runs in bf16)
     return x_t - sigma.view(-1, 1, 1, 1, 1) * v.float()
 
@@ -437,6 +506,17 @@ def rollout_windows(model, ctx, js, K, step, s, hist, args):
     return torch.cat(out)
 
 
+def selective_kl_mask(scores, names, compensator, args):
+    """Samples under the reference term in selective mode: where the main reward (the first)
+    and the auxiliary ones disagree most (docs/method.md#selective-regularization). (N,) bool."""
+    # the auxiliaries: every other reward, or the first --aux-rewards of them (released: 2)
+    aux = names[1:] if args.aux_rewards == 0 else names[1:1 + args.aux_rewards]
+    u = nft.uncertainty(scores[names[0]], [scores[name] for name in aux], sign=args.uncertainty_sign,
+                        ties=args.rank_ties)
+    # rho, the selected fraction, adapts to this step's u before the mask is cut
+    return nft.selective_mask(u, compensator.update(u))
+
+
 def nft_microbatch(model, args, *, x0, ctx, r, kl_mask, step, j0, start, history, autocast):
     """The NFT loss of one micro-batch (3 predictions on one x_t), ready for backward().
 
@@ -450,7 +530,8 @@ def nft_microbatch(model, args, *, x0, ctx, r, kl_mask, step, j0, start, history
             x_old = predict_x0(model, "old", x_t, t, sigma, ctx, args, clean_x0=x0, start=start, history=history)
             x_ref = predict_x0(model, ref, x_t, t, sigma, ctx, args, clean_x0=x0, start=start, history=history)
         x_th = predict_x0(model, "default", x_t, t, sigma, ctx, args, clean_x0=x0, start=start, history=history)
-    loss_pol, _ = nft.nft_policy_loss(x_th, x_old, x0, r, args.beta, args.adaptive_weight)
+    loss_pol = nft.nft_policy_loss(x_th, x_old, x0, r, beta=args.beta, adaptive=args.adaptive_weight,
+                                   adv_clip=args.adv_clip)
     loss_ref = nft.ref_loss(x_th, x_ref, kl_mask)
     # L = L_NFT + lambda_KL * mean_{b in mask} ||x_theta - x_ref||^2
     loss = loss_pol + args.kl_weight * loss_ref
@@ -530,6 +611,9 @@ def main(args: Args):
         torch.cuda.set_device(device)
     master = rank == 0
     torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
+    if args.exact_reference:  # every released-code behaviour at once (RELEASED)
+        args = released_behaviour(args)
+        log("--exact-reference: " + ", ".join(f"{k} {v}" for k, v in RELEASED.items()))
 
     # ---- the batch layout must be the same whatever the world size
     N, K = args.prompts_per_step * args.group_size, args.group_size
@@ -566,14 +650,14 @@ def main(args: Args):
         raise SystemExit(f"--model {args.model}: give training prompts with --prompt-file or --prompts")
     prompts = prompts or tiny_world.PROMPTS
     frozen = FrozenParts(args, prompts, device)
-    multi = MultiReward(args.rewards, registry={**REWARDS, **tiny_world.REWARDS})
+    multi = MultiReward(args.rewards, registry={**REWARDS, **tiny_world.REWARDS}, frames=args.reward_frames)
     names = multi.names
     if args.selective and len(names) < 2:
         raise SystemExit("--selective needs at least two rewards (the first is the main one)")
 
     # ---- model: frozen base + LoRA adapters default (trained), old (rollout), ref, ema
-    bf16 = cuda and args.bf16
-    dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base in bf16 on GPU
+    bf16 = use_bf16(args, device)
+    dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base in bf16
     model = build_model(args, device, dtype)
     if args.model == "tiny" and not args.ckpt:
         log("no base checkpoint: RL starts from a randomly initialised tiny model")
@@ -582,8 +666,8 @@ def main(args: Args):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
     # bf16 matmuls; LoRA parameters, optimizer state and loss math stay float32 (x0 is .float())
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
-    compensator, dynref = nft.RiskCompensator(), nft.DynamicReference()
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    compensator, dynref = nft.RiskCompensator(), nft.DynamicReference(thres_max=args.ref_thres_cap)
 
     # ---- resume
     start, bad_steps = 0, 0
@@ -622,7 +706,7 @@ def main(args: Args):
     for step in bar:
         t0, mem0 = time.time(), reset_peak(device)
         # ------------------------------------------------------------------ 1. rollout (old)
-        step_prompts = prompts_for_step(prompts, args.prompts_per_step, step, args.seed)
+        step_prompts = prompts_for_step(prompts, args.prompts_per_step, step, args.seed, args.prompt_draw)
         js = range(rank * n_local, (rank + 1) * n_local)  # this rank's global sample indices
         my_prompts = [step_prompts[j // K] for j in js]  # sample j is candidate j % K of prompt j // K
         ctx = frozen.embed(my_prompts)  # (n, Lt, Dt)
@@ -644,9 +728,8 @@ def main(args: Args):
         adv = nft.group_advantages(R, groups, global_std=args.global_std)
         r = nft.optimality_prob(adv, args.adv_clip)  # (N,)
         if args.selective:  # where the rewards disagree, keep theta close to the reference
-            u = nft.uncertainty(scores[names[0]], [scores[name] for name in names[1:]])
-            kl_mask = nft.selective_mask(u, compensator.update(u))  # rho adapts to this step's u
-        else:
+            kl_mask = selective_kl_mask(scores, names, compensator, args)  # (N,) bool
+        else:  # standard mode: the reference term on every sample
             kl_mask = torch.ones(N, dtype=torch.bool, device=device)
         # ------------------------------------------------------------------ 4. NFT update
         model.train()
@@ -687,6 +770,8 @@ def main(args: Args):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if args.ema and step == 0 and args.ema_start == "sync":
+                copy_adapter(model, "default", "ema")  # the EMA starts at theta_1, as released
             if args.ema:  # ema <- d ema + (1 - d) theta, d = min((1 + n)/(10 + n), 0.9)
                 lerp_adapter(model, "ema", "default", nft.ema_decay(step))
             if args.selective and dynref.step(kl_m):  # the reference drifted too far / too long

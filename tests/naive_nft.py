@@ -55,10 +55,12 @@ def ranks(scores, ties="average"):
     return out
 
 
-def uncertainty(main, auxes, gardo_sign=False):
+def uncertainty(main, auxes, sign="paper"):
     rm = ranks(main)
     ra = [sum(ranks(a)[i] for a in auxes) / len(auxes) for i in range(len(main))]
-    return [m - a if gardo_sign else a - m for m, a in zip(rm, ra)]
+    if sign == "released":
+        return [m - a for m, a in zip(rm, ra)]
+    return [a - m for m, a in zip(rm, ra)]
 
 
 def percentile(values, p):

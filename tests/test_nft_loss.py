@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import naive_nft as naive
-from nft_loss import (DynamicReference, RiskCompensator, ema_decay, group_advantages,
+from nft_loss import (DynamicReference, nft_sample_losses, RiskCompensator, ema_decay, group_advantages,
                       group_normalize, nft_policy_loss, old_decay, optimality_prob, ranks,
                       ref_loss, selective_mask, selective_threshold, uncertainty)
 
@@ -42,7 +42,7 @@ def test_optimum_reached_by_gradient_descent():
     opt = torch.optim.SGD([x], lr=0.5 * len(r) * n / (2 * beta ** 2))
     for _ in range(80):
         opt.zero_grad()
-        nft_policy_loss(x, x_old, x0, r, beta)[0].backward()
+        nft_policy_loss(x, x_old, x0, r, beta).backward()
         opt.step()
     expect = x_old + ((2 * r - 1) / beta).view(-1, 1, 1, 1, 1) * (x0 - x_old)
     torch.testing.assert_close(x.detach(), expect, rtol=1e-10, atol=1e-10)
@@ -55,7 +55,7 @@ def test_loss_equals_expanded_quadratic():
     xt, xo, x0 = latents(3, 1)
     a, d = (xo - x0).flatten(1), (xt - xo).flatten(1)
     expect = (a * a).mean(1) + 2 * beta * (2 * r - 1) * (a * d).mean(1) + beta ** 2 * (d * d).mean(1)
-    torch.testing.assert_close(nft_policy_loss(xt, xo, x0, r, beta)[1], expect)
+    torch.testing.assert_close(nft_sample_losses(xt, xo, x0, r, beta), expect)
 
 
 @pytest.mark.parametrize("r_val", [0.0, 0.2, 0.5, 0.8, 1.0])
@@ -65,7 +65,7 @@ def test_gradient_at_old_policy(r_val):
     _, xo, x0 = latents(2, 2)
     r = torch.full((2,), r_val, dtype=F64)
     x = xo.clone().requires_grad_(True)
-    nft_policy_loss(x, xo, x0, r, beta)[1].sum().backward()
+    nft_sample_losses(x, xo, x0, r, beta).sum().backward()
     expect = 2 * beta * (2 * r_val - 1) * (xo - x0) / x0[0].numel()
     torch.testing.assert_close(x.grad, expect, rtol=1e-12, atol=1e-15)
     if r_val == 0.5:
@@ -76,7 +76,7 @@ def test_old_policy_gets_no_gradient():
     xt, xo, x0 = latents(2, 3)
     xt.requires_grad_(True)
     xo.requires_grad_(True)
-    nft_policy_loss(xt, xo, x0, T([0.2, 0.9]))[0].backward()
+    nft_policy_loss(xt, xo, x0, T([0.2, 0.9])).backward()
     assert xo.grad is None and xt.grad is not None
 
 
@@ -85,7 +85,8 @@ def test_policy_loss_matches_loop():
     r = T([0.0, 0.3, 0.5, 1.0])
     flat = [t.flatten(1).tolist() for t in (xt, xo, x0)]
     for adaptive in (False, True):
-        mean, per = nft_policy_loss(xt, xo, x0, r, 0.1, adaptive=adaptive)
+        mean = nft_policy_loss(xt, xo, x0, r, 0.1, adaptive=adaptive)
+        per = nft_sample_losses(xt, xo, x0, r, 0.1, adaptive=adaptive)
         expect = T(naive.policy_loss(*flat, r.tolist(), 0.1, adaptive=adaptive))
         torch.testing.assert_close(per, expect)
         torch.testing.assert_close(mean, expect.mean())
@@ -113,7 +114,7 @@ def test_adaptive_matches_diffusionnft_formula():
     expect = ((r * pos / beta + (1 - r) * neg / beta) * amax).mean()
     (g_expect,) = torch.autograd.grad(expect, v_theta)
     # ours, fed with x0 predictions x̂ = x_t - t·v (mixing in x0 space is the same thing)
-    got, _ = nft_policy_loss(xt - t * v_theta, xt - t * v_old, x0, r, beta, adaptive=True, adv_clip=amax)
+    got = nft_policy_loss(xt - t * v_theta, xt - t * v_old, x0, r, beta, adaptive=True, adv_clip=amax)
     (g_got,) = torch.autograd.grad(got, v_theta)
     torch.testing.assert_close(got, expect)
     torch.testing.assert_close(g_got, g_expect)
@@ -125,7 +126,7 @@ def test_adaptive_gradient_at_old_policy():
     _, xo, x0 = latents(3, 6)
     r = T([0.1, 0.5, 0.7])
     x = xo.clone().requires_grad_(True)
-    nft_policy_loss(x, xo, x0, r, 0.1, adaptive=True)[1].sum().backward()
+    nft_sample_losses(x, xo, x0, r, 0.1, adaptive=True).sum().backward()
     w = (xo - x0).abs().flatten(1).mean(1).view(-1, 1, 1, 1, 1)
     a_c = ((2 * r - 1) * 5.0).view(-1, 1, 1, 1, 1)
     torch.testing.assert_close(x.grad, 2 * a_c * (xo - x0) / (w * x0[0].numel()))
@@ -212,13 +213,13 @@ def test_uncertainty_hand_values():
     main = T([0.9, 0.1, 0.5, 0.3])  # ranks 1 4 2 3
     aux1 = T([0.1, 0.9, 0.5, 0.3])  # ranks 4 1 2 3
     aux2 = T([0.2, 0.8, 0.6, 0.4])  # ranks 4 1 2 3
-    # sample 0: main loves it, auxiliaries don't -> u > 0 by default, < 0 with GARDO's sign
+    # sample 0: main loves it, auxiliaries don't -> u > 0 with the paper sign, < 0 released
     assert uncertainty(main, [aux1, aux2]).tolist() == [3.0, -3.0, 0.0, 0.0]
-    assert uncertainty(main, [aux1, aux2], gardo_sign=True).tolist() == [-3.0, 3.0, 0.0, 0.0]
+    assert uncertainty(main, [aux1, aux2], sign="released").tolist() == [-3.0, 3.0, 0.0, 0.0]
     g = torch.Generator().manual_seed(9)
     m, a, b = (torch.randn(30, generator=g, dtype=F64) for _ in range(3))
-    for sign in (False, True):
-        u = uncertainty(m, [a, b], gardo_sign=sign)
+    for sign in ("paper", "released"):
+        u = uncertainty(m, [a, b], sign=sign)
         assert u.tolist() == pytest.approx(naive.uncertainty(m.tolist(), [a.tolist(), b.tolist()], sign))
         assert abs(u.sum().item()) < 1e-9  # Σu = 0: {u >= 0} is never empty
 
@@ -324,7 +325,7 @@ def test_dynamic_reference_threshold_bounds():
 
 
 def test_dynamic_reference_gardo_clamp_quirk():
-    d = DynamicReference(gardo_thres_clamp=True)
+    d = DynamicReference(thres_max=0.05)  # the released cap
     assert d.step(0.2) and d.thres == pytest.approx(0.05)  # min(0.16, 0.05): the reference's clamp
     assert d.step(0.06) and d.thres == pytest.approx(0.05)  # now KL 0.06 already resets
     assert [d.step(0.0) for _ in range(16)] == [False] * 15 + [True]

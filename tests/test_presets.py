@@ -88,6 +88,7 @@ def test_preset_loader_takes_its_family_layout(name, tmp_path):
                    tmp_path / "lora.pt")
         args = dataclasses.replace(args, lora_init=str(tmp_path / "lora.pt"))
         set_adapter(src, "default")
+    args = dataclasses.replace(args, selective=True)  # every adapter a run can have
     m = train.build_model(args, cfg=TINY)
     assert adapter_names(m) == ["default", "old", "ref", "ema"]
     with torch.no_grad():

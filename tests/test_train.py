@@ -142,7 +142,7 @@ def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
     args = train.parse_args(SMALL + ["--steps", "5", "--eval-every", "0", "--ckpt-every", "0",
                                      "--out-dir", str(tmp_path)])
     import nft_loss
-    monkeypatch.setattr(nft_loss, "nft_policy_loss", lambda *a, **k: (torch.tensor(float("nan")), None))
+    monkeypatch.setattr(nft_loss, "nft_policy_loss", lambda *a, **k: torch.tensor(float("nan")))
     with pytest.raises(SystemExit, match="non-finite loss"):
         train.main(args)
     rs = rows(tmp_path)
