@@ -440,3 +440,21 @@ def randomize_head(model, std=0.02):
     initialised model would give one flat video: draw the head's weight instead. For random-
     weight runs only (demos, benchmarks, tests); a checkpoint loads over it."""
     nn.init.normal_(model.head.head.weight, std=std)
+
+
+@torch.no_grad()
+def init_materialized(model):
+    """Initialise every parameter of a model built on the meta device and materialised with
+    to_empty(), whose memory is garbage: norm gains 1, biases 0, adaLN modulations N(0, 1/D) as
+    at construction, then Wan's init_weights for the linears. Random-weight runs only."""
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, nn.LayerNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        if isinstance(m, (Block, Head)):
+            nn.init.normal_(m.modulation, std=model.cfg.dim ** -0.5)
+    nn.init.zeros_(model.patch_embedding.bias)
+    model.init_weights()
+    randomize_head(model)

@@ -38,11 +38,12 @@ import torch.distributed as dist
 import tyro
 from tqdm import tqdm
 
+import memory
 import nft_loss as nft
 import tiny_world
 from checkpoints import find_run_checkpoint, load_adapter_file, load_checkpoint, load_run, run_checkpoints, save_run
-from common import (all_reduce_grads, find_file, gather, log, missing_files, peak_growth, reset_peak, save_curve,
-                    save_strip, seed_of)
+from common import (all_reduce_grads, find_file, gather, log, missing_files, peak_growth, reset_peak, rss_mb,
+                    save_curve, save_strip, seed_of)
 from frozen import TextEncoder, WanVAE
 from kvcache import KVCache
 from lora import adapter_names, adapter_params, add_adapter, copy_adapter, lerp_adapter, use_adapter
@@ -439,19 +440,23 @@ def rollout(model, ctx, seeds, frames, args, adapter="old", cache=None, start=0,
     return None if lat is None else lat.float()
 
 
+def window_starts(args):
+    """Every window start this run can draw (block-aligned latent frames)."""
+    T, block = args.window or args.num_frames, CONFIGS[args.model].frames_per_block
+    if args.window_select == "first":
+        return [0]
+    if args.window_select == "last":
+        return [args.num_frames - T]
+    if args.window_select == "random":  # every block boundary with a whole window after it
+        return list(range(0, args.num_frames - T + 1, block))
+    return args.window_starts or [0]  # random_choice
+
+
 def window_start(args, step):
     """Block-aligned start s of this step's window, the same on every rank. random / random_choice
     draw without replacement: each cycle of steps visits every start once in a seeded order, so a
     stretch of steps is not skewed toward one start (the reward differs a lot between windows)."""
-    T, block = args.window or args.num_frames, CONFIGS[args.model].frames_per_block
-    if args.window_select == "first":
-        starts = [0]
-    elif args.window_select == "last":
-        starts = [args.num_frames - T]
-    elif args.window_select == "random":  # every block boundary with a whole window after it
-        starts = list(range(0, args.num_frames - T + 1, block))
-    else:  # random_choice
-        starts = args.window_starts or [0]
+    starts = window_starts(args)
     cycle, i = divmod(step, len(starts))
     return random.Random(seed_of(args.seed, cycle, "window")).sample(starts, len(starts))[i]
 
@@ -610,6 +615,8 @@ def main(args: Args):
     if cuda:
         torch.cuda.set_device(device)
     master = rank == 0
+    # plumbing: memory at the start, before anything loads (mem/total_mb is measured from here)
+    mem_start = 0.0 if cuda else rss_mb()
     torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
     if args.exact_reference:  # every released-code behaviour at once (RELEASED)
         args = released_behaviour(args)
@@ -641,6 +648,17 @@ def main(args: Args):
     found = {f: find_file(getattr(args, f)) for f in files if getattr(args, f)}
     args = dataclasses.replace(args, **found)
 
+    # ---- the memory model: the peak one step will hold (memory.py), before anything loads
+    bf16 = use_bf16(args, device)
+    pred = memory.predict(args, CONFIGS[args.model], start=max(window_starts(args)), world=world, bf16=bf16)
+    log(f"memory model: predicted peak {memory.summary(pred)} per rank")
+    if cuda:
+        total_gb = torch.cuda.get_device_properties(device).total_memory / memory.GB
+        log(f"GPU: {total_gb:.1f} GB")
+        if pred["peak"] / memory.GB > 0.95 * total_gb:
+            log(f"WARNING: the predicted peak ({pred['peak'] / memory.GB:.1f} GB) will not fit this GPU "
+                f"({total_gb:.1f} GB); levers: {', '.join(memory.levers(args))}")
+
     # ---- prompts; text embeddings first (umT5 leaves the GPU before the DiT arrives), rewards
     prompts = list(args.prompts)
     if args.prompt_file:
@@ -656,7 +674,6 @@ def main(args: Args):
         raise SystemExit("--selective needs at least two rewards (the first is the main one)")
 
     # ---- model: frozen base + LoRA adapters default (trained), old (rollout), ref, ema
-    bf16 = use_bf16(args, device)
     dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base in bf16
     model = build_model(args, device, dtype)
     if args.model == "tiny" and not args.ckpt:
@@ -786,8 +803,10 @@ def main(args: Args):
         row.update({"window_start": s, "r_mean": r.mean().item(), "loss": loss_m, "kl": kl_m, "kl_all": kl_all,
                     "mask_frac": kl_mask.float().mean().item(), "grad_norm": grad_norm,
                     "lr": opt.param_groups[0]["lr"], "skipped": bad, "time/rollout_s": t_roll,
-                    "time/update_s": time.time() - t1, "time/step_s": time.time() - t0,
-                    "mem/peak_mb": peak_growth(device, mem0)})
+                    "time/update_s": time.time() - t1, "time/step_s": time.time() - t0})
+        # the step's peak above its start, and in all (above the process before anything loaded)
+        row["mem/peak_mb"] = peak_growth(device, mem0)
+        row["mem/total_mb"] = row["mem/peak_mb"] + mem0 - mem_start
         if master:
             write_row(metrics_path, row, wandb)
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{loss_m:.4f}", kl=f"{kl_m:.2e}")

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import memory
 import train
 from kvcache import KVCache
-from lora import add_adapter, copy_adapter
-from model import CausalWanModel, ModelConfig, randomize_head
+from lora import adapter_params, add_adapter, copy_adapter, use_adapter
+from model import CONFIGS, CausalWanModel, ModelConfig, attention_plan, randomize_head
 from test_train import SMALL, rows, run
 
 
@@ -104,3 +105,67 @@ def test_bf16_on_cpu(tmp_path):
         assert len(rs) == 2 and all(torch.isfinite(torch.tensor([x["loss"], x["grad_norm"]])).all() for x in rs)
         loss[mode] = rs[0]["loss"]
     assert loss["on"] == pytest.approx(loss["off"], rel=0.2)
+
+
+# ---- the memory model (memory.py)
+
+def saved_bytes(m, x, t, ctx, clean, autocast):
+    """Bytes autograd keeps for backward in one LoRA forward (parameters excluded)."""
+    seen = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), use_adapter(m, "default"):
+            m(x, t, ctx, clean_x=clean)
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("clean", [False, True])
+def test_saved_activations_match_autograd(dtype, clean):
+    """memory.saved_activations (counted op by op) against torch's own saved-tensor hooks, at a
+    Wan-like shape (Df = 4 D, r = D / 8, 512 text tokens are 1/6 of the video tokens here)."""
+    cfg = ModelConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=2, in_dim=16, out_dim=16, text_dim=64,
+                      text_len=32)
+    torch.manual_seed(0)
+    m = CausalWanModel(cfg).to(dtype).requires_grad_(False)
+    add_adapter(m, "default", 24)
+    for p in adapter_params(m, "default"):
+        p.requires_grad_(True)
+    F, hw = 6, (8, 16)
+    P = 4 * 8
+    x = torch.randn(1, F, 16, *hw, dtype=dtype)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, dtype=dtype)
+    got = saved_bytes(m, x, torch.full((1, F), 500.0), ctx, x.clone() if clean else None, dtype == torch.bfloat16)
+    plan = attention_plan(F, P, cfg.frames_per_block, teacher_forcing=clean)
+    want = memory.saved_activations(cfg, F * P * (2 if clean else 1), 24, dtype, memory.concatenated_keys(plan),
+                                    cfg.text_len)
+    assert want == pytest.approx(got, rel=0.03)  # measured: within 1%
+
+
+def test_predict_terms_follow_the_flags():
+    cfg = CONFIGS["wan-1.3b"]
+    a = train.PRESETS["self-forcing"]
+    base = memory.predict(a, cfg)
+    sel = memory.predict(dataclasses.replace(a, selective=True), cfg)
+    n_base, n_lora = memory.parameter_counts(cfg, a.lora_rank)
+    assert base["weights"] == n_base * 4 and sel["adapters"] - base["adapters"] == n_lora * 4  # + ref
+    assert memory.predict(a, cfg, bf16=True)["weights"] == n_base * 2
+    no_ckpt = memory.predict(dataclasses.replace(a, grad_checkpointing=False), cfg)
+    assert no_ckpt["update"] > 3 * base["update"]  # checkpointing keeps one block's activations
+    streaming = dataclasses.replace(a, num_frames=42, window=21, local_attn=12, sink=3)
+    s0, s21 = memory.predict(streaming, cfg, start=0), memory.predict(streaming, cfg, start=21)
+    assert s21["rollout"] > s0["rollout"]  # the histories exist only for s > 0
+    # one KV cache of the rolling window: 30 layers x 12 frames x 1560 tokens x 1536 x K, V x 4 bytes
+    cache = 2 * 30 * (12 * 1560 + 512) * 1536 * 4
+    assert s21["rollout"] - s0["rollout"] == pytest.approx(a.prompts_per_step * cache)
+
+
+def test_train_prints_the_prediction(tmp_path):
+    r = run(["--steps", "1", "--eval-every", "0"], tmp_path / "run")
+    assert "memory model: predicted peak" in r.stdout and "memory levers" in r.stdout
+    assert rows(tmp_path / "run")[0]["mem/total_mb"] > 0

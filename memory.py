@@ -1,0 +1,181 @@
+"""
+The memory model: what one RL step of train.py holds at its peak, predicted from the run's
+config before anything loads (train.py prints it at start; bench.py memory measures it).
+
+    static      frozen base weights, every LoRA adapter (float32)
+    optimizer   theta's gradients and AdamW's two moments (float32), from the first update on
+    rollout     the window's KV caches (one micro-batch of videos, the cache's capacity) + the
+                histories before the window (streaming, s > 0) + one model call's working set
+    update      histories + a micro-batch's stacked copy of them + the activations autograd
+                saves in the x_theta forward (all blocks, or with --grad-checkpointing each
+                block's input and one block's worth) + the backward's gradient buffers
+    decode      the VAE's working set for --decode-batch videos (real models) and the pixels
+    reward      learned reward models' weights and their activations for one chunk of frames
+    eval        the periodic eval's whole videos: one KV cache for every eval prompt
+peak = static + optimizer + max(rollout, update, eval) + decode + reward.
+
+Activations are counted from what autograd saves per transformer block, element by element
+(tests/test_scale.py checks the counts against torch's saved-tensor hooks); attention never
+stores a score matrix (SDPA's flash / memory-efficient kernels), but a query block whose keys
+are two runs (sink + window, clean prefix + own block) attends to a concatenated copy.
+
+Test:  python -m pytest tests/test_scale.py -q
+Run:   python bench.py memory      (measured next to predicted, and every preset at real size)
+
+Shape legend: L layers, D model dim, Df FFN dim, r LoRA rank, P tokens per latent frame,
+T window frames, F video frames, m micro-batch, n samples per rank, Lt text tokens.
+"""
+import torch
+
+from lora import add_adapter, adapter_numel
+from model import CausalWanModel, attention_plan
+
+GB = 2 ** 30
+
+# bytes autograd saves per token and layer of the x_theta forward: (per D, per Df, per r).
+# float32, op by op: norm1's input, the modulated input of q/k/v, q and k before their RMSNorm,
+# roped q and k, v, the attention output and its concatenation, the residual, norm3's input
+# and output, cross q before its norm, normed, the attention output, norm2's input and the
+# FFN input = 16 D; the FFN hidden before and after GELU = 2 Df; A x of the 8 token-side LoRA
+# linears = 8 r; 4 bytes each.
+# bf16 autocast: the same tensors, bf16 where autocast computes, float32 where the model upcasts
+# (the four norms' inputs, q/k before RMSNorm) plus autocast's bf16 copy of every LoRA input: 50
+# bytes per D, 2 x 2 per Df, 2 x 8 per r; and, per layer, autocast's bf16 copies of A and B.
+SAVED_BYTES = {torch.float32: (64, 8, 32), torch.bfloat16: (50, 4, 16)}
+
+# the Wan2.1 VAE decoding frame by frame (diffusers' feature cache), float32: working set per
+# output pixel of one frame chunk, measured on a CPU with random weights at 64x64 and 128x128
+# pixels (bench.py memory --vae); its 127 M float32 weights
+VAE_BYTES_PER_PIXEL = 45e3
+VAE_WEIGHTS = 127e6 * 4
+
+# learned rewards: float32 parameters (open_clip / torchvision architectures, counted), and a
+# forward's working set per image of a chunk (CHUNK = 32 in rewards.py), no grad
+REWARD_PARAMS = {"hpsv2": 986e6, "clip_score": 428e6, "aesthetic": 428e6 + 0.9e6, "dynamic_degree": 5.3e6}
+REWARD_CHUNK_BYTES = {"hpsv2": 32 * 257 * 1280 * 12 * 4, "clip_score": 32 * 257 * 1024 * 12 * 4,
+                      "aesthetic": 32 * 257 * 1024 * 12 * 4, "dynamic_degree": 32 * 1.5e8}
+
+
+def parameter_counts(cfg, rank):
+    """(base parameters, parameters of one LoRA adapter of `rank`), counted on the meta device."""
+    with torch.device("meta"):
+        m = CausalWanModel(cfg)
+        base = sum(p.numel() for p in m.parameters())
+        add_adapter(m, "count", rank)
+    return base, adapter_numel(m, "count")
+
+
+def saved_activations(cfg, tokens, rank, dtype, plan_keys=0, text=0):
+    """Bytes autograd keeps for backward in one forward through every block: `tokens` query
+    tokens (clean context included), `plan_keys` concatenated key tokens per layer, `text`
+    tokens of the cross-attention context."""
+    per_d, per_f, per_r = SAVED_BYTES[dtype]
+    b = torch.finfo(dtype).bits // 8
+    per_token = per_d * cfg.dim + per_f * cfg.ffn_dim + per_r * rank
+    # per layer: the token activations, the concatenated K and V copies, the text side's k/v LoRA
+    layer = tokens * per_token + 2 * plan_keys * cfg.dim * b + text * (6 * cfg.dim * b + 2 * rank * b)
+    if dtype == torch.bfloat16:  # autocast's bf16 copy of theta's A and B, kept for backward
+        d, f = cfg.dim, cfg.ffn_dim
+        layer += 2 * rank * (8 * 2 * d + (d + f) + (f + d))
+    return cfg.num_layers * layer
+
+
+def concatenated_keys(plan):
+    """Key tokens copied by torch.cat in one layer: query blocks that attend to two or more runs."""
+    return sum(sum(hi - lo for lo, hi in runs) for _, runs in plan if len(runs) > 1)
+
+
+def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
+    """Peak memory of one RL step of train.py with `args` on a model of config `cfg`, per rank,
+    in bytes: {term: bytes, ..., "peak": bytes}. start: the largest window start the run draws
+    (train.window_starts; histories exist when it is > 0). decode=False leaves out the VAE (dry
+    runs with latents standing in for pixels); bf16: base and autocast in bf16 (train.use_bf16)."""
+    act = torch.bfloat16 if bf16 else torch.float32
+    b = 2 if bf16 else 4  # bytes of the base, its activations and the KV caches
+    ph, pw = cfg.patch_size[1:]
+    tiny = args.model == "tiny"
+    h, w = (args.height, args.width) if tiny else (args.height // 8, args.width // 8)
+    P = (h // ph) * (w // pw)
+    T, F = args.window or args.num_frames, args.num_frames
+    n = args.prompts_per_step * args.group_size // world
+    m = args.micro_batch
+    block = cfg.frames_per_block
+    base, adapter = parameter_counts(cfg, args.lora_rank)
+    n_adapters = 2 + args.selective + args.ema  # default, old (+ ref) (+ ema)
+    out = {"weights": base * b, "adapters": n_adapters * adapter * 4, "optimizer": 3 * adapter * 4}
+
+    # ---- KV caches: capacity frames x P tokens x D, K and V, every layer; + the text K/V
+    cap = args.local_attn if args.local_attn >= 0 else F
+    per_video_cache = 2 * cfg.num_layers * (cap * P + cfg.text_len) * cfg.dim * b
+    streaming = start > 0
+    prompts_here = max(1, args.prompts_per_step // world)
+    n_hist = 0
+    if streaming:  # one history per prompt (shared-prefix) or per sample (independent)
+        n_hist = prompts_here if args.group_mode == "shared-prefix" else n
+    histories = n_hist * per_video_cache
+    latents = n * T * cfg.in_dim * h * w * 4  # the window's clean latents, float32
+    # one sampler call: a block of m videos through a layer (the FFN hidden is the largest)
+    call = m * block * P * (cfg.ffn_dim + 6 * cfg.dim) * b
+    out["rollout"] = histories + m * per_video_cache + call + latents
+
+    # ---- the update: the x_theta forward's saved activations for one micro-batch
+    clean = args.window_context == "clean"
+    tokens = m * T * P * (2 if clean else 1)
+    past = list(range(start))  # the history's frames: all of them, or the rolling cache's
+    if args.local_attn >= 0:
+        past = [f for f in past if f < args.sink or f >= start - (cap - args.sink)]
+    mask_block = 1 if args.train_mask == "frame" else block
+    sink = args.sink if args.train_sink else 0
+    plan = attention_plan(T, P, mask_block, start, args.local_attn, sink, past, clean)
+    keys = m * concatenated_keys(plan)
+    if streaming:  # every layer attends to torch.cat([history K/V ; the window's K/V])
+        keys += m * (len(past) + T) * P
+    full = saved_activations(cfg, tokens, args.lora_rank, act, keys, m * cfg.text_len)
+    if args.grad_checkpointing:  # each block's input, plus one block recomputed at a time
+        saved = cfg.num_layers * tokens * cfg.dim * b + full // cfg.num_layers
+    else:
+        saved = full
+    # backward: gradient buffers of a block's activations in flight (the FFN hidden and a few D)
+    grads_in_flight = tokens * (2 * cfg.ffn_dim + 6 * cfg.dim) * 4
+    hist_copy = m * per_video_cache if streaming else 0
+    out["update"] = histories + hist_copy + latents + saved + grads_in_flight
+
+    # ---- decode and rewards
+    if tiny or not decode:  # pixels are the latents' own size (tiny: pixel space; dry runs)
+        pixels = n * T * 3 * h * w * 4
+        out["decode"] = 0
+    else:  # the VAE's working set, and its 1 + 4 (T - 1) frames per video at 8x the latent size
+        out["decode"] = VAE_WEIGHTS + args.decode_batch * VAE_BYTES_PER_PIXEL * args.height * args.width
+        pixels = n * (1 + 4 * (T - 1)) * 3 * args.height * args.width * 4  # float32
+    learned = [spec.split("=")[0] for spec in args.rewards if spec.split("=")[0] in REWARD_PARAMS]
+    out["reward"] = pixels + sum(REWARD_PARAMS[r] * 4 for r in learned) + max(
+        [REWARD_CHUNK_BYTES[r] for r in learned], default=0)
+
+    # ---- the periodic eval: whole videos for the eval prompts, one cache for all of them
+    E = args.eval_prompts if args.eval_every else 0
+    out["eval"] = E * (per_video_cache + F * cfg.in_dim * h * w * 4) + E * call // max(m, 1)
+
+    out["peak"] = (out["weights"] + out["adapters"] + out["optimizer"]
+                   + max(out["rollout"], out["update"], out["eval"]) + out["decode"] + out["reward"])
+    return out
+
+
+def summary(pred):
+    """One line: the predicted peak and its terms, in GB."""
+    terms = ", ".join(f"{k} {v / GB:.2f}" for k, v in pred.items() if k != "peak")
+    return f"{pred['peak'] / GB:.2f} GB ({terms})"
+
+
+def levers(args):
+    """What to change when the prediction does not fit, largest effect first."""
+    out = []
+    if not args.grad_checkpointing:
+        out.append("--grad-checkpointing")
+    if args.micro_batch > 1:
+        out.append("a smaller --micro-batch")
+    if args.local_attn < 0 and args.num_frames > 21:
+        out.append("a rolling cache (--local-attn 12 --sink 3)")
+    out.append("a smaller --lora-rank")
+    if args.ema:
+        out.append("--no-ema")
+    return out
