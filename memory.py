@@ -67,8 +67,8 @@ def parameter_counts(cfg, rank):
 
 def saved_activations(cfg, tokens, rank, dtype, plan_keys=0, text=0):
     """Bytes autograd keeps for backward in one forward through every block: `tokens` query
-    tokens (clean context included), `plan_keys` concatenated key tokens per layer, `text`
-    tokens of the cross-attention context."""
+    tokens (clean context included), `plan_keys` more key tokens per layer (extra_key_tokens),
+    `text` tokens of the cross-attention context."""
     per_d, per_f, per_r = SAVED_BYTES[dtype]
     b = torch.finfo(dtype).bits // 8
     per_token = per_d * cfg.dim + per_f * cfg.ffn_dim + per_r * rank
@@ -80,9 +80,17 @@ def saved_activations(cfg, tokens, rank, dtype, plan_keys=0, text=0):
     return cfg.num_layers * layer
 
 
-def concatenated_keys(plan):
-    """Key tokens copied by torch.cat in one layer: query blocks that attend to two or more runs."""
-    return sum(sum(hi - lo for lo, hi in runs) for _, runs in plan if len(runs) > 1)
+def extra_key_tokens(plan, tokens, history_tokens=0):
+    """Key tokens (K and V each) one layer keeps for backward beyond the call's own roped k and v,
+    per video: query blocks that attend to two or more runs read a torch.cat copy; with a
+    history, every layer builds K = cat([history K ; the call's K]), which attention keeps when
+    some query block reads it as one run (a view), and the call's own k and v are then kept
+    only inside it."""
+    keys = sum(sum(hi - lo for lo, hi in runs) for _, runs in plan if len(runs) > 1)
+    if history_tokens:
+        single = any(len(runs) == 1 for _, runs in plan)
+        keys += (history_tokens + tokens if single else 0) - tokens
+    return keys
 
 
 def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
@@ -127,9 +135,7 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
     mask_block = 1 if args.train_mask == "frame" else block
     sink = args.sink if args.train_sink else 0
     plan = attention_plan(T, P, mask_block, start, args.local_attn, sink, past, clean)
-    keys = m * concatenated_keys(plan)
-    if streaming:  # every layer attends to torch.cat([history K/V ; the window's K/V])
-        keys += m * (len(past) + T) * P
+    keys = m * extra_key_tokens(plan, tokens // m, len(past) * P if streaming else 0)
     full = saved_activations(cfg, tokens, args.lora_rank, act, keys, m * cfg.text_len)
     if args.grad_checkpointing:  # each block's input, plus one block recomputed at a time
         saved = cfg.num_layers * tokens * cfg.dim * b + full // cfg.num_layers
