@@ -38,6 +38,7 @@ import torch
 import tyro
 
 import memory
+import streaming
 import train
 from common import peak_growth, reset_peak, write_atomic
 from kvcache import KVCache
@@ -516,7 +517,7 @@ def memory_case(index, ckpt_file):
         train.main(args)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             row = [json.loads(line) for line in f][-1]
-    pred = memory.predict(args, SIZES[case[1]], start=max(train.window_starts(args)), decode=False)
+    pred = memory.predict(args, SIZES[case[1]], start=max(streaming.window_starts(args)), decode=False)
     return {"name": case[0], "measured_mb": at_start[-1] + row["mem/peak_mb"], "predicted_mb": pred["peak"] / 2 ** 20,
             "rss_total_mb": row["mem/total_mb"],
             "step_s": row["time/step_s"], "terms_mb": {k: v / 2 ** 20 for k, v in pred.items()}}
@@ -544,7 +545,7 @@ def memory_bench(args):
     presets = []
     for name, preset in train.PRESETS.items():
         cfg = CONFIGS[preset.model]
-        pred = memory.predict(preset, cfg, start=max(train.window_starts(preset)), bf16=preset.model != "tiny")
+        pred = memory.predict(preset, cfg, start=max(streaming.window_starts(preset)), bf16=preset.model != "tiny")
         presets.append({"name": name, "predicted_gb": pred["peak"] / memory.GB})
         print(f"preset {name:15s} predicted {memory.summary(pred)}", flush=True)
     return {"cases": cases, "presets": presets}

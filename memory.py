@@ -11,7 +11,7 @@ config before anything loads (train.py prints it at start; bench.py memory measu
                 block's input and one block's worth) + the backward's gradient buffers
     decode      the VAE's working set for --decode-batch videos (real models) and the pixels
     reward      learned reward models' weights and their activations for one chunk of frames
-    eval        the periodic eval's whole videos: one KV cache for every eval prompt
+    eval        the periodic eval's whole videos: a KV cache for a micro-batch of eval prompts
 peak = static + optimizer + max(rollout, update, eval) + decode + reward.
 
 Activations are counted from what autograd saves per transformer block, element by element
@@ -150,16 +150,17 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
     if tiny or not decode:  # pixels are the latents' own size (tiny: pixel space; dry runs)
         pixels = n * T * 3 * h * w * 4
         out["decode"] = 0
-    else:  # the VAE's working set, and its 1 + 4 (T - 1) frames per video at 8x the latent size
+    else:  # the VAE's working set, and 1 + 4 (T - 1) frames at 8x the latent size per video of
+        # the --decode-batch the rewards score at once (train.score_videos)
         out["decode"] = VAE_WEIGHTS + args.decode_batch * VAE_BYTES_PER_PIXEL * args.height * args.width
-        pixels = n * (1 + 4 * (T - 1)) * 3 * args.height * args.width * 4  # float32
+        pixels = args.decode_batch * (1 + 4 * (T - 1)) * 3 * args.height * args.width * 4  # float32
     learned = [spec.split("=")[0] for spec in args.rewards if spec.split("=")[0] in REWARD_PARAMS]
     out["reward"] = pixels + sum(REWARD_PARAMS[r] * 4 for r in learned) + max(
         [REWARD_CHUNK_BYTES[r] for r in learned], default=0)
 
     # ---- the periodic eval: whole videos for the eval prompts, one cache for all of them
-    E = args.eval_prompts if args.eval_every else 0
-    out["eval"] = E * (per_video_cache + F * cfg.in_dim * h * w * 4) + E * call // max(m, 1)
+    E = min(args.eval_prompts, m) if args.eval_every else 0  # videos per eval rollout
+    out["eval"] = E * (per_video_cache + F * cfg.in_dim * h * w * 4) + E * call // m
 
     out["peak"] = (out["weights"] + out["adapters"] + out["optimizer"]
                    + max(out["rollout"], out["update"], out["eval"]) + out["decode"] + out["reward"])

@@ -45,11 +45,11 @@ from checkpoints import find_run_checkpoint, load_adapter_file, load_checkpoint,
 from common import (all_reduce_grads, find_file, gather, log, missing_files, peak_growth, reset_peak, rss_mb,
                     save_curve, save_strip, seed_of)
 from frozen import TextEncoder, WanVAE
-from kvcache import KVCache
-from lora import adapter_names, adapter_params, add_adapter, copy_adapter, lerp_adapter, use_adapter
+from lora import adapter_params, add_adapter, copy_adapter, lerp_adapter, use_adapter
 from model import CONFIGS, CausalWanModel, randomize_head
 from rewards import REWARDS, MultiReward
-from sample import GeneratorNoise, generate, make_generators, sampler_timesteps, save_video, sigma_of, to_pixels
+from sample import sampler_timesteps, save_video, sigma_of, to_pixels
+from streaming import rollout, rollout_histories, rollout_windows, stack_history, window_start, window_starts
 
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass; presets are named instances of it (python train.py <preset> --flag ...)
@@ -292,14 +292,6 @@ def prompts_for_step(prompts, n, step, seed, draw="epoch-walk"):
     return out
 
 
-def latent_hw(args):
-    """(H, W) of the model's input: pixels for the pixel-space tiny model, VAE latents (8x
-    smaller) for Wan."""
-    if args.model == "tiny":
-        return args.height, args.width
-    return args.height // 8, args.width // 8
-
-
 def adapters_of(args):
     """The LoRA adapters a run keeps: default (theta, trained), old (rollouts), ref (the dynamic
     reference, --selective only: standard mode's reference is the base, adapters off), ema."""
@@ -379,6 +371,21 @@ class FrozenParts:
         return torch.cat([to_pixels(self.vae.decode(lat[i:i + b].float())) for i in range(0, len(lat), b)])
 
 
+@torch.no_grad()
+def score_videos(frozen, multi, lat, prompts, chunk):
+    """Rewards of latent videos (B, T, C, H, W), decoded `chunk` videos at a time, so that only one
+    chunk is ever held in pixels (at 480x832 one 81-frame video is 0.4 GB in float32). Returns
+    (total (B,), {name: (B,)}); each reward scores every video on its own, so chunks change no
+    number."""
+    totals, per = [], {}
+    for i in range(0, len(lat), chunk):
+        total, scores = multi(frozen.decode(lat[i:i + chunk]), prompts[i:i + chunk])  # pixels in [0, 1]
+        totals.append(total)
+        for name, value in scores.items():
+            per.setdefault(name, []).append(value)
+    return torch.cat(totals), {name: torch.cat(values) for name, values in per.items()}
+
+
 def predict_x0(model, adapter, x_t, t, sigma, ctx, args, *, clean_x0=None, start=0, history=None):
     """x0 prediction of one adapter: x0 = x_t - sigma * v(x_t, t). (m, T, C, H, W)
 
@@ -421,96 +428,6 @@ def training_noise(args, x0, step, j0):
     return x_t, torch.full((m, T), float(t), device=x0.device), s_x0.expand(m).to(x0.device)
 
 
-def new_cache(model, batch, args, dtype, device):
-    """An empty KV cache for `batch` videos of this run's size and cache window."""
-    return KVCache.for_model(model.cfg, batch, args.num_frames, latent_hw(args), args.sink,
-                             args.local_attn, dtype, device)
-
-
-@torch.no_grad()
-def rollout(model, ctx, seeds, frames, args, adapter="old", cache=None, start=0, keep=True):
-    """`frames` latent frames per seed with `adapter`, no grad, continuing `cache` (a new one if
-    None) from frame `start`. Returns (B, frames, C, H, W) clean latents (None if keep=False)."""
-    dtype, dev = next(model.parameters()).dtype, ctx.device
-    if cache is None:
-        cache = new_cache(model, len(seeds), args, dtype, dev)
-    noise = GeneratorNoise(make_generators(seeds), (model.cfg.in_dim, *latent_hw(args)), dev, dtype)
-    with use_adapter(model, adapter):
-        lat = generate(model, ctx.to(dtype), cache, frames, noise, start_frame=start, keep=keep)
-    return None if lat is None else lat.float()
-
-
-def window_starts(args):
-    """Every window start this run can draw (block-aligned latent frames)."""
-    T, block = args.window or args.num_frames, CONFIGS[args.model].frames_per_block
-    if args.window_select == "first":
-        return [0]
-    if args.window_select == "last":
-        return [args.num_frames - T]
-    if args.window_select == "random":  # every block boundary with a whole window after it
-        return list(range(0, args.num_frames - T + 1, block))
-    return args.window_starts or [0]  # random_choice
-
-
-def window_start(args, step):
-    """Block-aligned start s of this step's window, the same on every rank. random / random_choice
-    draw without replacement: each cycle of steps visits every start once in a seeded order, so a
-    stretch of steps is not skewed toward one start (the reward differs a lot between windows)."""
-    starts = window_starts(args)
-    cycle, i = divmod(step, len(starts))
-    return random.Random(seed_of(args.seed, cycle, "window")).sample(starts, len(starts))[i]
-
-
-def history_key(j, K, args):
-    """Which history sample j continues: its prompt's (shared-prefix) or its own (independent)."""
-    return j // K if args.group_mode == "shared-prefix" else j
-
-
-@torch.no_grad()
-def rollout_histories(model, ctx, js, K, step, s, args):
-    """The history [0, s) before this step's window, generated once per prompt (shared-prefix)
-    or per sample (independent) of this rank: {history_key: KVCache at frame s}.
-
-    Each is a rolling-cache state (sink + recent frames), so its size never depends on s; the
-    prefix latents themselves are not kept (keep=False). Empty for s = 0: no cache at all."""
-    hist = {}
-    if s == 0:
-        return hist
-    dtype = next(model.parameters()).dtype
-    for i, j in enumerate(js):
-        key = history_key(j, K, args)
-        if key in hist:
-            continue
-        # prefix noise from (seed, step, prompt[, candidate]): the same on every rank
-        if args.group_mode == "shared-prefix":
-            prefix_seed = seed_of(args.seed, step, j // K)
-        else:
-            prefix_seed = seed_of(args.seed, step, j // K, j % K, "prefix")
-        hist[key] = new_cache(model, 1, args, dtype, ctx.device)
-        rollout(model, ctx[i][None], [prefix_seed], s, args, cache=hist[key], keep=False)
-    return hist
-
-
-def stack_history(hist, rows, K, args):
-    """A fresh batch cache holding the histories of samples `rows` (None when there is none)."""
-    if not hist:
-        return None
-    return KVCache.stack([hist[history_key(j, K, args)] for j in rows])
-
-
-@torch.no_grad()
-def rollout_windows(model, ctx, js, K, step, s, hist, args):
-    """The window [s, s + T) of every sample j in js (prompt j // K, candidate j % K), each
-    branching from a copy of its history. Returns (n, T, C, H, W) clean latents."""
-    T, m = args.window or args.num_frames, args.micro_batch
-    out = []
-    for i in range(0, len(js), m):
-        rows = js[i:i + m]
-        seeds = [seed_of(args.seed, step, j // K, j % K) for j in rows]  # candidate k's own noise
-        out.append(rollout(model, ctx[i:i + m], seeds, T, args, cache=stack_history(hist, rows, K, args), start=s))
-    return torch.cat(out)
-
-
 def selective_kl_mask(scores, names, compensator, args):
     """Samples under the reference term in selective mode: where the main reward (the first)
     and the auxiliary ones disagree most (docs/method.md#selective-regularization). (N,) bool."""
@@ -548,9 +465,15 @@ def nft_microbatch(model, args, *, x0, ctx, r, kl_mask, step, j0, start, history
 
 @torch.no_grad()
 def eval_videos(model, frozen, prompts, args, adapter):
-    """The whole video for fixed prompts and seeds with `adapter` (None = base): (E, F, 3, H, W)."""
+    """The whole video for fixed prompts and seeds with `adapter` (None = base): (E, F, 3, H, W),
+    --micro-batch videos per rollout (one KV cache for the whole video each)."""
     seeds = [seed_of(args.seed, "eval", i) for i in range(len(prompts))]
-    return frozen.decode(rollout(model, frozen.embed(prompts), seeds, args.num_frames, args, adapter))
+    videos = []
+    for i in range(0, len(prompts), args.micro_batch):
+        ctx = frozen.embed(prompts[i:i + args.micro_batch])
+        lat = rollout(model, ctx, seeds[i:i + args.micro_batch], args.num_frames, args, adapter)
+        videos.append(frozen.decode(lat))
+    return torch.cat(videos)
 
 
 def write_row(path, row, wandb=None):
@@ -733,7 +656,9 @@ def main(args: Args):
         lat = rollout_windows(model, ctx, js, K, step, s, hist, args)  # (n, T, C, H, W)
         t_roll = time.time() - t0
         # ------------------------------------------------------------------ 2. reward
-        total, per = multi(frozen.decode(lat), my_prompts)  # scores see pixels in [0, 1]
+        # tiny: pixel space, every video at once; real models: --decode-batch videos at a time
+        chunk = len(lat) if args.model == "tiny" else args.decode_batch
+        total, per = score_videos(frozen, multi, lat, my_prompts, chunk)
         total = gather(total.to(device), world)  # (N,)
         scores = {name: gather(per[name].to(device), world) for name in names}  # {name: (N,)}
         groups = torch.arange(N, device=device) // K  # prompt index of every sample

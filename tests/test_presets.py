@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import streaming
 import train
 from model import CONFIGS, CausalWanModel
 from lora import adapter_names, adapter_params, adapter_state_dict, add_adapter, set_adapter, use_adapter
@@ -53,7 +54,7 @@ def test_real_size_on_meta(name, params):
     cfg = CONFIGS[args.model]
     # rank r on 10 linears per block: 8 attention (dim x dim) and the FFN pair (dim x ffn)
     assert n_lora == cfg.num_layers * args.lora_rank * (8 * 2 * cfg.dim + 2 * (cfg.dim + cfg.ffn_dim))
-    assert (args.height // 8, args.width // 8) == train.latent_hw(args) == (60, 104)
+    assert (args.height // 8, args.width // 8) == streaming.latent_hw(args) == (60, 104)
 
 
 def family_file(name, sd, tmp_path):

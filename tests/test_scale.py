@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import memory
+import streaming
 import train
 from kvcache import KVCache
 from lora import adapter_params, add_adapter, copy_adapter, use_adapter
@@ -35,7 +36,7 @@ def test_no_idle_caches(tmp_path, monkeypatch, frames, window, mode, expect):
     """Count live caches inside every micro-batch of the update (its history argument is one
     more, a stacked copy) and when the next step's rollout begins (none may be left over)."""
     seen = {"update": [], "rollout": []}
-    nft_microbatch, rollout_histories = train.nft_microbatch, train.rollout_histories
+    nft_microbatch, rollout_histories = train.nft_microbatch, streaming.rollout_histories
 
     def counting_update(*a, **kw):
         extra = kw["history"] is not None  # the micro-batch's stacked copy of its histories

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import streaming
 import train
 from common import seed_of
 from model import CausalWanModel, ModelConfig
@@ -38,11 +39,11 @@ def setup(**kw):
 def test_candidates_branch_from_one_history(mode):
     m, args, ctx = setup(group_mode=mode, micro_batch=3)
     js, K, step, s = range(6), 3, 7, 9
-    hist = train.rollout_histories(m, ctx, js, K, step, s, args)
+    hist = streaming.rollout_histories(m, ctx, js, K, step, s, args)
     assert len(hist) == (2 if mode == "shared-prefix" else 6)  # one per prompt, or per sample
-    lat = train.rollout_windows(m, ctx, js, K, step, s, hist, args)
+    lat = streaming.rollout_windows(m, ctx, js, K, step, s, hist, args)
     assert lat.shape == (6, 6, 3, 8, 8)
-    h = train.stack_history(hist, js, K, args)
+    h = streaming.stack_history(hist, js, K, args)
     assert h.frames == [0, 1, 2, 6, 7, 8] and h.k.shape[1] == 6  # sink + recent, at frame 9
     same = [torch.equal(h.k[:, 0], h.k[:, i]) for i in (1, 2)]
     assert all(same) if mode == "shared-prefix" else not any(same)
@@ -55,9 +56,9 @@ def test_window_is_the_continuation_of_the_shared_prefix():
     blocks < s and candidate k's own noise after: the history is exactly shared."""
     m, args, ctx = setup()
     js, K, step, s = range(6), 3, 2, 9
-    lat = train.rollout_windows(m, ctx, js, K, step, s, train.rollout_histories(m, ctx, js, K, step, s, args), args)
+    lat = streaming.rollout_windows(m, ctx, js, K, step, s, streaming.rollout_histories(m, ctx, js, K, step, s, args), args)
     for j in (0, 2, 4):
-        cache = train.new_cache(m, 1, args, torch.float32, "cpu")
+        cache = streaming.new_cache(m, 1, args, torch.float32, "cpu")
         c = ctx[j][None]
         with use_adapter(m, "old"):
             pre = generate(m, c, cache, s, GeneratorNoise(make_generators([seed_of(args.seed, step, j // K)]),
@@ -70,14 +71,14 @@ def test_window_is_the_continuation_of_the_shared_prefix():
 
 def test_window_start_modes():
     a = train.Args(num_frames=30, window=9)
-    assert train.window_start(a, 0) in range(0, 22, 3)
-    starts = {train.window_start(a, step) for step in range(40)}
+    assert streaming.window_start(a, 0) in range(0, 22, 3)
+    starts = {streaming.window_start(a, step) for step in range(40)}
     assert starts <= set(range(0, 22, 3)) and len(starts) > 3  # random, block-aligned
-    assert train.window_start(train.Args(num_frames=30, window=9, window_select="last"), 5) == 21
-    assert train.window_start(train.Args(num_frames=30, window=9, window_select="first"), 5) == 0
+    assert streaming.window_start(train.Args(num_frames=30, window=9, window_select="last"), 5) == 21
+    assert streaming.window_start(train.Args(num_frames=30, window=9, window_select="first"), 5) == 0
     b = train.Args(num_frames=30, window=9, window_select="random_choice", window_starts=[3, 18])
-    assert {train.window_start(b, step) for step in range(20)} == {3, 18}
-    assert train.window_start(train.Args(num_frames=6), 3) == 0  # short clips: s = 0
+    assert {streaming.window_start(b, step) for step in range(20)} == {3, 18}
+    assert streaming.window_start(train.Args(num_frames=6), 3) == 0  # short clips: s = 0
 
 
 def test_bad_window_settings_fail_clearly(tmp_path):
