@@ -232,16 +232,12 @@ def load_run(path, model, opt):
     return state
 
 
+def checkpoint_step(path):
+    """The step of a ckpt_<step> folder."""
+    return int(os.path.basename(path)[len("ckpt_"):])
+
+
 def run_checkpoints(out_dir):
-    """ckpt_<step> folders of out_dir, oldest first."""
-    return sorted(glob.glob(os.path.join(out_dir, "ckpt_[0-9]*[0-9]")))
-
-
-def find_run_checkpoint(out_dir, resume):
-    """--resume latest (newest ckpt_* of out_dir, None if there is none) or a checkpoint folder."""
-    if resume != "latest":
-        if not os.path.isfile(os.path.join(resume, "state.json")):
-            raise SystemExit(f"--resume {resume}: not a checkpoint folder (no state.json)")
-        return resume
-    found = run_checkpoints(out_dir)
-    return found[-1] if found else None
+    """ckpt_<step> folders of out_dir, oldest step first (not the temporaries of a write)."""
+    found = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*")) if re.fullmatch(r"ckpt_\d+", os.path.basename(p))]
+    return sorted(found, key=checkpoint_step)

@@ -58,6 +58,11 @@ def write_atomic(path, write):
     return result
 
 
+class UsageError(Exception):
+    """A problem the user can fix (a flag, a file, a folder): train.py and sample.py print its
+    message, one line per problem, and exit with code 2, never a traceback."""
+
+
 def log(*args):
     """print on rank 0 only (torchrun sets RANK), flushed at once."""
     if int(os.environ.get("RANK", "0")) == 0:

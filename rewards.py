@@ -490,6 +490,9 @@ class MultiReward:
                              f"{videos.dtype} {tuple(videos.shape)}")
         if len(prompts) != len(videos):
             raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts")
+        if not torch.isfinite(videos).all():  # a detector would score NaN pixels as background
+            raise ValueError("the videos hold non-finite pixels (NaN or inf): the model that made "
+                             "them diverged; no reward can score them")
         scores = {n: self._check(n, fn(videos, prompts), len(videos), videos.device)
                   for n, fn in zip(self.names, self.fns)}
         return weighted_total(scores, dict(zip(self.names, self.weights))), scores

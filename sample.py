@@ -23,6 +23,7 @@ Shape legend: B batch, F latent frames, n frames per block, C channels, H, W lat
 import dataclasses
 import functools
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -32,9 +33,9 @@ import tyro
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint
-from common import find_file, missing_files, write_atomic
+from common import UsageError, find_file, missing_files, write_atomic
 from frozen import TextEncoder, WanVAE
-from kvcache import KVCache
+from kvcache import KVCache, check_window
 from lora import set_adapter
 from model import CONFIGS, CausalWanModel, randomize_head
 
@@ -292,35 +293,77 @@ def _stream_to_mp4(path, vae, lat, block, fps):
     return n
 
 
+def check_sample_args(args):
+    """Every problem with the flags, one line each, before anything loads."""
+    err = []
+    n = CONFIGS[args.model].frames_per_block
+    tiny = args.model == "tiny"
+    if args.num_frames < n or args.num_frames % n:
+        err.append(f"--num-frames {args.num_frames}: must be a positive multiple of the block size {n}")
+    if args.switch_frames:
+        if len(args.prompts) != len(args.switch_frames) + 1:
+            err.append(f"--switch-frames {args.switch_frames} makes {len(args.switch_frames) + 1} segments "
+                       f"but {len(args.prompts)} --prompts were given: one prompt per segment")
+        unaligned = [f for f in args.switch_frames if f % n]
+        if unaligned:
+            err.append(f"--switch-frames {unaligned}: not multiples of the block size {n}")
+        if sorted(set(args.switch_frames)) != list(args.switch_frames):
+            err.append(f"--switch-frames {args.switch_frames}: must be strictly increasing")
+        outside = [f for f in args.switch_frames if not 0 < f < args.num_frames]
+        if outside:
+            err.append(f"--switch-frames {outside}: outside the video (0, {args.num_frames})")
+    try:
+        check_window(n, args.sink, args.local_attn)
+    except ValueError as e:
+        err.append(f"--local-attn {args.local_attn} --sink {args.sink}: {e}")
+    side = 16 if not tiny else CONFIGS["tiny"].patch_size[1]  # pixels per token side
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and (value < side or value % side):
+            err.append(f"--{flag} {value}: height and width must be positive multiples of {side} for "
+                       f"--model {args.model}")
+    if not tiny:
+        needed = [f"--{f.replace('_', '-')}" for f in ("ckpt", "vae", "text_encoder") if not getattr(args, f)]
+        if needed:
+            err.append(f"--model {args.model} needs {', '.join(needed)} (README, Real models)")
+    absent = missing_files(args, ("ckpt", "lora", "vae", "text_encoder", "tokenizer"))
+    if absent:  # all of them in one message, before minutes of loading
+        err.append("not found: " + ", ".join(absent) + " (README, Real models)")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(folder):  # the nearest existing folder must take the new file
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        err.append(f"--out {args.out}: cannot write into {folder}")
+    if os.path.isdir(args.out):
+        err.append(f"--out {args.out}: is a folder; give a file name ending in .mp4")
+    return err
+
+
 def main(args: Args):
+    errors = check_sample_args(args)
+    if errors:
+        raise UsageError("\n".join(errors))
     torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
     cfg, tiny = CONFIGS[args.model], args.model == "tiny"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     multi = len(args.switch_frames) > 0
-    prompts = args.prompts if not multi else args.prompts[:1]
+    prompts = args.prompts if not multi else args.prompts[:1]  # one video; its prompt changes
+    args = dataclasses.replace(args, **{f: find_file(getattr(args, f)) for f in ("ckpt", "lora", "vae", "text_encoder",
+                                                                                   "tokenizer") if getattr(args, f)})
     if tiny:
         torch.manual_seed(args.seed)
         model = CausalWanModel(cfg).eval()  # eval: inference only, no dropout anywhere anyway
         ckpt = args.ckpt or find_file("assets/tiny_world.safetensors")  # a given path must load
-        if args.ckpt or os.path.exists(ckpt):
-            load_checkpoint(model, find_file(ckpt), lora=args.lora and find_file(args.lora))
+        if os.path.exists(ckpt):
+            load_checkpoint(model, ckpt, lora=args.lora)
         else:
             randomize_head(model)  # the init's zero head would give one flat video
             print("no checkpoint: sampling from random weights")
         import tiny_world  # here, not at the top: tiny_world imports this module's sampler
         ctx = tiny_world.toy_text_embed(args.prompts, cfg.text_len, cfg.text_dim)
-        ph, pw = cfg.patch_size[1:]
-        H, W = (args.height or 32) // ph * ph, (args.width or 32) // pw * pw  # pixel space
+        H, W = args.height or 32, args.width or 32  # pixel space
     else:
-        missing = [f"--{f.replace('_', '-')}" for f in ("ckpt", "vae", "text_encoder") if not getattr(args, f)]
-        if missing:
-            raise SystemExit(f"--model {args.model} needs {', '.join(missing)} (README, Real models)")
-        files = ("ckpt", "lora", "vae", "text_encoder", "tokenizer")
-        absent = missing_files(args, files)
-        if absent:  # all of them in one message, before minutes of loading
-            raise SystemExit("not found: " + ", ".join(absent) + " (README, Real models)")
-        args = dataclasses.replace(args, **{f: find_file(p) for f in files if (p := getattr(args, f))})
         te = TextEncoder.load(args.text_encoder, args.tokenizer, device=dev, dtype=dtype)
         ctx = te(args.prompts)  # (P, 512, 4096)
         del te  # umT5-XXL leaves the GPU before the DiT arrives
@@ -329,8 +372,6 @@ def main(args: Args):
         load_checkpoint(model, args.ckpt, lora=args.lora)
         model.to(dev, dtype).eval()
         H, W = (args.height or 480) // 8, (args.width or 832) // 8  # latent size
-        if H % 2 or W % 2:
-            raise SystemExit(f"--height/--width must be multiples of 16 for Wan (got {args.height}x{args.width})")
     if args.lora:
         set_adapter(model, "default")
     ctx = ctx.to(dev, dtype)
@@ -354,4 +395,8 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except (UsageError, ValueError, OSError) as e:  # flags, files, folders: one line each
+        print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)

@@ -215,6 +215,13 @@ def parse_prompt(prompt):
     return spec
 
 
+def readable(prompt):
+    """True if the prompt names a colour, a shape and a direction the tiny model was trained on
+    (COLOR_WORDS, SHAPES, DIRECTION_WORDS): other words are noise to it."""
+    words = set(re.findall(r"[a-z]+", prompt.lower()))
+    return all(words & set(vocab) for vocab in (COLOR_WORDS, SHAPES, DIRECTION_WORDS))
+
+
 def render(specs, frames, H=32, W=32, generator=None):
     """Videos for a list of (colour, shape, direction) specs -> [B, F, 3, H, W] in [-1, 1].
 

@@ -25,6 +25,7 @@ H, W latent (tiny: pixel) height and width, Lt, Dt text tokens and width.
 """
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -41,11 +42,12 @@ from tqdm import tqdm
 import memory
 import nft_loss as nft
 import tiny_world
-from checkpoints import find_run_checkpoint, load_adapter_file, load_checkpoint, load_run, run_checkpoints, save_run
-from common import (all_reduce_grads, find_file, gather, log, missing_files, peak_growth, reset_peak, rss_mb,
-                    save_curve, save_strip, seed_of)
+import checks
+from checkpoints import load_adapter_file, load_checkpoint, load_run, run_checkpoints, save_run
+from common import (UsageError, all_reduce_grads, find_file, gather, log, peak_growth, reset_peak, rss_mb,
+                    save_curve, save_strip, seed_of, write_atomic)
 from frozen import TextEncoder, WanVAE
-from lora import adapter_params, add_adapter, copy_adapter, lerp_adapter, use_adapter
+from lora import adapter_params, add_adapter, all_finite, copy_adapter, lerp_adapter, use_adapter
 from model import CONFIGS, CausalWanModel, randomize_head
 from rewards import REWARDS, MultiReward
 from sample import sampler_timesteps, save_video, sigma_of, to_pixels
@@ -67,7 +69,7 @@ class Args:
     ckpt_every: int = 10
     """checkpoint every N steps (0: only at the end)"""
     keep_ckpts: int = 2
-    """keep the last N checkpoints"""
+    """keep the newest N checkpoints (N >= 1; the final one is always among them)"""
     eval_every: int = 10
     """evaluate (fixed prompts and seeds, mp4 + eval/reward_mean) every N steps (0: never)"""
     resume: Optional[str] = None
@@ -76,6 +78,11 @@ class Args:
     """log to Weights & Biases (wandb must be installed; off by default)"""
     progress: bool = True
     """rank-0 tqdm bar (off: one print line per step only)"""
+    overwrite: bool = False
+    """start afresh in an --out-dir that holds another run: its checkpoints, metrics and videos are
+    deleted first (without it such a run refuses to start)"""
+    threads: int = 0
+    """CPU threads per process (0: the cores this process may use / processes on this machine)"""
     # ---- model
     model: Literal["tiny", "wan-1.3b", "wan-14b"] = "tiny"
     """model size (model.CONFIGS)"""
@@ -477,11 +484,23 @@ def eval_videos(model, frozen, prompts, args, adapter):
 
 
 def write_row(path, row, wandb=None):
-    """One JSON line of metrics.jsonl (and wandb with --track)."""
+    """One JSON line of metrics.jsonl (and wandb with --track). Non-finite numbers become null:
+    strict JSON has no NaN or Infinity."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(clean, allow_nan=False) + "\n")
     if wandb:
         wandb.log(row, step=row["step"])
+
+
+def write_rows(path, rows):
+    """metrics.jsonl with exactly these rows (written to a temporary file, then renamed)."""
+    write_atomic(path, lambda tmp: _write_lines(tmp, rows))
+
+
+def _write_lines(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
 
 
 def evaluate(model, frozen, multi, prompts, args, adapter, n, metrics_path, wandb=None):
@@ -545,31 +564,40 @@ def main(args: Args):
         args = released_behaviour(args)
         log("--exact-reference: " + ", ".join(f"{k} {v}" for k, v in RELEASED.items()))
 
-    # ---- the batch layout must be the same whatever the world size
-    N, K = args.prompts_per_step * args.group_size, args.group_size
-    if N % world or (N // world) % args.micro_batch:
-        raise SystemExit(f"prompts_per_step x group_size = {N} samples must split evenly over "
-                         f"{world} ranks and then into micro-batches of {args.micro_batch}; change "
-                         f"--prompts-per-step, --group-size or --micro-batch")
-    n_local = N // world
-    T, block = args.window or args.num_frames, CONFIGS[args.model].frames_per_block
-    if args.num_frames % block or T % block or T > args.num_frames:
-        raise SystemExit(f"--num-frames {args.num_frames} and --window {T} must be multiples of the "
-                         f"block size {block}, with the window inside the video")
-    bad = [x for x in args.window_starts if x % block or not 0 <= x <= args.num_frames - T]
-    if bad or (args.window_select == "random_choice" and not args.window_starts):
-        raise SystemExit(f"--window-starts {args.window_starts}: give block-aligned starts in "
-                         f"[0, {args.num_frames - T}] for --window-select random_choice")
-
-    # ---- every input file up front: one message listing what is missing, before anything loads;
-    # then each path as found (relative to the cwd, else to this repository: `assets/...` anywhere)
-    files = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
-    missing = missing_files(args, files)
-    if missing:
-        raise SystemExit("not found:\n" + "\n".join("  " + m for m in missing) + "\n(download list and "
-                         "default paths: README, Real models; or point the flags at your copies)")
-    found = {f: find_file(getattr(args, f)) for f in files if getattr(args, f)}
+    # ---- every check before anything loads (checks.py): all problems at once, one line each
+    registry = {**REWARDS, **tiny_world.REWARDS}
+    errors, warnings = checks.check_args(args, world, registry)
+    errors += checks.check_out_dir(args, check_lock=master)
+    resume_path, saved, notes, resume_problems = checks.find_resume(args)
+    errors += resume_problems + checks.resume_errors(saved, args)
+    if errors:
+        raise UsageError("\n".join(errors))
+    for line in warnings + notes:
+        log(f"warning: {line}")
+    if saved is not None:
+        for line in checks.resume_changes(saved, args):
+            log(f"resume: {line}")
+    # each input file as found (relative to the cwd, else to this repository: `assets/...` anywhere)
+    found = {f: find_file(getattr(args, f)) for f in checks.FILES if getattr(args, f)}
     args = dataclasses.replace(args, **found)
+    N, K = args.prompts_per_step * args.group_size, args.group_size
+    n_local, T = N // world, args.window or args.num_frames
+    # plumbing: CPU threads per process, so that ranks on one machine do not fight over cores
+    if not cuda:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // local_world))
+        log(f"threads: {torch.get_num_threads()} per process (--threads to change)")
+    # plumbing: this run owns the out-dir now (rank 0 writes; the others wait for the lock)
+    if ddp:
+        dist.barrier()
+    if master:
+        checks.take_lock(args.out_dir)
+        clear = [os.path.join(args.out_dir, f) for f in checks.OUTPUTS] + run_checkpoints(args.out_dir)
+        for path in checks.leftovers(args.out_dir) + (clear if args.overwrite and not args.resume else []):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
 
     # ---- the memory model: the peak one step will hold (memory.py), before anything loads
     bf16 = use_bf16(args, device)
@@ -585,20 +613,21 @@ def main(args: Args):
     # ---- prompts; text embeddings first (umT5 leaves the GPU before the DiT arrives), rewards
     prompts = list(args.prompts)
     if args.prompt_file:
-        with open(args.prompt_file) as f:
-            prompts += [line.strip() for line in f if line.strip()]
-    if not prompts and args.model != "tiny":
-        raise SystemExit(f"--model {args.model}: give training prompts with --prompt-file or --prompts")
+        prompts += checks.prompt_lines(args.prompt_file)
     prompts = prompts or tiny_world.PROMPTS
-    frozen = FrozenParts(args, prompts, device)
-    multi = MultiReward(args.rewards, registry={**REWARDS, **tiny_world.REWARDS}, frames=args.reward_frames)
+    multi = MultiReward(args.rewards, registry=registry, frames=args.reward_frames)
     names = multi.names
-    if args.selective and len(names) < 2:
-        raise SystemExit("--selective needs at least two rewards (the first is the main one)")
+    try:  # a file that exists but holds the wrong thing is the user's to fix, not a traceback
+        frozen = FrozenParts(args, prompts, device)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
 
     # ---- model: frozen base + LoRA adapters default (trained), old (rollout), ref, ema
     dtype = torch.bfloat16 if bf16 else torch.float32  # the frozen base in bf16
-    model = build_model(args, device, dtype)
+    try:
+        model = build_model(args, device, dtype)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
     if args.model == "tiny" and not args.ckpt:
         log("no base checkpoint: RL starts from a randomly initialised tiny model")
     params = adapter_params(model, "default")
@@ -609,22 +638,22 @@ def main(args: Args):
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     compensator, dynref = nft.RiskCompensator(), nft.DynamicReference(thres_max=args.ref_thres_cap)
 
-    # ---- resume
-    start, bad_steps = 0, 0
-    os.makedirs(args.out_dir, exist_ok=True)
+    # ---- resume: the checkpoint checks.find_resume chose (the newest intact one)
+    start, bad_steps, flat_steps = 0, 0, 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    path = find_run_checkpoint(args.out_dir, args.resume) if args.resume else None
-    if path:
-        state = load_run(path, model, opt)
+    if resume_path:
+        state = load_run(resume_path, model, opt)
         start, bad_steps = state["step"], state["bad_steps"]
         compensator.load_state_dict(state["compensator"])
         dynref.load_state_dict(state["dynref"])
-        log(f"resumed from {path} at step {start}")
-        if master and os.path.exists(metrics_path):  # drop rows a crashed run wrote after the ckpt
-            rows = [r for r in open(metrics_path) if json.loads(r)["step"] <= start]
-            open(metrics_path, "w").writelines(rows)
-    elif master and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+        for group in opt.param_groups:  # the optimizer's saved settings yield to the flags
+            group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+        log(f"resumed from {resume_path} at step {start}")
+        if master:  # keep the rows up to the checkpoint; a crash may have left more, or half a row
+            kept, dropped = checks.metrics_rows(metrics_path, start)
+            write_rows(metrics_path, kept)
+            if dropped:
+                log(f"warning: {metrics_path}: dropped {dropped} row(s) written after step {start} or damaged")
     wandb = None
     if args.track and master:
         import wandb
@@ -658,7 +687,10 @@ def main(args: Args):
         # ------------------------------------------------------------------ 2. reward
         # tiny: pixel space, every video at once; real models: --decode-batch videos at a time
         chunk = len(lat) if args.model == "tiny" else args.decode_batch
-        total, per = score_videos(frozen, multi, lat, my_prompts, chunk)
+        try:
+            total, per = score_videos(frozen, multi, lat, my_prompts, chunk)
+        except ValueError as e:  # a reward returned the wrong thing, or the videos are not finite
+            raise SystemExit(f"step {step + 1}: {e}") from None
         total = gather(total.to(device), world)  # (N,)
         scores = {name: gather(per[name].to(device), world) for name in names}  # {name: (N,)}
         groups = torch.arange(N, device=device) // K  # prompt index of every sample
@@ -669,6 +701,10 @@ def main(args: Args):
             R = sum(w * nft.group_normalize(scores[name], groups) for name, w in zip(names, multi.weights))
         adv = nft.group_advantages(R, groups, global_std=args.global_std)
         r = nft.optimality_prob(adv, args.adv_clip)  # (N,)
+        flat_steps = flat_steps + 1 if bool((adv == 0).all()) else 0  # no sample better than another
+        if flat_steps == 3:
+            log(f"warning: steps {step - 1}-{step + 1} had the same reward for every video of a prompt: "
+                f"r = 0.5 everywhere, nothing is learned (a reward that ignores the videos?)")
         if args.selective:  # where the rewards disagree, keep theta close to the reference
             kl_mask = selective_kl_mask(scores, names, compensator, args)  # (N,) bool
         else:  # standard mode: the reference term on every sample
@@ -712,6 +748,9 @@ def main(args: Args):
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if not all_finite(model, "default"):  # plumbing: never save or export such weights
+                raise SystemExit(f"step {step + 1} made the LoRA weights non-finite (--lr {args.lr:g} too "
+                                 f"high?); stopped before saving them (the checkpoints on disk are intact)")
             if args.ema and step == 0 and args.ema_start == "sync":
                 copy_adapter(model, "default", "ema")  # the EMA starts at theta_1, as released
             if args.ema:  # ema <- d ema + (1 - d) theta, d = min((1 + n)/(10 + n), 0.9)
@@ -756,9 +795,14 @@ def main(args: Args):
     bar.close()
     if master:
         save_before_after(model, frozen, eval_p, args, policy, after, metrics_path)
+        checks.release_lock(args.out_dir)
     if ddp:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except UsageError as e:  # problems the user can fix: one line each, no traceback
+        print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,303 @@
+"""
+Everything about a run that can be wrong, checked in one pass before anything loads: every
+flag's range and the batch layout, input files, rewards and their weight files, optional
+libraries, the out-dir (one run per folder, a lock against two live runs), the checkpoint to
+resume and whether its flags allow an exact continuation. Plus the settings that run but cannot
+learn, as warnings. train.py prints every problem at once, one line each, and exits with code 2.
+
+    errors, warnings = check_args(args, world, registry)
+    errors += check_out_dir(args)
+    path, saved, notes, more = find_resume(args)  # the newest intact checkpoint (or None)
+    errors += resume_errors(saved, args)         # flags that would break the continuation
+
+Test:  python -m pytest tests/test_worst_day.py -q
+"""
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+
+from safetensors import safe_open
+
+import tiny_world
+from checkpoints import run_checkpoints
+from common import find_file
+from kvcache import check_window
+from model import CONFIGS
+from rewards import LEARNED, SUBSAMPLED, missing_weights, parse_rewards
+
+FILES = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
+# flags a resumed run may change: they do not enter the numbers of the steps still to come
+# (paths: the same files may have moved). Every other flag must equal the checkpoint's.
+RESUME_FREE = {"out_dir", "steps", "lr", "weight_decay", "grad_clip", "ckpt_every", "keep_ckpts", "eval_every",
+               "eval_prompts", "resume", "track", "progress", "threads", "overwrite", "decode_batch",
+               "grad_checkpointing", *FILES}
+# what this repository writes into an out-dir (what --overwrite clears)
+OUTPUTS = ("metrics.jsonl", "eval", "before_after.mp4", "before_after.png", "reward_curve.png")
+
+
+def check_args(args, world, registry):
+    """(errors, warnings): one line each."""
+    err, warn = [], []
+    block = CONFIGS[args.model].frames_per_block
+    # ---- ranges
+    positive = {"steps": args.steps, "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
+                "micro_batch": args.micro_batch, "num_frames": args.num_frames, "lora_rank": args.lora_rank,
+                "keep_ckpts": args.keep_ckpts, "eval_prompts": args.eval_prompts, "height": args.height,
+                "width": args.width, "decode_batch": args.decode_batch}
+    for name, value in positive.items():
+        if value < 1:
+            err.append(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    for name in ("ckpt_every", "eval_every", "window", "aux_rewards", "reward_frames", "threads", "sink"):
+        if getattr(args, name) < 0:
+            err.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    for name in ("lr", "beta", "adv_clip", "grad_clip", "lora_alpha", "ref_thres_cap"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            err.append(f"--{name.replace('_', '-')} {value}: must be a finite number > 0")
+    for name in ("kl_weight", "weight_decay"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            err.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a finite number >= 0")
+    ranges_ok = not err  # the layout checks divide by these numbers
+    # ---- the batch layout must be the same whatever the world size
+    N = args.prompts_per_step * args.group_size
+    if ranges_ok and (N % world or (N // world) % args.micro_batch):
+        err.append(f"prompts_per_step x group_size = {N} samples must split evenly over {world} rank(s) and "
+                   f"then into micro-batches of {args.micro_batch}; change --prompts-per-step, --group-size "
+                   f"or --micro-batch")
+    # ---- video, window and cache
+    T = args.window or args.num_frames
+    if ranges_ok and (args.num_frames % block or T % block or T > args.num_frames):
+        err.append(f"--num-frames {args.num_frames} and --window {T} must be multiples of the block size "
+                   f"{block}, with the window inside the video")
+    bad = [x for x in args.window_starts if x % block or not 0 <= x <= args.num_frames - T]
+    if bad or (args.window_select == "random_choice" and not args.window_starts):
+        err.append(f"--window-starts {args.window_starts}: give block-aligned starts in [0, "
+                   f"{args.num_frames - T}] for --window-select random_choice")
+    if args.window_starts and args.window_select != "random_choice":
+        warn.append(f"--window-starts is used only by --window-select random_choice (here "
+                    f"{args.window_select}): ignored")
+    try:
+        check_window(block, args.sink, args.local_attn)
+    except ValueError as e:
+        err.append(f"--local-attn {args.local_attn} --sink {args.sink}: {e}")
+    if args.sink and args.local_attn < 0:
+        warn.append("--sink is used only with a rolling cache (--local-attn > 0): ignored")
+    cfg = CONFIGS[args.model]
+    step = cfg.patch_size[1] * (1 if args.model == "tiny" else 8)  # pixels per token side
+    if ranges_ok and (args.height % step or args.width % step):
+        err.append(f"--height {args.height} --width {args.width}: must be multiples of {step} for "
+                   f"--model {args.model} ({'its patch' if args.model == 'tiny' else 'the VAE x the patch'})")
+    # ---- files: each as given, else relative to this repository
+    missing = [f"--{f.replace('_', '-')} {getattr(args, f)}" for f in FILES
+               if getattr(args, f) and not os.path.exists(find_file(getattr(args, f)))]
+    if missing:
+        err.append("not found: " + ", ".join(missing) + " (download list and default paths: README, "
+                   "Real models; or point the flags at your copies)")
+    if args.prompt_file and os.path.exists(find_file(args.prompt_file)):
+        path = find_file(args.prompt_file)
+        if not os.path.isfile(path):
+            err.append(f"--prompt-file {args.prompt_file}: not a file")
+        elif not prompt_lines(path):
+            err.append(f"--prompt-file {args.prompt_file}: no prompts in it (one per line)")
+    if args.model != "tiny":
+        for flag in ("ckpt", "vae", "text_encoder"):
+            if not getattr(args, flag):
+                err.append(f"--model {args.model} needs --{flag.replace('_', '-')} (README, Real models)")
+        if not (args.prompts or args.prompt_file):
+            err.append(f"--model {args.model}: give training prompts with --prompt-file or --prompts")
+        for lib in ("diffusers", "transformers"):
+            if importlib.util.find_spec(lib) is None:
+                err.append(f"--model {args.model} needs the {lib} package (pip install -r requirements.txt)")
+    # ---- rewards: names, files, weights, the selective mode's needs
+    try:
+        names = [name for name, _, _ in parse_rewards(args.rewards, registry, args.reward_frames)]
+    except Exception as e:  # a user's reward file that fails to import lands here too
+        err.append(f"--rewards: {type(e).__name__}: {e}")
+        names = []
+    err += [f"--rewards: {line}" for line in missing_weights(names)]
+    if any(name in LEARNED for name in names) and importlib.util.find_spec("open_clip") is None:
+        err.append("learned rewards need the open_clip_torch package (pip install -r requirements.txt)")
+    if args.selective and len(names) < 2:
+        err.append("--selective needs at least two rewards (the first is the main one)")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        err.append("--track needs the wandb package (pip install wandb), or leave --track off")
+    # ---- settings that run but cannot learn, or flags that something else makes inert
+    if args.group_size == 1:
+        warn.append("--group-size 1: every advantage is 0 (r = 0.5), so the loss has no gradient; "
+                    "use 2 or more videos per prompt")
+    if not args.selective:
+        inert = [flag for flag, value, default in [("--aux-rewards", args.aux_rewards, 0),
+                                                   ("--uncertainty-sign", args.uncertainty_sign, "paper"),
+                                                   ("--rank-ties", args.rank_ties, "average"),
+                                                   ("--ref-thres-cap", args.ref_thres_cap, 0.5)]
+                 if value != default and not args.exact_reference]
+        if inert:
+            warn.append(f"{', '.join(inert)}: used only with --selective: ignored")
+    if args.reward_frames != 8 and not args.exact_reference and not set(names) & SUBSAMPLED:
+        warn.append(f"--reward-frames: used only by {sorted(SUBSAMPLED)}: ignored")
+    if args.model == "tiny":
+        unreadable = [p for p in args.prompts if not tiny_world.readable(p)]
+        if args.prompt_file and os.path.isfile(find_file(args.prompt_file)):
+            unreadable += [p for p in prompt_lines(find_file(args.prompt_file)) if not tiny_world.readable(p)]
+        if unreadable:
+            warn.append(f"{len(unreadable)} prompt(s) the tiny model cannot read (it knows "
+                        f"'a <colour> <shape> moving <direction>', tiny_world.PROMPTS), e.g. "
+                        f"{unreadable[0]!r}: its detectors score them 0 and nothing is learned")
+    return err, warn
+
+
+def prompt_lines(path):
+    """The non-empty lines of a prompt file."""
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def check_out_dir(args, check_lock=True):
+    """Errors if the out-dir cannot be written or belongs to another run (or, with check_lock, to a
+    live one)."""
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        return [f"--out-dir {out}: is a file, not a folder"]
+    parent = out
+    while not os.path.exists(parent):  # the nearest folder that exists must be writable
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"--out-dir {out}: cannot write into {parent}"]
+    holder = lock_holder(out) if check_lock else None
+    if holder:
+        return [f"--out-dir {out}: a live run (pid {holder}) is writing there; wait for it, stop it, or "
+                f"choose another --out-dir"]
+    ours = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))] + run_checkpoints(out)
+    if ours and not args.resume and not args.overwrite:
+        return [f"--out-dir {out}: holds another run ({len(run_checkpoints(out))} checkpoint(s), "
+                f"{'a' if os.path.exists(os.path.join(out, 'metrics.jsonl')) else 'no'} metrics.jsonl); "
+                f"--resume latest continues it, --overwrite replaces it, or choose another --out-dir"]
+    return []
+
+
+# ---- the lock: one live run per out-dir
+
+def lock_holder(out):
+    """The pid of a live process holding out/.lock, else None (no lock, or a stale one)."""
+    path = os.path.join(out, ".lock")
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:  # it exists, owned by someone else
+        return pid
+    return pid if pid != os.getpid() else None
+
+
+def take_lock(out):
+    """Write our pid into out/.lock (after check_out_dir found no live holder)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def release_lock(out):
+    path = os.path.join(out, ".lock")
+    if os.path.exists(path) and lock_holder(out) is None:
+        os.remove(path)
+
+
+# ---- resume
+
+def checkpoint_problem(path):
+    """Why a checkpoint folder cannot be resumed from (None if it is intact)."""
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        for name in ("adapters.safetensors", "optim.safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:  # reads and checks the header
+                for key in f.keys():
+                    f.get_slice(key)
+        if not isinstance(state.get("step"), int) or "args" not in state:
+            return "state.json has no step / args"
+    except Exception as e:
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    return None
+
+
+def find_resume(args):
+    """(checkpoint folder or None, its state.json or None, notes, errors): the newest intact
+    checkpoint for --resume latest (a damaged newer one is noted and skipped; none at all: a fresh
+    start), or the folder --resume names."""
+    if not args.resume:
+        return None, None, [], []
+    if args.resume == "latest":
+        candidates = run_checkpoints(args.out_dir)[::-1]
+        if not candidates:
+            return None, None, [f"--resume latest: no checkpoint in {args.out_dir} yet: starting fresh"], []
+    else:
+        candidates = [args.resume]
+    notes = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            with open(os.path.join(path, "state.json")) as f:
+                return path, json.load(f), notes, []
+        notes.append(f"checkpoint {path} is damaged ({problem}): skipped")
+    return None, None, [], notes + [f"--resume {args.resume}: no intact checkpoint to resume from"]
+
+
+def resume_errors(saved, args):
+    """Flags that differ from the checkpoint's and would break an exact continuation."""
+    if saved is None:
+        return []
+    old, new = saved["args"], dataclasses.asdict(args)
+    errors = []
+    for key, value in new.items():
+        if key not in RESUME_FREE and key in old and old[key] != _jsonable(value):
+            errors.append(f"--{key.replace('_', '-')} {value}: the checkpoint was trained with {old[key]} "
+                          f"(resuming needs the same value; start a new --out-dir to change it)")
+    if args.steps <= saved["step"]:
+        errors.append(f"--steps {args.steps}: the checkpoint is already at step {saved['step']}; give a "
+                      f"larger --steps to train on")
+    return errors
+
+
+def resume_changes(saved, args):
+    """'--flag new (was old)' for the free flags a resumed run changes."""
+    old = saved["args"]
+    return [f"--{k.replace('_', '-')} {v} (was {old[k]})" for k, v in dataclasses.asdict(args).items()
+            if k in RESUME_FREE and k in old and old[k] != _jsonable(v) and k not in ("resume", "overwrite")]
+
+
+def _jsonable(value):
+    """A value as it reads back from state.json (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def leftovers(out):
+    """Half-written files and folders a killed run left behind (write_atomic's temporaries)."""
+    if not os.path.isdir(out):
+        return []
+    pattern = re.compile(r".*\.(tmp|old)\d+(\.\w+)?$")
+    return [os.path.join(out, f) for f in os.listdir(out) if pattern.fullmatch(f)]
+
+
+def metrics_rows(path, step):
+    """(the rows of metrics.jsonl up to `step`, how many others there were): rows past the
+    checkpoint a crashed run wrote, and a damaged row (a full disk, a kill mid-write), go."""
+    if not os.path.exists(path):
+        return [], 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if row.get("step", step + 1) <= step:
+                kept.append(row)
+            else:
+                dropped += 1
+    return kept, dropped
