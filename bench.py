@@ -235,24 +235,30 @@ def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_fr
     rows = batch * nf
     linear(rows, cfg.freq_dim, D, False), linear(rows, D, D, base_grad), linear(rows, D, 6 * D, base_grad)
     # sum over query blocks of (query tokens) x (keys they see), history keys included
-    qk = batch * sum((qhi - qlo) * sum(hi - lo for lo, hi in runs) for (qlo, qhi), runs in
-                     attention_plan(frames, P, cfg.frames_per_block, start_frame, local, sink,
-                                    history, teacher_forcing))
+    plan = attention_plan(frames, P, cfg.frames_per_block, start_frame, local, sink, history, teacher_forcing)
+    qk = batch * sum((qhi - qlo) * sum(hi - lo for lo, hi in runs) for (qlo, qhi), runs in plan)
+    # the last block computes only what the head reads: with teacher forcing the noisy half
+    clean = frames * P if teacher_forcing else 0  # query tokens the last block skips, per video
+    qk_last = batch * sum((qhi - qlo) * sum(hi - lo for lo, hi in runs) for (qlo, qhi), runs in plan
+                          if qlo >= clean)
     r = lora_rank
     for i in range(cfg.num_layers):
+        last = i == cfg.num_layers - 1
+        Nq, qk_i = (N - batch * clean, qk_last) if last else (N, qk)  # tokens past their K and V
         # block 0's input comes from frozen embeddings: no gradient unless the base is trained
         x_grad = base_grad or (trained and i > 0)
-        for _ in range(3):  # self-attention q, k, v
+        linear(Nq, D, D, x_grad, r)  # self-attention q
+        for _ in range(2):  # k, v of every token
             linear(N, D, D, x_grad, r)
-        linear(N, D, D, trained, r)  # o
-        flops[0] += 4 * qk * D
-        flops[1] += 8 * qk * D * trained
-        linear(N, D, D, trained, r), linear(N, D, D, trained, r)  # cross-attention q, o
+        linear(Nq, D, D, trained, r)  # o
+        flops[0] += 4 * qk_i * D
+        flops[1] += 8 * qk_i * D * trained
+        linear(Nq, D, D, trained, r), linear(Nq, D, D, trained, r)  # cross-attention q, o
         for _ in range(2):  # cross-attention k, v of the text tokens (context: no gradient)
             linear(batch * Lt, D, D, base_grad, r)
-        flops[0] += 4 * N * Lt * D
-        flops[1] += 8 * N * Lt * D * trained
-        linear(N, D, cfg.ffn_dim, trained, r), linear(N, cfg.ffn_dim, D, trained, r)  # FFN
+        flops[0] += 4 * Nq * Lt * D
+        flops[1] += 8 * Nq * Lt * D * trained
+        linear(Nq, D, cfg.ffn_dim, trained, r), linear(Nq, cfg.ffn_dim, D, trained, r)  # FFN
     linear(batch * frames * P, D, p * cfg.out_dim, trained)  # head (the noisy half only)
     return flops[0], flops[1]
 

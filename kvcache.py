@@ -143,19 +143,17 @@ class KVCache:
         """Forget the cached text K/V (a new prompt)."""
         self.cross = [None] * len(self.cross)
 
-    @staticmethod
-    def stack(caches) -> "KVCache":
-        """Concatenate caches at the same point of a video (same frames) along the batch."""
-        if any(c.frames != caches[0].frames for c in caches):
-            raise ValueError("can only stack caches that hold the same frames")
+    def select(self, rows) -> "KVCache":
+        """A new cache holding copies of batch rows `rows` (repeats allowed: [0, 0, 1] gives the
+        first video twice): the group rollout branches K candidates from one prompt's history.
+        The copy shares no memory with this cache."""
+        idx = torch.as_tensor(list(rows), device=self.k.device)
         new = KVCache.__new__(KVCache)
-        new.__dict__.update(caches[0].__dict__)
-        new.k = torch.cat([c.k for c in caches], dim=1)  # (Ly, sum B, T, Hd, D)
-        new.v = torch.cat([c.v for c in caches], dim=1)
-        new.frames = list(caches[0].frames)
-        new.cross = [None if any(c.cross[i] is None for c in caches) else
-                     tuple(torch.cat([c.cross[i][j] for c in caches]) for j in range(2))
-                     for i in range(len(caches[0].cross))]
+        new.__dict__.update(self.__dict__)
+        new.k = self.k.index_select(1, idx)  # (Ly, len(rows), T, Hd, D), a fresh tensor
+        new.v = self.v.index_select(1, idx)
+        new.frames = list(self.frames)
+        new.cross = [None if c is None else tuple(x.index_select(0, idx) for x in c) for c in self.cross]
         return new
 
     def nbytes(self) -> int:

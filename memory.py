@@ -4,14 +4,14 @@ config before anything loads (train.py prints it at start; bench.py memory measu
 
     static      frozen base weights, every LoRA adapter (float32)
     optimizer   theta's gradients and AdamW's two moments (float32), from the first update on
-    rollout     the window's KV caches (one micro-batch of videos, the cache's capacity) + the
+    rollout     the window's KV caches (--rollout-batch videos, the cache's capacity) + the
                 histories before the window (streaming, s > 0) + one model call's working set
     update      histories + a micro-batch's stacked copy of them + the activations autograd
                 saves in the x_theta forward (all blocks, or with --grad-checkpointing each
                 block's input and one block's worth) + the backward's gradient buffers
     decode      the VAE's working set for --decode-batch videos (real models) and the pixels
     reward      learned reward models' weights and their activations for one chunk of frames
-    eval        the periodic eval's whole videos: a KV cache for a micro-batch of eval prompts
+    eval        the periodic eval's whole videos: a KV cache for each of a rollout batch
 peak = static + optimizer + max(rollout, update, eval) + decode + reward.
 
 Activations are counted from what autograd saves per transformer block, element by element
@@ -32,16 +32,19 @@ from model import CausalWanModel, attention_plan
 
 GB = 2 ** 30
 
-# bytes autograd saves per token and layer of the x_theta forward: (per D, per Df, per r).
-# float32, op by op: norm1's input, the modulated input of q/k/v, q and k before their RMSNorm,
-# roped q and k, v, the attention output and its concatenation, the residual, norm3's input
-# and output, cross q before its norm, normed, the attention output, norm2's input and the
-# FFN input = 16 D; the FFN hidden before and after GELU = 2 Df; A x of the 8 token-side LoRA
-# linears = 8 r; 4 bytes each.
-# bf16 autocast: the same tensors, bf16 where autocast computes, float32 where the model upcasts
-# (the four norms' inputs, q/k before RMSNorm) plus autocast's bf16 copy of every LoRA input: 50
-# bytes per D, 2 x 2 per Df, 2 x 8 per r; and, per layer, autocast's bf16 copies of A and B.
-SAVED_BYTES = {torch.float32: (64, 8, 32), torch.bfloat16: (50, 4, 16)}
+# bytes autograd saves per token and layer of the x_theta forward, as (per D, per Df, per r),
+# in two parts. "kv": what every token keeps, its K and V being needed by later queries: norm1's
+# input, the modulated input of the k/v projections, k before its RMSNorm, and A x of the k and v
+# LoRA. "query": what a token whose output is computed adds: q before its norm, roped q, the
+# attention output and its concatenation, the residual, norm3's input and output, cross q before
+# and after its norm, the cross-attention output, norm2's input, the FFN input (11 D), the FFN
+# hidden before and after GELU (2 Df), A x of the q, o, cross q, cross o and FFN LoRA (6 r).
+# float32: 4 bytes each. bf16 autocast: bf16 where autocast computes, float32 where the model
+# upcasts (the norms' inputs, q/k before RMSNorm), plus autocast's bf16 copy of every LoRA input.
+# The roped K and V themselves are counted apart (kept_keys), as are autocast's bf16 copies of
+# each layer's A and B.
+SAVED_BYTES = {torch.float32: {"kv": (12, 0, 8), "query": (44, 8, 24)},
+               torch.bfloat16: {"kv": (12, 0, 4), "query": (34, 4, 12)}}
 
 # the Wan2.1 VAE decoding frame by frame (diffusers' feature cache), float32: working set per
 # output pixel of one frame chunk, measured on a CPU with random weights at 64x64 and 128x128
@@ -65,32 +68,33 @@ def parameter_counts(cfg, rank):
     return base, adapter_numel(m, "count")
 
 
-def saved_activations(cfg, tokens, rank, dtype, plan_keys=0, text=0):
-    """Bytes autograd keeps for backward in one forward through every block: `tokens` query
-    tokens (clean context included), `plan_keys` more key tokens per layer (extra_key_tokens),
-    `text` tokens of the cross-attention context."""
-    per_d, per_f, per_r = SAVED_BYTES[dtype]
+def kept_keys(plan, q_from=0, tokens=0, history_tokens=0):
+    """Key tokens one layer keeps for backward (K and V each, per video) when its queries are the
+    plan's blocks from token q_from on: a block attending to one run reads a view of the whole K
+    (the call's own tokens, behind the history's when there is one), which attention then keeps;
+    a block attending to two or more runs reads a torch.cat copy of them."""
+    blocks = [runs for (lo, _), runs in plan if lo >= q_from]
+    copies = sum(sum(hi - lo for lo, hi in runs) for runs in blocks if len(runs) > 1)
+    whole = history_tokens + tokens if any(len(runs) == 1 for runs in blocks) else 0
+    return copies + whole
+
+
+def saved_activations(cfg, rank, dtype, layers, text=0):
+    """Bytes autograd keeps for backward in one forward: `layers` lists, per block, (tokens,
+    query tokens, kept key tokens) summed over the batch (kept_keys); `text` tokens of the
+    cross-attention context."""
+    kv, query = SAVED_BYTES[dtype]["kv"], SAVED_BYTES[dtype]["query"]
     b = torch.finfo(dtype).bits // 8
-    per_token = per_d * cfg.dim + per_f * cfg.ffn_dim + per_r * rank
-    # per layer: the token activations, the concatenated K and V copies, the text side's k/v LoRA
-    layer = tokens * per_token + 2 * plan_keys * cfg.dim * b + text * (6 * cfg.dim * b + 2 * rank * b)
-    if dtype == torch.bfloat16:  # autocast's bf16 copy of theta's A and B, kept for backward
-        d, f = cfg.dim, cfg.ffn_dim
-        layer += 2 * rank * (8 * 2 * d + (d + f) + (f + d))
-    return cfg.num_layers * layer
-
-
-def extra_key_tokens(plan, tokens, history_tokens=0):
-    """Key tokens (K and V each) one layer keeps for backward beyond the call's own roped k and v,
-    per video: query blocks that attend to two or more runs read a torch.cat copy; with a
-    history, every layer builds K = cat([history K ; the call's K]), which attention keeps when
-    some query block reads it as one run (a view), and the call's own k and v are then kept
-    only inside it."""
-    keys = sum(sum(hi - lo for lo, hi in runs) for _, runs in plan if len(runs) > 1)
-    if history_tokens:
-        single = any(len(runs) == 1 for _, runs in plan)
-        keys += (history_tokens + tokens if single else 0) - tokens
-    return keys
+    d, f = cfg.dim, cfg.ffn_dim
+    total = 0
+    for tokens, q_tokens, keys in layers:
+        total += tokens * (kv[0] * d + kv[1] * f + kv[2] * rank)
+        total += q_tokens * (query[0] * d + query[1] * f + query[2] * rank)
+        # the roped K and V that attention keeps, and the text side's k/v and their LoRA
+        total += 2 * keys * d * b + text * (6 * d * b + 2 * rank * b)
+        if dtype == torch.bfloat16:  # autocast's bf16 copy of theta's A and B, kept for backward
+            total += 2 * rank * (8 * 2 * d + (d + f) + (f + d))
+    return total
 
 
 def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
@@ -121,10 +125,12 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
     if streaming:  # one history per prompt (shared-prefix) or per sample (independent)
         n_hist = prompts_here if args.group_mode == "shared-prefix" else n
     histories = n_hist * per_video_cache
+    out["histories"] = histories  # part of rollout and update below, reported on its own
     latents = n * T * cfg.in_dim * h * w * 4  # the window's clean latents, float32
-    # one sampler call: a block of m videos through a layer (the FFN hidden is the largest)
-    call = m * block * P * (cfg.ffn_dim + 6 * cfg.dim) * b
-    out["rollout"] = histories + m * per_video_cache + call + latents
+    rb = args.rollout_batch or m  # videos per sampler call; the histories run in one batch
+    # one sampler call: a block of videos through a layer (the FFN hidden is the largest)
+    call = max(rb, n_hist) * block * P * (cfg.ffn_dim + 6 * cfg.dim) * b
+    out["rollout"] = histories + rb * per_video_cache + call + latents
 
     # ---- the update: the x_theta forward's saved activations for one micro-batch
     clean = args.window_context == "clean"
@@ -135,8 +141,13 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
     mask_block = 1 if args.train_mask == "frame" else block
     sink = args.sink if args.train_sink else 0
     plan = attention_plan(T, P, mask_block, start, args.local_attn, sink, past, clean)
-    keys = m * extra_key_tokens(plan, tokens // m, len(past) * P if streaming else 0)
-    full = saved_activations(cfg, tokens, args.lora_rank, act, keys, m * cfg.text_len)
+    hist_tokens = len(past) * P if streaming else 0
+    # every block but the last computes every token; the last one only the noisy half (clean)
+    q_last = T * P if clean else 0
+    keys = m * kept_keys(plan, 0, tokens // m, hist_tokens)
+    keys_last = m * kept_keys(plan, q_last, tokens // m, hist_tokens)
+    layers = [(tokens, tokens, keys)] * (cfg.num_layers - 1) + [(tokens, tokens - m * q_last, keys_last)]
+    full = saved_activations(cfg, args.lora_rank, act, layers, m * cfg.text_len)
     if args.grad_checkpointing:  # each block's input, plus one block recomputed at a time
         saved = cfg.num_layers * tokens * cfg.dim * b + full // cfg.num_layers
     else:
@@ -159,8 +170,8 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
         [REWARD_CHUNK_BYTES[r] for r in learned], default=0)
 
     # ---- the periodic eval: whole videos for the eval prompts, one cache for all of them
-    E = min(args.eval_prompts, m) if args.eval_every else 0  # videos per eval rollout
-    out["eval"] = E * (per_video_cache + F * cfg.in_dim * h * w * 4) + E * call // m
+    E = min(args.eval_prompts, rb) if args.eval_every else 0  # videos per eval rollout
+    out["eval"] = E * (per_video_cache + F * cfg.in_dim * h * w * 4) + E * block * P * (cfg.ffn_dim + 6 * cfg.dim) * b
 
     out["peak"] = (out["weights"] + out["adapters"] + out["optimizer"]
                    + max(out["rollout"], out["update"], out["eval"]) + out["decode"] + out["reward"])
@@ -168,8 +179,8 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
 
 
 def summary(pred):
-    """One line: the predicted peak and its terms, in GB."""
-    terms = ", ".join(f"{k} {v / GB:.2f}" for k, v in pred.items() if k != "peak")
+    """One line: the predicted peak and its terms, in GB (histories are inside rollout and update)."""
+    terms = ", ".join(f"{k} {v / GB:.2f}" for k, v in pred.items() if k not in ("peak", "histories"))
     return f"{pred['peak'] / GB:.2f} GB ({terms})"
 
 

@@ -86,11 +86,11 @@ def rope_dims(head_dim: int):
 
 
 def rope_freqs(head_dim, start_frame, frames, h, w, device="cpu"):
-    """cos and sin of the 3D RoPE angles for a (frames, h, w) grid starting at `start_frame`.
+    """The 3D RoPE rotations e^(i angle) for a (frames, h, w) grid starting at `start_frame`.
 
     theta_j = 10000^(-2j/D) per axis, angle = position * theta_j, computed in float64 like the
     reference table, for the requested positions only (so no 1024-frame limit, unlike the
-    reference). Returns float32 (cos, sin), each (N, 1, D/2), in the order [frame | h | w].
+    reference). Returns complex64 cos + i sin, (N, 1, D/2), in the order [frame | h | w].
     """
     def axis(pos0, n, dim):
         inv = 1.0 / torch.pow(10000, torch.arange(0, dim, 2, dtype=torch.float64, device=device).div(dim))
@@ -101,21 +101,21 @@ def rope_freqs(head_dim, start_frame, frames, h, w, device="cpu"):
                      ah[None, :, None].expand(frames, h, w, -1),
                      aw[None, None, :].expand(frames, h, w, -1)], dim=-1)
     ang = ang.reshape(frames * h * w, 1, head_dim // 2)  # (N, 1, D/2) float64
-    return ang.cos().float(), ang.sin().float()
+    # cos and sin in float64, rounded to float32 once
+    return torch.complex(ang.cos().float(), ang.sin().float())  # (N, 1, D/2) complex64
 
 
 def apply_rope(x: torch.Tensor, freqs) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) by the angles: a complex multiply, written out.
+    """Rotate adjacent pairs (x[2j], x[2j+1]) by the angles: one complex multiply per pair.
 
-    The reference multiplies in complex128; float32 here differs by ~1 ulp (fixtures: <= 2e-6)
+    The reference multiplies in complex128; complex64 here differs by ~1 ulp (fixtures: <= 2e-6)
     at a fraction of the time and no float64 activations kept for backward.
     """
-    cos, sin = freqs
     B, N, Hd, D = x.shape
-    xe, xo = x.float().view(B, N, Hd, D // 2, 2).unbind(-1)  # (B, N, Hd, D/2) each
-    # (xe + i xo) * (cos + i sin) = (xe cos - xo sin) + i (xe sin + xo cos)
-    out = torch.stack([xe * cos - xo * sin, xe * sin + xo * cos], dim=-1)
-    return out.flatten(3).to(x.dtype)  # (B, N, Hd, D)
+    # pairs as complex numbers: x[2j] + i x[2j+1]
+    xc = torch.view_as_complex(x.float().reshape(B, N, Hd, D // 2, 2))  # (B, N, Hd, D/2)
+    # (xe + i xo) (cos + i sin) = (xe cos - xo sin) + i (xe sin + xo cos)
+    return torch.view_as_real(xc * freqs).flatten(3).to(x.dtype)  # (B, N, Hd, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,8 +128,8 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # x * rsqrt(mean(x^2) + eps), one fused kernel, in float32; then the weight in x's dtype
+        return F_.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 class LayerNorm(nn.LayerNorm):
@@ -166,17 +166,22 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (LoRALinear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, freqs, plan, layer, kv_only=False):
+    def forward(self, x, freqs, plan, layer, q_from=0):
+        """Self-attention output for the tokens from `q_from` on (every token's K and V are still
+        computed: later queries attend to them); None when no query is kept (q_from = N)."""
         B, N, _ = x.shape
-        split = lambda t: t.view(B, N, self.num_heads, -1)  # noqa: E731  (B, N, Hd, D)
-        k, v = apply_rope(split(self.norm_k(self.k(x))), freqs), split(self.v(x))
+        k = apply_rope(self.norm_k(self.k(x)).view(B, N, self.num_heads, -1), freqs)  # (B, N, Hd, D)
+        v = self.v(x).view(B, N, self.num_heads, -1)
         K, V = plan.keys_values(layer, k, v)  # cache write or [history ; this clip]
-        if kv_only:  # a cache-update pass needs nothing more from the last layer
+        if q_from == N:  # a cache-update pass needs nothing more from the last layer
             return None
-        q = apply_rope(split(self.norm_q(self.q(x))), freqs)
-        out = [_attend(q[:, lo:hi], K, V, ranges) for (lo, hi), ranges in plan.blocks]
+        xq = x[:, q_from:]
+        q = apply_rope(self.norm_q(self.q(xq)).view(B, N - q_from, self.num_heads, -1), freqs[q_from:])
+        # each query block attends to its own key runs; blocks before q_from are not computed
+        out = [_attend(q[:, lo - q_from:hi - q_from], K, V, ranges) for (lo, hi), ranges in plan.blocks
+               if lo >= q_from]
         out = out[0] if len(out) == 1 else torch.cat(out, dim=1)
-        return self.o(out.flatten(2))  # (B, N, Dm)
+        return self.o(out.flatten(2))  # (B, N - q_from, Dm)
 
 
 class CrossAttention(SelfAttention):
@@ -208,23 +213,28 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(LoRALinear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  LoRALinear(cfg.ffn_dim, d))
 
-    def forward(self, x, e0, ctx, freqs, plan, layer, kv_only=False):
+    def forward(self, x, e0, ctx, freqs, plan, layer, keep_from=0):
+        """The block on tokens x (B, N, Dm); returns the outputs of frames keep_from.. only (None
+        if none): every frame still gives its K and V to the attention. The last block keeps
+        only the frames the head reads (the noisy half of teacher forcing; none for a cache pass)."""
         B, N, D = x.shape
-        Fr = e0.shape[1]
-        per_frame = lambda t: t.view(B, Fr, N // Fr, D)  # noqa: E731  (B, F, P, Dm)
+        P = N // e0.shape[1]  # tokens per frame
         # M = modulation + e0 -> shift/scale/gate for attention and FFN, one set per frame
-        sh_a, sc_a, g_a, sh_f, sc_f, g_f = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        sh_a, sc_a, g_a, sh_f, sc_f, g_f = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)  # (B, F, 1, Dm)
         # x = x + gate * SelfAttn(norm1(x) * (1 + scale) + shift)
-        y = self.self_attn(torch.addcmul(sh_a, per_frame(self.norm1(x)), 1 + sc_a).flatten(1, 2),
-                           freqs, plan, layer, kv_only)
-        if kv_only:
+        h = torch.addcmul(sh_a, self.norm1(x).view(B, -1, P, D), 1 + sc_a).flatten(1, 2)
+        y = self.self_attn(h, freqs, plan, layer, keep_from * P)
+        if y is None:
             return None
-        x = torch.addcmul(per_frame(x), per_frame(y), g_a).flatten(1, 2)
+        # from here on, only the kept frames
+        x, g_a, sh_f, sc_f, g_f = x[:, keep_from * P:], g_a[:, keep_from:], sh_f[:, keep_from:], sc_f[:, keep_from:], \
+            g_f[:, keep_from:]
+        x = torch.addcmul(x.view(B, -1, P, D), y.view(B, -1, P, D), g_a).flatten(1, 2)
         # x = x + CrossAttn(norm3(x), text)      (no modulation, no gate)
         x = x + self.cross_attn(self.norm3(x), ctx, plan.cache, layer)
         # x = x + gate * FFN(norm2(x) * (1 + scale) + shift)
-        y = self.ffn(torch.addcmul(sh_f, per_frame(self.norm2(x)), 1 + sc_f).flatten(1, 2))
-        return torch.addcmul(per_frame(x), per_frame(y), g_f).flatten(1, 2)  # (B, N, Dm)
+        y = self.ffn(torch.addcmul(sh_f, self.norm2(x).view(B, -1, P, D), 1 + sc_f).flatten(1, 2))
+        return torch.addcmul(x.view(B, -1, P, D), y.view(B, -1, P, D), g_f).flatten(1, 2)  # (B, N', Dm)
 
 
 def _run_block(block, adapter, *args):
@@ -381,7 +391,7 @@ class CausalWanModel(nn.Module):
         # RoPE: absolute frame positions; both halves of teacher forcing share them
         freqs = rope_freqs(cfg.dim // cfg.num_heads, start_frame, Fr, h, w, x.device)
         if clean_x is not None:
-            freqs = tuple(torch.cat([f, f], dim=0) for f in freqs)
+            freqs = torch.cat([freqs, freqs], dim=0)
 
         # who attends to what
         if cache is not None:
@@ -400,18 +410,22 @@ class CausalWanModel(nn.Module):
             plan = _Plan(blocks, history=history)
 
         ckpt = self.grad_checkpointing and cache is None and torch.is_grad_enabled()
+        # the last block computes only what the head reads: nothing for a cache pass (kv_only),
+        # the noisy half with teacher forcing (the clean half's outputs would be thrown away)
+        last_keep = nf if kv_only else (Fr if clean_x is not None else 0)
         for i, block in enumerate(self.blocks):
+            keep = last_keep if i == len(self.blocks) - 1 else 0
             if ckpt:  # use_reentrant=False: grads reach the inputs' and params' graph directly
                 # (no RNG state to restore: nothing inside a block is random)
                 tok = checkpoint(_run_block, block, block.self_attn.q.active, tok, e0, ctx, freqs,
-                                 plan, i, use_reentrant=False, preserve_rng_state=False)
+                                 plan, i, keep, use_reentrant=False, preserve_rng_state=False)
             else:
-                tok = block(tok, e0, ctx, freqs, plan, i, kv_only and i == len(self.blocks) - 1)
+                tok = block(tok, e0, ctx, freqs, plan, i, keep)
         if kv_only:
             return None
 
-        if clean_x is not None:  # only the noisy half goes through the head
-            tok, e = tok[:, Fr * tpf:], e.unflatten(0, (B, nf))[:, Fr:].flatten(0, 1)
+        if clean_x is not None:  # the head's modulation for the noisy frames
+            e = e.unflatten(0, (B, nf))[:, Fr:].flatten(0, 1)
         out = self.head(tok, e.unflatten(0, (B, Fr)))  # (B, F, P, ph*pw*C)
         # unpatchify: features ordered (pt, ph, pw, c); -> (B, F, C, H, W)
         out = out.view(B, Fr, h, w, ph, pw, cfg.out_dim)

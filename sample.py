@@ -133,13 +133,15 @@ def make_generators(seeds, device="cpu"):
 
 @torch.no_grad()
 def generate(model, context, cache: KVCache, num_frames, noise, start_frame=0,
-             timesteps=None, shift=5.0, progress=False, on_block=None, keep=True):
+             timesteps=None, shift=5.0, progress=False, on_block=None, keep=True, last_cache_pass=True):
     """Generate `num_frames` latent frames after those the cache already holds.
 
     context: (B, Lt, Dt) text embeddings; cache: a KVCache (empty, or holding a prefix that
     ends at start_frame); noise: GeneratorNoise / TensorNoise.
     on_block(k, x0_steps) is called after each block with the 4 per-step x0 (tests, fixtures).
     keep=False: only advance the cache (a streaming prefix), so memory does not grow with length.
+    last_cache_pass=False: skip the last block's cache update, when nothing will read the cache
+    again (the returned frames are the same: that pass writes K/V and returns nothing).
     returns: (B, num_frames, C, H, W) clean latents (None if keep=False)
     """
     n = model.cfg.frames_per_block
@@ -159,7 +161,8 @@ def generate(model, context, cache: KVCache, num_frames, noise, start_frame=0,
             if j + 1 < len(ts):  # re-noise to the next level with fresh noise
                 x = add_noise(x0, noise.renoise(k, j, n), sig[j + 1].to(x.device))
         # cache-update pass: the clean block at t = 0 overwrites this block's K/V
-        model(x0, torch.zeros(B, n, device=x.device), context, cache=cache, start_frame=s, kv_only=True)
+        if last_cache_pass or k + 1 < num_frames // n:
+            model(x0, torch.zeros(B, n, device=x.device), context, cache=cache, start_frame=s, kv_only=True)
         if keep:
             out.append(x0)
         if on_block is not None:
@@ -382,7 +385,7 @@ def main(args: Args):
         lat = generate_multi_prompt(model, [c[None] for c in ctx], [int(s) for s in args.switch_frames],
                                     cache, args.num_frames, noise, progress=True)
     else:
-        lat = generate(model, ctx, cache, args.num_frames, noise, progress=True)
+        lat = generate(model, ctx, cache, args.num_frames, noise, progress=True, last_cache_pass=False)
     vae = None if tiny else WanVAE.load(args.vae, device=dev)
     for i in range(lat.shape[0]):
         path = args.out if lat.shape[0] == 1 else args.out.replace(".mp4", f"_{i}.mp4")

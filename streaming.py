@@ -7,7 +7,7 @@ candidates branch from copies of that cache and generate the window with their o
 holds sink + recent frames only: memory never depends on s. Short clips are s = 0, T = F.
 
     starts = window_starts(args); s = window_start(args, step)
-    hist = rollout_histories(model, ctx, js, K, step, s, args)   # {prompt: KVCache at s}, {} if s = 0
+    hist = rollout_histories(model, ctx, js, K, step, s, args)   # (KVCache at s, {prompt: row}); None if s = 0
     lat  = rollout_windows(model, ctx, js, K, step, s, hist, args)        # (n, T, C, H, W)
     h    = stack_history(hist, rows, K, args)   # the update attends to these detached histories
 
@@ -47,13 +47,16 @@ def new_cache(model, batch, args, dtype, device):
 @torch.no_grad()
 def rollout(model, ctx, seeds, frames, args, adapter="old", cache=None, start=0, keep=True):
     """`frames` latent frames per seed with `adapter`, no grad, continuing `cache` (a new one if
-    None) from frame `start`. Returns (B, frames, C, H, W) clean latents (None if keep=False)."""
+    None) from frame `start`. Returns (B, frames, C, H, W) clean latents (None if keep=False:
+    only the cache advances, and its last block is written, for the window that follows)."""
     dtype, dev = next(model.parameters()).dtype, ctx.device
     if cache is None:
         cache = new_cache(model, len(seeds), args, dtype, dev)
     noise = GeneratorNoise(make_generators(seeds), (model.cfg.in_dim, *latent_hw(args)), dev, dtype)
     with use_adapter(model, adapter):
-        lat = generate(model, ctx.to(dtype), cache, frames, noise, start_frame=start, keep=keep)
+        # the videos' caches are dropped after the rollout: their last block's K/V is never read
+        lat = generate(model, ctx.to(dtype), cache, frames, noise, start_frame=start, keep=keep,
+                       last_cache_pass=not keep)
     return None if lat is None else lat.float()
 
 
@@ -86,40 +89,44 @@ def history_key(j, K, args):
 @torch.no_grad()
 def rollout_histories(model, ctx, js, K, step, s, args):
     """The history [0, s) before this step's window, generated once per prompt (shared-prefix)
-    or per sample (independent) of this rank: {history_key: KVCache at frame s}.
+    or per sample (independent) of this rank, all in one batch: (KVCache at frame s with one row
+    per history, {history_key: row}), or None for s = 0 (no cache at all).
 
-    Each is a rolling-cache state (sink + recent frames), so its size never depends on s; the
-    prefix latents themselves are not kept (keep=False). Empty for s = 0: no cache at all."""
-    hist = {}
+    The cache is a rolling-cache state (sink + recent frames), so its size never depends on s;
+    the prefix latents themselves are not kept (keep=False)."""
     if s == 0:
-        return hist
-    dtype = next(model.parameters()).dtype
+        return None
+    rows, seeds, ctx_rows = {}, [], []
     for i, j in enumerate(js):
         key = history_key(j, K, args)
-        if key in hist:
+        if key in rows:
             continue
+        rows[key] = len(rows)
         # prefix noise from (seed, step, prompt[, candidate]): the same on every rank
         if args.group_mode == "shared-prefix":
-            prefix_seed = seed_of(args.seed, step, j // K)
+            seeds.append(seed_of(args.seed, step, j // K))
         else:
-            prefix_seed = seed_of(args.seed, step, j // K, j % K, "prefix")
-        hist[key] = new_cache(model, 1, args, dtype, ctx.device)
-        rollout(model, ctx[i][None], [prefix_seed], s, args, cache=hist[key], keep=False)
-    return hist
+            seeds.append(seed_of(args.seed, step, j // K, j % K, "prefix"))
+        ctx_rows.append(i)
+    cache = new_cache(model, len(rows), args, next(model.parameters()).dtype, ctx.device)
+    rollout(model, ctx[ctx_rows], seeds, s, args, cache=cache, keep=False)
+    return cache, rows
 
 
 def stack_history(hist, rows, K, args):
     """A fresh batch cache holding the histories of samples `rows` (None when there is none)."""
-    if not hist:
+    if hist is None:
         return None
-    return KVCache.stack([hist[history_key(j, K, args)] for j in rows])
+    cache, row_of = hist
+    return cache.select([row_of[history_key(j, K, args)] for j in rows])
 
 
 @torch.no_grad()
 def rollout_windows(model, ctx, js, K, step, s, hist, args):
     """The window [s, s + T) of every sample j in js (prompt j // K, candidate j % K), each
-    branching from a copy of its history. Returns (n, T, C, H, W) clean latents."""
-    T, m = args.window or args.num_frames, args.micro_batch
+    branching from a copy of its history, --rollout-batch videos per sampler call. Returns
+    (n, T, C, H, W) clean latents."""
+    T, m = args.window or args.num_frames, args.rollout_batch or args.micro_batch
     out = []
     for i in range(0, len(js), m):
         rows = js[i:i + m]

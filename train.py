@@ -160,6 +160,9 @@ class Args:
     to noisy ones (Astrolabe's release; the real presets)"""
     micro_batch: int = 8
     """samples per forward/backward (per rank)"""
+    rollout_batch: int = 32
+    """videos per sampler call in the rollout and eval (0: --micro-batch); more is faster, each
+    costs a KV cache (the real presets: 1)"""
     # ---- memory levers (the real presets turn them on)
     bf16: Literal["auto", "on", "off"] = "auto"
     """on: frozen base and text encoder in bf16 and bf16 autocast, on any device (LoRA parameters,
@@ -233,7 +236,7 @@ def _real(model="wan-1.3b", wan="wan_models/Wan2.1-T2V-1.3B", **kw):
                 num_frames=21, window=0, window_context="noisy", lora_rank=256, lora_alpha=256.0,
                 lr=1e-5, rewards=["hpsv2=1"], eval_prompts=2, eval_every=30, ckpt_every=30,
                 # one GPU: 2 prompts x 8 videos per step (Astrolabe on 8 GPUs: 16 x 24)
-                prompts_per_step=2, group_size=8, micro_batch=1, grad_checkpointing=True)
+                prompts_per_step=2, group_size=8, micro_batch=1, rollout_batch=1, grad_checkpointing=True)
     return dataclasses.replace(Args(), **{**base, **kw})
 
 
@@ -473,12 +476,12 @@ def nft_microbatch(model, args, *, x0, ctx, r, kl_mask, step, j0, start, history
 @torch.no_grad()
 def eval_videos(model, frozen, prompts, args, adapter):
     """The whole video for fixed prompts and seeds with `adapter` (None = base): (E, F, 3, H, W),
-    --micro-batch videos per rollout (one KV cache for the whole video each)."""
+    --rollout-batch videos per rollout (one KV cache for the whole video each)."""
     seeds = [seed_of(args.seed, "eval", i) for i in range(len(prompts))]
-    videos = []
-    for i in range(0, len(prompts), args.micro_batch):
-        ctx = frozen.embed(prompts[i:i + args.micro_batch])
-        lat = rollout(model, ctx, seeds[i:i + args.micro_batch], args.num_frames, args, adapter)
+    videos, m = [], args.rollout_batch or args.micro_batch
+    for i in range(0, len(prompts), m):
+        ctx = frozen.embed(prompts[i:i + m])
+        lat = rollout(model, ctx, seeds[i:i + m], args.num_frames, args, adapter)
         videos.append(frozen.decode(lat))
     return torch.cat(videos)
 
@@ -681,7 +684,7 @@ def main(args: Args):
         ctx = frozen.embed(my_prompts)  # (n, Lt, Dt)
         model.eval()
         s = window_start(args, step)
-        hist = rollout_histories(model, ctx, js, K, step, s, args)  # {} for s = 0
+        hist = rollout_histories(model, ctx, js, K, step, s, args)  # None for s = 0
         lat = rollout_windows(model, ctx, js, K, step, s, hist, args)  # (n, T, C, H, W)
         t_roll = time.time() - t0
         # ------------------------------------------------------------------ 2. reward

@@ -65,8 +65,8 @@ def test_stacked_copies_are_independent():
     for a in (0, 3, 6):
         write_block(cache, a, 3, lambda f: f + 0.5)
     cache.cross[0] = (torch.randn(2, 5, HEADS, D), torch.randn(2, 5, HEADS, D))
-    snap = KVCache.stack([cache])
-    big = KVCache.stack([cache] * 3)  # rows (b0, b1, b0, b1, b0, b1)
+    snap = cache.select([0, 1])
+    big = cache.select([0, 1] * 3)  # rows (b0, b1, b0, b1, b0, b1)
     assert big.k.shape[1] == 6 and big.frames == cache.frames
     for r in range(6):
         assert torch.equal(big.k[:, r], cache.k[:, r % 2])

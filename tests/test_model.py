@@ -132,9 +132,9 @@ def test_window_over_snapshot_equals_longer_forward(local, sink):
         cache = KVCache.for_model(CFG, B, F, HW, sink=sink, local=local)
         for a, b in blocks(s, 3):  # the prefix, clean
             m(clean[:, a:b], torch.zeros(B, b - a), ctx, cache=cache, start_frame=a)
-        hist = KVCache.stack([cache])  # a copy: the history the window attends to
+        hist = cache.select([0])  # a copy: the history the window attends to
         noisy_ref, clean_ref = [], []
-        c1, c2 = KVCache.stack([cache]), KVCache.stack([cache])
+        c1, c2 = cache.select([0]), cache.select([0])
         for a, b in blocks(F, 3)[s // 3:]:
             noisy_ref.append(m(x[:, a:b], t[:, a:b], ctx, cache=c1, start_frame=a))  # noisy K/V kept
             clean_ref.append(m(x[:, a:b], t[:, a:b], ctx, cache=c2, start_frame=a))

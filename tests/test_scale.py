@@ -33,14 +33,15 @@ def live_caches():
     ("6", "3", "independent", 4),     # ... or per sample (4)
 ])
 def test_no_idle_caches(tmp_path, monkeypatch, frames, window, mode, expect):
-    """Count live caches inside every micro-batch of the update (its history argument is one
-    more, a stacked copy) and when the next step's rollout begins (none may be left over)."""
+    """The bytes of the live caches inside every micro-batch of the update (less its history
+    argument, a stacked copy) are `expect` histories' worth; none is left over when the next
+    step's rollout begins."""
     seen = {"update": [], "rollout": []}
-    nft_microbatch, rollout_histories = train.nft_microbatch, streaming.rollout_histories
+    nft_microbatch, rollout_histories = train.nft_microbatch, train.rollout_histories
 
     def counting_update(*a, **kw):
-        extra = kw["history"] is not None  # the micro-batch's stacked copy of its histories
-        seen["update"].append(live_caches()[0] - extra)
+        extra = 0 if kw["history"] is None else kw["history"].nbytes()  # the micro-batch's copy
+        seen["update"].append(live_caches()[1] - extra)
         return nft_microbatch(*a, **kw)
 
     def counting_rollout(*a, **kw):
@@ -52,7 +53,10 @@ def test_no_idle_caches(tmp_path, monkeypatch, frames, window, mode, expect):
                                      window, "--window-select", "last", "--group-mode", mode,
                                      "--out-dir", str(tmp_path)])
     train.main(args)
-    assert seen["update"] == [expect] * 4  # 2 steps x 2 micro-batches
+    # one video's history: a global cache of 6 frames, 16 tokens each, every layer, K and V
+    cfg = CONFIGS["tiny"]
+    one = 2 * cfg.num_layers * 6 * 16 * cfg.dim * 4
+    assert seen["update"] == [expect * one] * 4  # 2 steps x 2 micro-batches
     assert seen["rollout"] == [0, 0]
 
 
@@ -156,9 +160,11 @@ def test_saved_activations_match_autograd(dtype, context):
     plan = attention_plan(T, P, cfg.frames_per_block, start, 6 if past else -1, 3 if past else 0, past,
                           clean is not None)
     tokens = T * P * (2 if clean is not None else 1)
-    keys = memory.extra_key_tokens(plan, tokens, len(past) * P)
-    want = memory.saved_activations(cfg, tokens, 24, dtype, keys, cfg.text_len)
-    assert want == pytest.approx(got, rel=0.06)  # measured: within 1% (5% with a history)
+    q_last = T * P if clean is not None else 0  # the last block computes only the noisy half
+    layers = [(tokens, tokens, memory.kept_keys(plan, 0, tokens, len(past) * P)),
+              (tokens, tokens - q_last, memory.kept_keys(plan, q_last, tokens, len(past) * P))]
+    want = memory.saved_activations(cfg, 24, dtype, layers, cfg.text_len)
+    assert want == pytest.approx(got, rel=0.06)  # measured: within 1% (5% float32 with a history)
 
 
 def test_predict_terms_follow_the_flags():
@@ -173,10 +179,10 @@ def test_predict_terms_follow_the_flags():
     assert no_ckpt["update"] > 3 * base["update"]  # checkpointing keeps one block's activations
     streaming = dataclasses.replace(a, num_frames=42, window=21, local_attn=12, sink=3)
     s0, s21 = memory.predict(streaming, cfg, start=0), memory.predict(streaming, cfg, start=21)
-    assert s21["rollout"] > s0["rollout"]  # the histories exist only for s > 0
+    assert s21["rollout"] > s0["rollout"] and s0["histories"] == 0  # histories only for s > 0
     # one KV cache of the rolling window: 30 layers x 12 frames x 1560 tokens x 1536 x K, V x 4 bytes
     cache = 2 * 30 * (12 * 1560 + 512) * 1536 * 4
-    assert s21["rollout"] - s0["rollout"] == pytest.approx(a.prompts_per_step * cache)
+    assert s21["histories"] == a.prompts_per_step * cache  # one per prompt (shared-prefix)
 
 
 def test_train_prints_the_prediction(tmp_path):

@@ -40,7 +40,7 @@ def test_candidates_branch_from_one_history(mode):
     m, args, ctx = setup(group_mode=mode, micro_batch=3)
     js, K, step, s = range(6), 3, 7, 9
     hist = streaming.rollout_histories(m, ctx, js, K, step, s, args)
-    assert len(hist) == (2 if mode == "shared-prefix" else 6)  # one per prompt, or per sample
+    assert len(hist[1]) == (2 if mode == "shared-prefix" else 6)  # one per prompt, or per sample
     lat = streaming.rollout_windows(m, ctx, js, K, step, s, hist, args)
     assert lat.shape == (6, 6, 3, 8, 8)
     h = streaming.stack_history(hist, js, K, args)
