@@ -1,8 +1,8 @@
 """
 Speed and memory of the pieces that cost: AR rollout through the KV cache, and the block-causal
-training forward (+ backward). Numbers here, never in tests. DESIGN.md §6 defines the "bench"
-size so they can be set beside the public reference implementation's (same 2-core CPU,
-float32, B = 1, 2 threads).
+training forward (+ backward). Numbers here, never in tests. The "bench" size (SIZES: dim 768,
+4 layers, a 30x52 latent) is a Wan-shaped model a 2-core CPU can run, so the numbers can be set
+beside those of the released code run the same way (float32, B = 1, 2 threads).
 
     python bench.py rollout              tiny + bench sizes, global and rolling cache
     python bench.py train                bench size, forward and forward+backward, 21 frames
@@ -46,7 +46,8 @@ from lora import adapter_names, adapter_params, add_adapter, use_adapter
 from model import CONFIGS, CausalWanModel, attention_plan, init_materialized
 from sample import GeneratorNoise, generate, make_generators
 
-# DESIGN.md §6: a Wan-shaped model small enough for a 2-core CPU (8190 tokens in 21 frames)
+# "bench": Wan's shape at half the width and 4 layers, small enough for a 2-core CPU (8190 tokens
+# in 21 frames of 30x52 latents); "small": a cheaper one for the memory dry runs
 SIZES = dict(CONFIGS, bench=replace(CONFIGS["wan-1.3b"], dim=768, ffn_dim=3072, num_heads=6, num_layers=4),
              small=replace(CONFIGS["wan-1.3b"], dim=384, ffn_dim=1536, num_heads=3, num_layers=2))
 LATENT = {"tiny": (64, 64), "bench": (30, 52), "wan-1.3b": (60, 104), "wan-14b": (60, 104)}

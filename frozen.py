@@ -2,9 +2,9 @@
 The frozen Wan2.1 parts, through libraries: the video VAE (diffusers `AutoencoderKLWan`) and the
 umT5-XXL text encoder (transformers `UMT5EncoderModel`). Nothing here is trained: the RL loop
 encodes prompts once, rolls out in latent space, and decodes latents to pixels for the rewards.
-COMPONENTS.md §1-2 documents these routes and what was verified against the original Wan code.
+docs/rewards.md#wan-vae-and-umt5 documents both routes and the original Wan code they follow.
 
-Files (COMPONENTS.md §6). The original layout, as Self-Forcing / LongLive / Causal Forcing expect it
+Files (the table in docs/rewards.md#wan-vae-and-umt5). The original layout, as Self-Forcing / LongLive / Causal Forcing expect it
 (`wan_models/Wan2.1-T2V-1.3B/`, from HF `Wan-AI/Wan2.1-T2V-1.3B`; Krea 14B uses the same two):
     Wan2.1_VAE.pth                     ~0.51 GB  fp32 VAE, 194 tensors
     models_t5_umt5-xxl-enc-bf16.pth    ~11.4 GB  bf16 umT5-XXL encoder, 5.68 B parameters
@@ -123,7 +123,7 @@ class WanVAE:
             vae = AutoencoderKLWan.from_pretrained(os.path.join(path, sub), torch_dtype=dtype)
             return cls(vae.to(device))
         sd = _read_state_dict(path, f"the Wan2.1 VAE ({WAN_VAE_FILE})")
-        if WAN_VAE_KEY in sd:  # original Wan key names -> diffusers' (COMPONENTS §1: all keys match)
+        if WAN_VAE_KEY in sd:  # original Wan key names -> diffusers' (the strict load below checks every key)
             from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
             sd = convert_wan_vae_to_diffusers(sd)
         elif DIFFUSERS_VAE_KEY not in sd:
@@ -206,7 +206,7 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
                 feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6)
 
-# Wan key -> transformers key under blocks.i / encoder.block.i (rules 3-12 of COMPONENTS §2)
+# Wan key -> transformers key under blocks.i / encoder.block.i (docs/rewards.md#wan-vae-and-umt5)
 _T5_BLOCK = {
     "norm1.weight": "layer.0.layer_norm.weight",
     "attn.q.weight": "layer.0.SelfAttention.q.weight",
@@ -229,9 +229,9 @@ def wan_t5_to_hf(sd):
     out = {}
     for k, v in sd.items():
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)", k)
-        if k == "token_embedding.weight":   # rule 1: one table, tied in transformers
+        if k == "token_embedding.weight":   # one table: transformers ties shared and embed_tokens
             out["shared.weight"] = out["encoder.embed_tokens.weight"] = v
-        elif k == "norm.weight":             # rule 2
+        elif k == "norm.weight":             # the encoder's last RMSNorm
             out["encoder.final_layer_norm.weight"] = v
         elif m and m.group(2) in _T5_BLOCK:
             out[f"encoder.block.{m.group(1)}.{_T5_BLOCK[m.group(2)]}"] = v
@@ -263,7 +263,8 @@ def clean_prompt(text):
 
 class TextEncoder:
     """umT5-XXL through transformers.UMT5EncoderModel; [B, 512, 4096] embeddings with exact zeros
-    after each prompt's real length (COMPONENTS §2 step 4); one forward per distinct prompt, cached."""
+    after each prompt's real length (Wan-Video/Wan2.1 `wan/modules/t5.py` keeps u[:n], the DiT
+    zero-pads it back; docs/rewards.md#wan-vae-and-umt5); one forward per distinct prompt, cached."""
 
     def __init__(self, model, tokenizer, text_len=512, device="cpu"):
         self.model = model.eval().requires_grad_(False)

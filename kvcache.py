@@ -4,7 +4,8 @@ Rolling KV cache for block-causal (autoregressive) video diffusion.
 A distilled AR video model (Self-Forcing, Causal Forcing, LongLive, Krea) denoises a video
 one *block* of latent frames at a time. Every self-attention layer keeps the keys and values
 of the frames generated so far, so a new block only computes its own tokens and attends to
-what the cache holds plus itself. Two flavours, as in the reference code (WAN_SPEC.md §7):
+what the cache holds plus itself. Two flavours, as in the released code
+(franklinz233/Astrolabe `wan/modules/causal_model.py`; docs/wan_architecture.md#kv-cache):
 
   global  (local = -1): every frame ever written stays; capacity = the whole video.
   rolling (local = L) : the first `sink` frames stay forever ("attention sink"), the rest is a
@@ -20,7 +21,8 @@ a query block that ends (exclusive) at frame e may attend to the frames
 With S = 0 this is the reference's local-window *training* mask; with L = -1 it is plain
 block-causal attention; with S > 0 it is what the rolling cache holds after eviction.
 
-Deliberate difference from LongLive/Astrolabe (WAN_SPEC.md §7, quirks i and ii): when the sink
+Deliberate difference from LongLive/Astrolabe (docs/wan_architecture.md#quirks-of-the-released-cache,
+quirks 1 and 2): when the sink
 is larger than a block, the reference attends to zero-filled slots and keeps stale (t=1000)
 keys in the sink. Here only written slots are ever attended, and a repeated call on a block
 always overwrites that block's own slots, so the cache is exactly "sink U recent frames"

@@ -1,6 +1,8 @@
 """
-The causal Wan2.1 DiT used by Self-Forcing, Causal Forcing, LongLive and Krea Realtime, with
-multi-adapter LoRA and checkpoint loading. Numerical spec: shared/reference/WAN_SPEC.md.
+The causal Wan2.1 DiT used by Self-Forcing, Causal Forcing, LongLive and Krea Realtime: the
+released `wan/modules/causal_model.py` of franklinz233/Astrolabe (LongLive's, derived from
+guandeh17/Self-Forcing's), rule by rule in docs/wan_architecture.md. Every block linear is a
+LoRALinear (lora.py); released weights load through checkpoints.py.
 
 A video latent [B, F, C, H, W] is cut into 1x2x2 patches (h*w tokens per latent frame), every
 latent frame gets its own diffusion timestep, and the transformer runs *block-causally*: frames

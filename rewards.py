@@ -131,7 +131,7 @@ def flicker(videos, prompts):
 
 
 def smoothness(videos, prompts):
-    """Motion smoothness, weight-free: 1 - mean|f_t - (f_{t-1} + f_{t+1})/2| (RL_NOTES §4).
+    """Motion smoothness, weight-free: 1 - mean|f_t - (f_{t-1} + f_{t+1})/2| (docs/rewards.md#weight-free-rewards).
 
     VBench scores (255 - MAE)/255 against AMT-interpolated frames; the interpolator here is the
     neighbours' mean, so steady fades score 1 and jerks less, but unlike AMT it cannot follow a
@@ -152,7 +152,7 @@ def motion(videos, prompts, top=0.05):
     changes |f_t - f_{t-1}| (channel mean), averaged over pairs; in [0, 1].
 
     VBench's dynamic degree thresholds the top-5% RAFT flow magnitudes per pair; we take the top
-    5% pixel changes (RL_NOTES §4), unthresholded, so a small moving object is not diluted by the
+    5% pixel changes (docs/rewards.md#weight-free-rewards), unthresholded, so a small moving object is not diluted by the
     background. Colour changes count too (use `motion_gray`). A single frame scores 0.
 
     >>> v = torch.zeros(2, 3, 3, 20, 20); v[1, 1, :, :5, :4] = 1.0  # video 1: a square blinks
@@ -170,9 +170,9 @@ def motion(videos, prompts, top=0.05):
 # learned rewards: HPSv2.1, CLIP score, LAION aesthetic (open_clip) and RAFT dynamic degree
 # (torchvision). Their libraries are imported on first call, each model is built once per
 # (file, arch) and kept on the device it was last used on. Weights come only from local files:
-# <WEIGHTS_DIR>/<canonical name>, nothing is downloaded (COMPONENTS.md §4, §6).
+# <WEIGHTS_DIR>/<canonical name>, nothing is downloaded (docs/rewards.md#learned-rewards).
 # VideoAlign (Astrolabe's motion-quality model) is not here: its Qwen2-VL forward and key names
-# follow transformers 4.45, and the 5.x layout needs a port (COMPONENTS.md §4c); bring it in as a
+# follow transformers 4.45, and the 5.x layout needs a port (docs/rewards.md#astrolabes-own-reward-models); bring it in as a
 # `file.py:function` reward from an environment pinned to 4.45.
 
 WEIGHTS_DIR = os.environ.get("ASTRO_WEIGHTS", "weights")  # or assign rewards.WEIGHTS_DIR

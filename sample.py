@@ -1,6 +1,7 @@
 """
 Few-step autoregressive sampling of a causal video DiT (Self-Forcing's 4-step sampler, used
-unchanged by LongLive and Astrolabe; WAN_SPEC.md §6) and the sampling CLI.
+unchanged by LongLive and Astrolabe: franklinz233/Astrolabe `pipeline/causal_inference.py`,
+docs/wan_architecture.md#sampler) and the sampling CLI.
 
 For each block of 3 latent frames, left to right:
     x = noise                                   t_j in [1000, 937.5, 833.33, 625] (warped)

@@ -2,14 +2,14 @@
 The tiny shapes world: procedural videos of one coloured shape moving in a named direction,
 and the pre-training that turns CausalWanModel(CONFIGS["tiny"]) into a 4-step AR sampler of them.
 
-This is the base model of the embedded default (DESIGN.md §4): `python train.py` RL-fine-tunes
+This is the base model of the default run: `python train.py` with no arguments RL-fine-tunes
 the weights written here (assets/tiny_world.safetensors), with rewards that read the prompt
-(rewards.color_match, rewards.direction_match). The prompts are "a {colour} {shape} moving
-{direction}"; the text encoder is sample.toy_text_embed (fixed per-word vectors), so the model
+(color_match, direction_match below). The prompts are "a {colour} {shape} moving
+{direction}"; the text encoder is toy_text_embed below (fixed per-word vectors), so the model
 has to learn what each word means from the videos alone.
 
 The world: a black background, one flat-coloured circle, square or triangle (colours from
-rewards.COLORS, so the colour detector's palette is exactly the drawing palette) moving at a
+COLORS, so the colour detector's palette is exactly the drawing palette) moving at a
 constant 2 px/frame. Space is a torus: the shape wraps around the frame edges, so a video of any
 length is valid. The start is random but "upstream" (the shape has room for `LEAD` frames before
 it reaches an edge), so the first clip of every video shows clean motion that the centroid-based
@@ -234,7 +234,7 @@ def render(specs, frames, H=32, W=32, generator=None):
     kind = torch.tensor([SHAPES.index(s) for _, s, _ in specs])                 # [B]
     d = torch.tensor([DIRECTIONS[w] for _, _, w in specs], dtype=torch.float32)  # [B, 2] (dx, dy)
     # start centre: in frame on both axes, and upstream along the motion so that the first LEAD
-    # frames never touch the edge ahead (mirrored for left/up); y points down as in rewards.py
+    # frames never touch the edge ahead (mirrored for left/up); y points down as in DIRECTIONS
     u = torch.rand(B, 2, generator=generator)
     size = torch.tensor([W, H], dtype=torch.float32)
     room = (size - 1 - 2 * RADIUS - SPEED * (LEAD - 1) * d.abs()).clamp(min=0)  # [B, 2]
@@ -262,8 +262,8 @@ def evaluate_prompt_following(model, n=32, frames=9, seed=0, H=32, W=32, batch=3
     """Sample n videos (4-step AR sampler, fresh KVCache per batch, per-video noise seeds) for n
     prompts drawn from PROMPTS (a seeded permutation, cycled), and score them.
 
-    colour_acc: fraction with rewards.color_match > 0.5 (most foreground pixels are the named
-    colour); direction_acc: fraction with rewards.direction_match > 0.5 (the centroid moves the
+    colour_acc: fraction with color_match > 0.5 (most foreground pixels are the named
+    colour); direction_acc: fraction with direction_match > 0.5 (the centroid moves the
     named way in most frame pairs). Chance is 1/4 for each. Also returns the mean raw scores.
     """
     cfg, g = model.cfg, torch.Generator().manual_seed(seed)

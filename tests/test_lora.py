@@ -1,6 +1,6 @@
 """
 Multi-adapter LoRA on a tiny model: switching, copying, EMA lerp, merge equivalence, gradients
-and the PEFT key layout (WAN_SPEC.md §9).
+and the PEFT key layout (docs/wan_architecture.md#checkpoint-files).
 
 Test:  python -m pytest tests/test_lora.py -q
 """

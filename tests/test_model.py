@@ -1,6 +1,7 @@
 """
 The model's forward paths agree with each other (llm.c style), and the block plan agrees with
-a brute-force mask written straight from the spec (WAN_SPEC.md §5, §7).
+a brute-force mask written straight from the rules (docs/wan_architecture.md#attention-masks,
+#kv-cache).
 
   cached block-by-block (noisy K/V)       == block-causal training forward
   rolling cache with sink (any sink size) == training forward with the same window rule
