@@ -53,7 +53,7 @@ VAE_BYTES_PER_PIXEL = 45e3
 VAE_WEIGHTS = 127e6 * 4
 
 # learned rewards: float32 parameters (open_clip / torchvision architectures, counted), and a
-# forward's working set per image of a chunk (CHUNK = 32 in rewards.py), no grad
+# forward's working set per image of a chunk (CHUNK = 32 in reward_models.py), no grad
 REWARD_PARAMS = {"hpsv2": 986e6, "clip_score": 428e6, "aesthetic": 428e6 + 0.9e6, "dynamic_degree": 5.3e6}
 REWARD_CHUNK_BYTES = {"hpsv2": 32 * 257 * 1280 * 12 * 4, "clip_score": 32 * 257 * 1024 * 12 * 4,
                       "aesthetic": 32 * 257 * 1024 * 12 * 4, "dynamic_degree": 32 * 1.5e8}

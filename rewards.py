@@ -9,55 +9,42 @@ What is here (definitions and sources: docs/rewards.md):
   weight-free   sharpness, colorfulness (frame-level, top-30% aggregated), flicker, smoothness,
                 motion (+ motion_gray). The shapes world's prompt-aware detectors (color_match,
                 direction_progress, ...) live in tiny_world.py, which hands them to train.py.
-  helpers       top_fraction (Astrolabe's top-30% frame aggregation), grayscale (Astrolabe's
-                trick against colour hacking of motion scores).
-  learned       hpsv2 (HPSv2.1), clip_score, aesthetic (LAION v2) through open_clip, and
-                dynamic_degree (VBench, RAFT) through torchvision; imported on first call.
+  helpers       grayscale (Astrolabe's trick against colour hacking of motion scores);
+                top_fraction (Astrolabe's top-30% frame aggregation) comes from reward_models.
+  learned       hpsv2 (HPSv2.1), clip_score, aesthetic (LAION v2), dynamic_degree (VBench, RAFT):
+                reward_models.py, registered here. Their weight files sit in one folder,
+                WEIGHTS_DIR = $ASTRO_WEIGHTS (default ./weights); `rewards.WEIGHTS_DIR = path`
+                moves it for every learned reward. LEARNED lists the files each needs and
+                missing_weights() names what is absent, so a run can check before anything loads.
   plumbing      REWARDS registry, get_reward("name" | "file.py:fn"), parse_rewards(["NAME=W"]),
                 MultiReward: calls, validates, and sums R = sum_j w_j R_j on raw scores.
-No project imports. Astrolabe's own HPSv3 and VideoAlign are 2-8 B Qwen2-VL scorers that need
-their own environment; they plug in as `file.py:function` rewards through the same signature.
+Astrolabe's own HPSv3 and VideoAlign are 2-8 B Qwen2-VL scorers that need their own environment;
+they plug in as `file.py:function` rewards through the same signature.
 
-Weights of the learned rewards: one folder, WEIGHTS_DIR = $ASTRO_WEIGHTS (default ./weights),
-holding each file under its canonical name; nothing is ever downloaded:
-  hpsv2           HPS_v2.1_compressed.pt             HF xswu/HPSv2
-  clip_score and  open_clip_pytorch_model.bin (or    HF timm/vit_large_patch14_clip_224.openai
-    aesthetic       open_clip_model.safetensors)
-  aesthetic       sac+logos+ava1-l14-linearMSE.pth   GitHub christophschuhmann/
-                                                       improved-aesthetic-predictor
-  dynamic_degree  raft_large_C_T_V1-22a6c225.pth     download.pytorch.org/models/
-The `arch=` keyword of each picks another backbone of the same family (the tests: tiny ones).
-
-Shapes: B videos, F frames, H, W pixels, N pixels per frame (H*W), P frame pairs (optical_flow),
-n sub-sampled frames, D embedding width.
+Shapes: B videos, F frames, H, W pixels, N pixels per frame (H*W).
 Test: python -m pytest tests/test_rewards.py tests/test_learned_rewards.py -q
 """
 import hashlib
 import importlib.util
 import math
 import os
-import pickle
 import sys
-from functools import lru_cache, partial, wraps
+import types
+from functools import partial, wraps
 
 import torch
 import torch.nn.functional as Fn
+
+import reward_models
+# _subsample: tests/test_fidelity.py reads it from here
+from reward_models import (LEARNED, SUBSAMPLED, _subsample, aesthetic, clip_score,  # noqa: F401
+                           dynamic_degree, hpsv2, missing_weights, top_fraction)
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for R, G, B
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-def top_fraction(frame_scores, frac=0.3):
-    """Mean of the best `frac` of the frames, k = max(1, floor(frac * F)): [B, F] -> [B].
-    Astrolabe keeps the top-30% mean of per-frame HPSv3 scores: weak frames do not sink a video.
-
-    >>> top_fraction(torch.tensor([[1., 5., 3., 2., 4., 0., 0., 0., 0., 0.]]))  # top 3 of 10
-    tensor([4.])
-    """
-    k = max(1, int(frac * frame_scores.shape[1] + 1e-9))  # + 1e-9: 0.3 * 10 stays 3
-    return frame_scores.topk(k, dim=1).values.mean(1)  # [B]
-
 
 def _luma(videos):
     w = torch.tensor(LUMA, dtype=torch.float32, device=videos.device).view(1, 1, 3, 1, 1)
@@ -131,7 +118,8 @@ def flicker(videos, prompts):
 
 
 def smoothness(videos, prompts):
-    """Motion smoothness, weight-free: 1 - mean|f_t - (f_{t-1} + f_{t+1})/2| (docs/rewards.md#weight-free-rewards).
+    """Motion smoothness, weight-free: 1 - mean|f_t - (f_{t-1} + f_{t+1})/2|
+    (docs/rewards.md#weight-free-rewards).
 
     VBench scores (255 - MAE)/255 against AMT-interpolated frames; the interpolator here is the
     neighbours' mean, so steady fades score 1 and jerks less, but unlike AMT it cannot follow a
@@ -152,8 +140,9 @@ def motion(videos, prompts, top=0.05):
     changes |f_t - f_{t-1}| (channel mean), averaged over pairs; in [0, 1].
 
     VBench's dynamic degree thresholds the top-5% RAFT flow magnitudes per pair; we take the top
-    5% pixel changes (docs/rewards.md#weight-free-rewards), unthresholded, so a small moving object is not diluted by the
-    background. Colour changes count too (use `motion_gray`). A single frame scores 0.
+    5% pixel changes (docs/rewards.md#weight-free-rewards), unthresholded, so a small moving
+    object is not diluted by the background. Colour changes count too (use `motion_gray`). A
+    single frame scores 0.
 
     >>> v = torch.zeros(2, 3, 3, 20, 20); v[1, 1, :, :5, :4] = 1.0  # video 1: a square blinks
     >>> motion(v, ["", ""])
@@ -167,198 +156,17 @@ def motion(videos, prompts, top=0.05):
 
 
 # ----------------------------------------------------------------------------------------------
-# learned rewards: HPSv2.1, CLIP score, LAION aesthetic (open_clip) and RAFT dynamic degree
-# (torchvision). Their libraries are imported on first call, each model is built once per
-# (file, arch) and kept on the device it was last used on. Weights come only from local files:
-# <WEIGHTS_DIR>/<canonical name>, nothing is downloaded (docs/rewards.md#learned-rewards).
-# VideoAlign (Astrolabe's motion-quality model) is not here: its Qwen2-VL forward and key names
-# follow transformers 4.45, and the 5.x layout needs a port (docs/rewards.md#astrolabes-own-reward-models); bring it in as a
-# `file.py:function` reward from an environment pinned to 4.45.
-
-WEIGHTS_DIR = os.environ.get("ASTRO_WEIGHTS", "weights")  # or assign rewards.WEIGHTS_DIR
-WEIGHT_SOURCES = {  # canonical file name -> where to download it
-    "HPS_v2.1_compressed.pt": "https://huggingface.co/xswu/HPSv2",
-    "open_clip_pytorch_model.bin": "https://huggingface.co/timm/vit_large_patch14_clip_224.openai",
-    "open_clip_model.safetensors": "https://huggingface.co/timm/vit_large_patch14_clip_224.openai",
-    "sac+logos+ava1-l14-linearMSE.pth":
-        "https://github.com/christophschuhmann/improved-aesthetic-predictor",
-    **{f: "https://download.pytorch.org/models/" + f
-       for f in ("raft_large_C_T_V1-22a6c225.pth", "raft_small_C_T_V2-01064c6d.pth")},
-}
-CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # either will do
-RAFT_FILES = {"raft_large": "raft_large_C_T_V1-22a6c225.pth",  # ported RAFT "things", as VBench
-              "raft_small": "raft_small_C_T_V2-01064c6d.pth"}
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-FRAMES = 8  # image rewards score up to 8 evenly spaced frames: a ViT-H forward per frame is dear
-CHUNK = 32  # images (or frame pairs for RAFT) per forward, to bound activation memory
-
-
-def weight_file(reward, *names):
-    """Path of the first of `names` found in WEIGHTS_DIR, or one error that says what to get."""
-    for name in names:
-        if os.path.isfile(path := os.path.join(WEIGHTS_DIR, name)):
-            return path
-    raise FileNotFoundError(
-        f"reward '{reward}' needs {' or '.join(names)} in {os.path.abspath(WEIGHTS_DIR)} (set "
-        f"ASTRO_WEIGHTS to the folder that holds it); download it from {WEIGHT_SOURCES[names[0]]}")
-
-
-@lru_cache(maxsize=None)
-def _open_clip(path, arch):
-    """An open_clip model with a local state dict, and its tokenizer. load_checkpoint takes a plain
-    state dict (.bin/.pt or .safetensors) or HPS's {"state_dict": ...}."""
-    import open_clip
-    model = open_clip.create_model(arch, pretrained=None)
-    try:
-        open_clip.load_checkpoint(model, path)  # weights_only=True: tensors only, no code
-    except pickle.UnpicklingError:  # HPS's .pt is a training checkpoint; should it pickle more
-        # than tensors (not checked on the real file), unpickle it fully: trust only its source
-        open_clip.load_checkpoint(model, path, weights_only=False)
-    return model.eval(), open_clip.get_tokenizer(arch)
-
-
-@lru_cache(maxsize=None)
-def _aesthetic_head(path):
-    """LAION improved aesthetic MLP, rebuilt with the file's own indices: Linear layers at 0, 2,
-    4, 6, 7, Dropout at 1, 3, 5 (identity in eval), and no activations - it is affine."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = {k.removeprefix("layers."): v for k, v in sd.items()}  # file keys: layers.0.weight, ...
-    d = sd["0.weight"].shape[1]  # 768 for CLIP ViT-L/14
-    head = torch.nn.Sequential(torch.nn.Linear(d, 1024), torch.nn.Dropout(0.2),
-                               torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
-                               torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-                               torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
-    head.load_state_dict(sd)
-    return head.eval()
-
-
-@lru_cache(maxsize=None)
-def _raft(path, arch):
-    from torchvision.models import optical_flow
-    model = getattr(optical_flow, arch)(weights=None)  # raft_large or raft_small
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
-
-
-def _subsample(videos, n):
-    """n evenly spaced frames, first and last included: [B, F, ...] -> [B, min(n, F), ...];
-    n = 0: every frame (what the released code scores)."""
-    n = videos.shape[1] if n == 0 else min(n, videos.shape[1])
-    idx = torch.linspace(0, videos.shape[1] - 1, n).round().long()
-    return videos[:, idx.to(videos.device)]
-
-
-def clip_preprocess(x, longest=False, size=224):
-    """[N, 3, H, W] in [0, 1] -> [N, 3, size, size], OpenAI mean/std normalised, bicubic with
-    antialiasing on the float tensor. longest=False: CLIP's shortest side to `size` + centre crop
-    (torchvision Resize + CenterCrop arithmetic). longest=True: HPS's ResizeMaxSize, the longest
-    side to `size` + centre zero-pad (black bars: an 832x480 frame becomes 224x129 plus bars)."""
-    x = x.float()
-    H, W = x.shape[-2:]
-    if longest:
-        h, w = round(H * size / max(H, W)), round(W * size / max(H, W))
-    else:  # the short side becomes `size`, the long one int(size * long / short)
-        h, w = (size, int(size * W / H)) if H <= W else (int(size * H / W), size)
-    x = Fn.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-    if longest:  # pad before normalising: the bars are black, not the mean colour
-        x = Fn.pad(x, ((size - w) // 2, size - w - (size - w) // 2,
-                       (size - h) // 2, size - h - (size - h) // 2))  # [N, 3, size, size]
-    else:
-        top, left = int(round((h - size) / 2)), int(round((w - size) / 2))
-        x = x[..., top:top + size, left:left + size]  # [N, 3, size, size]
-    mean, std = x.new_tensor(CLIP_MEAN).view(3, 1, 1), x.new_tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
-
-
-def _clip_features(videos, prompts, reward, names, arch, frames, longest):
-    """Unit CLIP embeddings of the sub-sampled frames [B, n, D] and of the prompts [B, D] (None
-    if prompts is None)."""
-    model, tokenizer = _open_clip(weight_file(reward, *names), arch)
-    model.to(videos.device)
-    x = _subsample(videos, frames)  # [B, n, 3, H, W]
-    B, n = x.shape[:2]
-    x = clip_preprocess(x.flatten(0, 1), longest)  # [B*n, 3, 224, 224]
-    with torch.autocast("cuda", torch.bfloat16, enabled=videos.is_cuda):
-        img = torch.cat([model.encode_image(c, normalize=True).float() for c in x.split(CHUNK)])
-        txt = None if prompts is None else model.encode_text(
-            tokenizer(prompts).to(videos.device), normalize=True).float()  # [B, D]
-    return img.view(B, n, -1), txt  # [B, n, D], [B, D]
-
-
-@torch.no_grad()
-def hpsv2(videos, prompts, arch="ViT-H-14", frames=FRAMES):
-    """HPSv2.1 (Wu et al. 2023): open_clip ViT-H-14 fine-tuned on human preferences, score =
-    cos(image, text) with no logit scale (about 0.2-0.35), top-30% over `frames` sub-sampled
-    frames, as Astrolabe aggregates HPSv3. Needs HPS_v2.1_compressed.pt."""
-    img, txt = _clip_features(videos, prompts, "hpsv2", ["HPS_v2.1_compressed.pt"], arch, frames,
-                              longest=True)
-    return top_fraction((img * txt.unsqueeze(1)).sum(-1))  # cos per frame [B, n] -> [B]
-
-
-@torch.no_grad()
-def clip_score(videos, prompts, arch="ViT-L-14-quickgelu", frames=FRAMES):
-    """CLIPScore (Hessel et al. 2021) with OpenAI CLIP ViT-L/14, mean over `frames` sub-sampled
-    frames; in [0, 2.5]. OpenAI's weights were trained with QuickGELU: from a local file open_clip
-    cannot know that, hence the -quickgelu arch (plain ViT-L-14 loads, but scores wrongly)."""
-    img, txt = _clip_features(videos, prompts, "clip_score", CLIP_FILES, arch, frames, False)
-    # CLIPScore = 2.5 * max(cos(image, text), 0)
-    return (2.5 * (img * txt.unsqueeze(1)).sum(-1).clamp(min=0)).mean(1)  # [B]
-
-
-@torch.no_grad()
-def aesthetic(videos, prompts, arch="ViT-L-14-quickgelu", frames=FRAMES):
-    """LAION improved aesthetic predictor v2: an MLP on the unit CLIP ViT-L/14 image embedding,
-    roughly 1-10, top-30% over `frames` sub-sampled frames. Shares clip_score's CLIP (loaded once).
-    Needs the CLIP file and sac+logos+ava1-l14-linearMSE.pth. Ignores the prompt."""
-    img, _ = _clip_features(videos, None, "aesthetic", CLIP_FILES, arch, frames, False)
-    head = _aesthetic_head(weight_file("aesthetic", "sac+logos+ava1-l14-linearMSE.pth"))
-    return top_fraction(head.to(videos.device)(img)[..., 0])  # [B, n] -> [B]
-
-
-@torch.no_grad()
-def optical_flow(videos, arch="raft_large", stride=2, iters=20):
-    """RAFT flow from frame t to t + stride: [B, F, 3, H, W] -> [B, P, 2, H, W] pixels, P pairs.
-    RAFT wants [-1, 1] and sides divisible by 8: we pad by replicating the border (resizing would
-    rescale the flow) and crop the flow back. Its correlation pyramid needs sides >= 128, so
-    smaller videos are upsampled, and their flow is brought back to (H, W) pixels."""
-    model = _raft(weight_file("dynamic_degree", RAFT_FILES[arch]), arch).to(videos.device)
-    v = videos.float()[:, ::stride].flatten(0, 1) * 2 - 1  # [B*F', 3, H, W]
-    B, F, _, H, W = videos[:, ::stride].shape
-    s = max(1.0, 128 / min(H, W))
-    Hs, Ws = math.ceil(H * s), math.ceil(W * s)
-    if s > 1:
-        v = Fn.interpolate(v, size=(Hs, Ws), mode="bilinear", align_corners=False)
-    v = Fn.pad(v, (0, -Ws % 8, 0, -Hs % 8), mode="replicate")
-    v = v.view(B, F, *v.shape[1:])  # [B, F', 3, H8, W8]
-    a, b = v[:, :-1].flatten(0, 1), v[:, 1:].flatten(0, 1)  # [B*P, 3, H8, W8] each
-    flow = [model(x, y, num_flow_updates=iters)[-1] for x, y in zip(a.split(CHUNK), b.split(CHUNK))]
-    flow = torch.cat(flow)[..., :Hs, :Ws]  # the last RAFT refinement, [B*P, 2 (x, y), Hs, Ws]
-    if s > 1:  # back to (H, W): resample, and shrink x and y displacements by their own scale
-        flow = Fn.interpolate(flow, size=(H, W), mode="area")
-        flow = flow / flow.new_tensor([Ws / W, Hs / H]).view(1, 2, 1, 1)
-    return flow.view(B, F - 1, 2, H, W)
-
-
-@torch.no_grad()
-def dynamic_degree(videos, prompts, arch="raft_large", stride=2, iters=20, cap=1.0):
-    """VBench dynamic degree, made continuous for RL. VBench flows frame pairs at ~8 fps (stride 2
-    for Wan's 16 fps), takes per pair the mean of the top 5% flow magnitudes, and calls a video
-    dynamic when enough pairs exceed thres = 6 px * min(H, W) / 256. Here each pair scores
-    min(top5 / thres, cap) and the video the mean: cap = 1 turns VBench's count of moving pairs into
-    a soft fraction in [0, 1] that stops paying once a pair moves enough, so wild motion is not
-    rewarded (float("inf") = raw magnitude). Why not a RAFT smoothness: VBench's needs a learned
-    frame interpolator (AMT), and the weight-free `smoothness` already covers the idea."""
-    B, _, _, H, W = videos.shape
-    if videos[:, ::stride].shape[1] < 2:
-        return torch.zeros(B, device=videos.device)
-    mag = optical_flow(videos, arch, stride, iters).norm(dim=2).flatten(2)  # [B, P, H*W]
-    top5 = mag.topk(max(1, int(0.05 * H * W)), dim=2).values.mean(2)  # [B, P]
-    thres = 6.0 * min(H, W) / 256  # VBench: 6 px at 256 px, scaled with the frame size
-    return (top5 / thres).clamp(max=cap).mean(1)  # [B]
-
-
-# ----------------------------------------------------------------------------------------------
 # registry and loading
+
+
+class _RewardsModule(types.ModuleType):
+    # rewards.WEIGHTS_DIR reads and assigns reward_models.WEIGHTS_DIR, the folder every weight
+    # lookup reads when called: `rewards.WEIGHTS_DIR = path` (or a test's monkeypatch) moves it
+    WEIGHTS_DIR = property(lambda self: reward_models.WEIGHTS_DIR,
+                           lambda self, path: setattr(reward_models, "WEIGHTS_DIR", path))
+
+
+sys.modules[__name__].__class__ = _RewardsModule
 
 REWARDS = {
     "sharpness": sharpness, "colorfulness": colorfulness, "flicker": flicker,
@@ -366,24 +174,6 @@ REWARDS = {
     "hpsv2": hpsv2, "clip_score": clip_score, "aesthetic": aesthetic,
     "dynamic_degree": dynamic_degree,
 }
-# learned rewards -> the weight files each needs in WEIGHTS_DIR (one of each tuple), so a run can
-# check for them before anything loads
-LEARNED = {"hpsv2": [("HPS_v2.1_compressed.pt",)], "clip_score": [CLIP_FILES],
-           "aesthetic": [CLIP_FILES, ("sac+logos+ava1-l14-linearMSE.pth",)],
-           "dynamic_degree": [(RAFT_FILES["raft_large"],)]}
-# image rewards that score `frames` sub-sampled frames of each video (--reward-frames)
-SUBSAMPLED = {"hpsv2", "clip_score", "aesthetic"}
-
-
-def missing_weights(names):
-    """'reward: file (source)' for every weight file a learned reward in `names` lacks."""
-    out = []
-    for name in names:
-        for alternatives in LEARNED.get(name, []):
-            if not any(os.path.isfile(os.path.join(WEIGHTS_DIR, f)) for f in alternatives):
-                out.append(f"{name}: {' or '.join(alternatives)} in {os.path.abspath(WEIGHTS_DIR)} "
-                           f"(from {WEIGHT_SOURCES[alternatives[0]]})")
-    return out
 
 
 def get_reward(spec, registry=REWARDS):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as Fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import reward_models
 import rewards
 from rewards import REWARDS, MultiReward, parse_rewards
 
@@ -64,7 +65,7 @@ def tiny(tmp_path_factory):
     torch.save({"state_dict": hps.state_dict()}, wdir / "HPS_v2.1_compressed.pt")  # HPS layout
     torch.save(clip.state_dict(), wdir / "open_clip_pytorch_model.bin")  # plain state dict
     torch.save(head.state_dict(), wdir / "sac+logos+ava1-l14-linearMSE.pth")
-    torch.save(raft.state_dict(), wdir / rewards.RAFT_FILES["raft_small"])
+    torch.save(raft.state_dict(), wdir / reward_models.RAFT_FILES["raft_small"])
     old, rewards.WEIGHTS_DIR = rewards.WEIGHTS_DIR, str(wdir)
     yield dict(hps=hps, clip=clip, head=head, raft=raft, tok=open_clip.get_tokenizer(TINY),
                dir=wdir)
@@ -122,8 +123,8 @@ def top30(scores):
 @pytest.mark.parametrize("H,W", [(33, 47), (47, 33), (480, 832), (50, 50)])  # odd pads, crops
 def test_preprocessing_matches_torchvision_transforms(H, W):
     x = torch.rand(3, 3, H, W, generator=torch.Generator().manual_seed(H * W))
-    hps = rewards.clip_preprocess(x, longest=True)
-    clip = rewards.clip_preprocess(x, longest=False)
+    hps = reward_models.clip_preprocess(x, longest=True)
+    clip = reward_models.clip_preprocess(x, longest=False)
     assert hps.shape == clip.shape == (3, 3, 224, 224)
     torch.testing.assert_close(hps, torch.stack([hps_reference(f) for f in x]), atol=1e-5, rtol=0)
     torch.testing.assert_close(clip, torch.stack([clip_reference(f) for f in x]), atol=1e-5, rtol=0)
@@ -137,9 +138,9 @@ def test_preprocessing_matches_torchvision_transforms(H, W):
 
 def test_hpsv2_is_top30_of_frame_cosines(tiny):
     v = video()
-    out = rewards.hpsv2(v, PROMPTS, arch=TINY)
+    out = reward_models.hpsv2(v, PROMPTS, arch=TINY)
     assert out.shape == (2,) and out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert torch.equal(out, rewards.hpsv2(v, PROMPTS, arch=TINY))  # deterministic
+    assert torch.equal(out, reward_models.hpsv2(v, PROMPTS, arch=TINY))  # deterministic
     cos = cosines(tiny["hps"], tiny["tok"], v, PROMPTS, hps_reference)  # [B, 8], all frames used
     torch.testing.assert_close(out, top30(cos), atol=1e-5, rtol=0)  # top 2 of 8 frames
     assert not torch.allclose(out, cos.mean(1), atol=1e-4)  # not the plain mean
@@ -148,25 +149,25 @@ def test_hpsv2_is_top30_of_frame_cosines(tiny):
 def test_hpsv2_subsamples_evenly_spaced_frames(tiny):
     v = video(F=12)
     idx = [0, 2, 3, 5, 6, 8, 9, 11]  # linspace(0, 11, 8) rounded: first and last kept
-    torch.testing.assert_close(rewards.hpsv2(v, PROMPTS, arch=TINY),
-                               rewards.hpsv2(v[:, idx], PROMPTS, arch=TINY), atol=1e-6, rtol=0)
-    assert rewards.FRAMES == 8
+    torch.testing.assert_close(reward_models.hpsv2(v, PROMPTS, arch=TINY),
+                               reward_models.hpsv2(v[:, idx], PROMPTS, arch=TINY), atol=1e-6, rtol=0)
+    assert reward_models.FRAMES == 8
 
 
 def test_clip_score_is_hessel_mean(tiny):
     v = video(seed=1)
-    out = rewards.clip_score(v, PROMPTS, arch=TINY)
+    out = reward_models.clip_score(v, PROMPTS, arch=TINY)
     cos = cosines(tiny["clip"], tiny["tok"], v, PROMPTS, clip_reference)  # [B, 8]
     torch.testing.assert_close(out, (2.5 * cos.clamp(min=0)).mean(1), atol=1e-5, rtol=0)
-    assert torch.equal(out, rewards.clip_score(v, PROMPTS, arch=TINY))
+    assert torch.equal(out, reward_models.clip_score(v, PROMPTS, arch=TINY))
     assert ((out > 0) & (out <= 2.5)).all()
 
 
 def test_clip_score_clips_negative_cosines(monkeypatch):
     img = torch.tensor([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [-1.0, 0.0]]])  # [B=2, n=2, D=2]
     txt = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # cos: [[1, 0.6], [0, -1]]
-    monkeypatch.setattr(rewards, "_clip_features", lambda *args: (img, txt))
-    out = rewards.clip_score(video(), PROMPTS)
+    monkeypatch.setattr(reward_models, "_clip_features", lambda *args: (img, txt))
+    out = reward_models.clip_score(video(), PROMPTS)
     torch.testing.assert_close(out, torch.tensor([2.5 * 0.8, 0.0]))
 
 
@@ -174,12 +175,12 @@ def test_aesthetic_head_on_unit_clip_embeddings_and_one_shared_clip(tiny):
     sd = torch.load(tiny["dir"] / "sac+logos+ava1-l14-linearMSE.pth", weights_only=True)
     assert sorted(sd) == sorted(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7)
                                 for p in ("weight", "bias"))  # the real file's keys
-    rewards._open_clip.cache_clear()
+    reward_models._open_clip.cache_clear()
     v = video(seed=2)
-    out = rewards.aesthetic(v, PROMPTS, arch=TINY)
-    rewards.clip_score(v, PROMPTS, arch=TINY)
-    rewards.aesthetic(v, PROMPTS, arch=TINY)
-    assert rewards._open_clip.cache_info().misses == 1  # CLIP built once for both rewards
+    out = reward_models.aesthetic(v, PROMPTS, arch=TINY)
+    reward_models.clip_score(v, PROMPTS, arch=TINY)
+    reward_models.aesthetic(v, PROMPTS, arch=TINY)
+    assert reward_models._open_clip.cache_info().misses == 1  # CLIP built once for both rewards
     with torch.no_grad():
         per_frame = tiny["head"](frame_embeddings(tiny["clip"], v, clip_reference))[..., 0]
     torch.testing.assert_close(out, top30(per_frame), atol=1e-5, rtol=0)
@@ -199,12 +200,12 @@ def test_single_frame_half_precision_and_odd_sizes(tiny, name):
 
 def test_optical_flow_is_the_raft_model_on_frame_pairs(tiny):
     v = video(B=1, F=5, H=128, W=136)  # sides divisible by 8 and >= 128: no padding, no resize
-    flow = rewards.optical_flow(v, arch="raft_small", stride=2, iters=3)
+    flow = reward_models.optical_flow(v, arch="raft_small", stride=2, iters=3)
     assert flow.shape == (1, 2, 2, 128, 136)  # frames 0, 2, 4 -> pairs (0, 2), (2, 4)
     with torch.no_grad():
         ref = tiny["raft"](v[0, [0, 2]] * 2 - 1, v[0, [2, 4]] * 2 - 1, num_flow_updates=3)[-1]
     torch.testing.assert_close(flow[0], ref, atol=1e-5, rtol=0)
-    small = rewards.optical_flow(video(B=2, F=3, H=30, W=44), arch="raft_small", iters=2)
+    small = reward_models.optical_flow(video(B=2, F=3, H=30, W=44), arch="raft_small", iters=2)
     assert small.shape == (2, 1, 2, 30, 44) and torch.isfinite(small).all()  # upsampled, padded
 
 
@@ -220,8 +221,8 @@ def test_optical_flow_of_small_videos_is_in_their_own_pixels(tiny, monkeypatch):
             flow[:, 1] = 2.0
             return [flow * 0, flow]  # RAFT returns every refinement; the last one counts
 
-    monkeypatch.setattr(rewards, "_raft", lambda path, arch: FakeRAFT())
-    flow = rewards.optical_flow(video(B=1, F=3, H=30, W=44), "raft_small", stride=1)  # 128x188
+    monkeypatch.setattr(reward_models, "_raft", lambda path, arch: FakeRAFT())
+    flow = reward_models.optical_flow(video(B=1, F=3, H=30, W=44), "raft_small", stride=1)  # 128x188
     assert seen[0].shape == (2, 3, 128, 192) and seen[0].min() >= -1 and seen[0].max() <= 1
     assert flow.shape == (1, 2, 2, 30, 44)
     torch.testing.assert_close(flow[:, :, 0], torch.full((1, 2, 30, 44), 44 / 188))
@@ -241,12 +242,12 @@ def test_dynamic_degree_thresholds_top5_flow(monkeypatch):
         flow[0, :, 0, k:] = 0.01  # the rest barely moves: outside the top 5%
         return flow.view(1, 2, 2, H, W)
 
-    monkeypatch.setattr(rewards, "optical_flow", fake_flow)
+    monkeypatch.setattr(reward_models, "optical_flow", fake_flow)
     v = torch.zeros(1, 5, 3, H, W)
-    assert rewards.dynamic_degree(v, [""]).item() == pytest.approx((0.5 + 1.0) / 2)
-    assert rewards.dynamic_degree(v, [""], cap=float("inf")).item() == pytest.approx(
+    assert reward_models.dynamic_degree(v, [""]).item() == pytest.approx((0.5 + 1.0) / 2)
+    assert reward_models.dynamic_degree(v, [""], cap=float("inf")).item() == pytest.approx(
         (0.75 + 3.0) / 2 / thres)
-    assert rewards.dynamic_degree(v[:, :2], [""]).item() == 0.0  # stride 2: one frame, no pair
+    assert reward_models.dynamic_degree(v[:, :2], [""]).item() == 0.0  # stride 2: one frame, no pair
 
 
 # ---- weights: one folder, clear errors, lazy imports, the registry
@@ -271,16 +272,16 @@ def test_aesthetic_without_its_head_names_the_head(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(rewards, "WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"sac\+logos\+ava1-l14-linearMSE\.pth.*"
                                                 r"improved-aesthetic-predictor"):
-        rewards.aesthetic(video(), PROMPTS, arch=TINY)
+        reward_models.aesthetic(video(), PROMPTS, arch=TINY)
 
 
 def test_safetensors_clip_file_is_found_too(tiny, tmp_path, monkeypatch):
     from safetensors.torch import save_file
     save_file(tiny["clip"].state_dict(), tmp_path / "open_clip_model.safetensors")
     v = video(seed=3)
-    expected = rewards.clip_score(v, PROMPTS, arch=TINY)  # from the .bin
+    expected = reward_models.clip_score(v, PROMPTS, arch=TINY)  # from the .bin
     monkeypatch.setattr(rewards, "WEIGHTS_DIR", str(tmp_path))
-    assert torch.equal(rewards.clip_score(v, PROMPTS, arch=TINY), expected)
+    assert torch.equal(reward_models.clip_score(v, PROMPTS, arch=TINY), expected)
 
 
 def test_a_checkpoint_with_python_objects_still_loads(tiny, tmp_path, monkeypatch):
@@ -288,9 +289,9 @@ def test_a_checkpoint_with_python_objects_still_loads(tiny, tmp_path, monkeypatc
     torch.save({"state_dict": tiny["hps"].state_dict(), "args": argparse.Namespace(lr=1e-5)},
                tmp_path / "HPS_v2.1_compressed.pt")
     v = video(seed=4)
-    expected = rewards.hpsv2(v, PROMPTS, arch=TINY)
+    expected = reward_models.hpsv2(v, PROMPTS, arch=TINY)
     monkeypatch.setattr(rewards, "WEIGHTS_DIR", str(tmp_path))
-    assert torch.equal(rewards.hpsv2(v, PROMPTS, arch=TINY), expected)
+    assert torch.equal(reward_models.hpsv2(v, PROMPTS, arch=TINY), expected)
 
 
 def test_registry_and_lazy_imports():
