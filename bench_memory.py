@@ -131,7 +131,10 @@ MEMORY_CASES = [
 def memory_case_args(case, ckpt_file, out):
     """train.py's self-forcing preset at a case's size: 1 prompt x 2 videos, one step."""
     _, size, (h, w), F, T, local, sink, gc = case
-    return replace(train.PRESETS["self-forcing"], ckpt=ckpt_file, vae=None, text_encoder=None, height=8 * h, width=8 * w, num_frames=F,
+    # --vae and --text-encoder only have to pass train.py's up-front checks (a wan model needs
+    # both, as existing files): LatentParts stands in for the two, so neither file is ever read
+    return replace(train.PRESETS["self-forcing"], ckpt=ckpt_file, vae=ckpt_file, text_encoder=ckpt_file,
+                   height=8 * h, width=8 * w, num_frames=F,
                    window=T, window_select="last", local_attn=local, sink=sink, grad_checkpointing=gc,
                    prompts=["a fox in the snow"], prompts_per_step=1, group_size=2, micro_batch=1,
                    rewards=["colorfulness=1"], lora_rank=64, lora_alpha=64.0, steps=1, eval_every=0,
