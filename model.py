@@ -9,9 +9,6 @@ latent frame gets its own diffusion timestep, and the transformer runs *block-ca
 are grouped into blocks of 3 and a block attends to itself and earlier blocks only. This is
 what lets the model generate a video block by block against a KV cache (kvcache.py, sample.py).
 
-Activation checkpointing (`model.grad_checkpointing = True`, off by default) keeps only each
-block's input in the training paths 2 and 3 and recomputes the block in backward.
-
 Three forward paths, one attention code path (`SelfAttention` + `_attend`):
   1. model(x_block, t, ctx, cache=cache, start_frame=s)     one block against a KV cache
   2. model(x, t, ctx)                                        block-causal training forward
@@ -19,14 +16,13 @@ Three forward paths, one attention code path (`SelfAttention` + `_attend`):
   3. model(x, t, ctx, clean_x=x0)                            teacher forcing (clean context)
 Path 2 loops over query blocks; each attends to exactly the K/V the cache would hold at that
 block (kvcache.visible), so it equals path 1 run block by block (tests/test_model.py).
-
 The parameter names are the checkpoints' own, so released weights load with strict=True.
-
 Test:  python -m pytest tests/test_parity.py tests/test_model.py -q
 
-Shape legend: B batch, F latent frames, C latent channels, H, W latent height/width,
-h, w token grid (H/2, W/2), P tokens per frame (h*w), N tokens (F*P), Dm model dim,
-Hd heads, D head dim, Lt text tokens, Dt text dim, r LoRA rank.
+Shape legend: B batch, F latent frames (2F with teacher forcing: clean + noisy), C latent
+channels, H, W latent height/width, h, w token grid (H/2, W/2 for Wan's 1x2x2 patches), P tokens
+per frame (h*w), N tokens of one call (F*P), N' the tokens a block keeps, Dm model dim, Hd heads,
+D head dim, Lt text tokens, Dt text dim.
 """
 import math
 from dataclasses import dataclass
@@ -48,13 +44,13 @@ class ModelConfig:
     num_layers: int = 30
     in_dim: int = 16
     out_dim: int = 16
-    patch_size: tuple = (1, 2, 2)
-    freq_dim: int = 256
+    patch_size: tuple = (1, 2, 2)  # (frame, h, w): a token never spans two latent frames
+    freq_dim: int = 256  # sinusoidal features of t: freq_dim/2 cosines, freq_dim/2 sines
     text_dim: int = 4096
-    text_len: int = 512
+    text_len: int = 512  # umT5 rows; shorter contexts are zero-padded to it (no key mask)
     eps: float = 1e-6
-    qk_norm: bool = True
-    cross_attn_norm: bool = True
+    qk_norm: bool = True  # on in every Wan2.1 T2V checkpoint, so always built (not a switch)
+    cross_attn_norm: bool = True  # likewise: norm3 before cross-attention
     frames_per_block: int = 3  # "num_frame_per_block": 3 for every chunkwise checkpoint
 
 
@@ -75,30 +71,32 @@ CONFIGS = {
 def sinusoid(t: torch.Tensor, freq_dim: int) -> torch.Tensor:
     """[cos(t w_j) | sin(t w_j)], w_j = 10000^(-j/half), computed in float64 (as the reference)."""
     half = freq_dim // 2
-    t = t.to(torch.float64)
+    t = t.to(torch.float64)  # as released: t w_j reaches 1000 rad, where float32 is off by ~6e-5
+    # w_j = 10000^(-j/half), j < half
     w = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
-    arg = torch.outer(t, w)  # (N, half)
-    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)  # (N, freq_dim) float64
+    arg = torch.outer(t, w)  # (B*F, half)
+    return torch.cat([torch.cos(arg), torch.sin(arg)], dim=1)  # (B*F, freq_dim) float64
 
 
 def rope_dims(head_dim: int):
     """Real dims per axis (frame, height, width): d - 4*floor(d/6), 2*floor(d/6), 2*floor(d/6)."""
-    s = 2 * (head_dim // 6)
-    return head_dim - 2 * s, s, s
+    s = 2 * (head_dim // 6)  # even, so every axis has whole (cos, sin) pairs: 42 for D = 128
+    return head_dim - 2 * s, s, s  # the frame axis takes the rest: 44 / 42 / 42 for D = 128
 
 
 def rope_freqs(head_dim, start_frame, frames, h, w, device="cpu"):
-    """The 3D RoPE rotations e^(i angle) for a (frames, h, w) grid starting at `start_frame`.
-
-    theta_j = 10000^(-2j/D) per axis, angle = position * theta_j, computed in float64 like the
-    reference table, for the requested positions only (so no 1024-frame limit, unlike the
-    reference). Returns complex64 cos + i sin, (N, 1, D/2), in the order [frame | h | w].
-    """
+    """The 3D RoPE rotations e^(i angle) for a (frames, h, w) grid starting at `start_frame`:
+    complex64 cos + i sin, (N, 1, D/2), in the order [frame | h | w]. Only the requested
+    positions are computed, so there is no 1024-frame limit (the released table has one)."""
     def axis(pos0, n, dim):
+        # theta_j = 10000^(-2j/D_axis), j < D_axis/2, in float64 like the released table
         inv = 1.0 / torch.pow(10000, torch.arange(0, dim, 2, dtype=torch.float64, device=device).div(dim))
+        # angle = position * theta_j: (n, D_axis/2)
         return torch.outer(torch.arange(pos0, pos0 + n, dtype=torch.float64, device=device), inv)
     dt, dh, dw = rope_dims(head_dim)
+    # absolute frame positions; rows and columns always start at 0
     at, ah, aw = axis(start_frame, frames, dt), axis(0, h, dh), axis(0, w, dw)
+    # each token (f, y, x) gets [frame angles of f | row angles of y | column angles of x]
     ang = torch.cat([at[:, None, None].expand(frames, h, w, -1),
                      ah[None, :, None].expand(frames, h, w, -1),
                      aw[None, None, :].expand(frames, h, w, -1)], dim=-1)
@@ -148,14 +146,14 @@ def _attend(q, k, v, ranges):
     """softmax(q k^T / sqrt(D)) v of the query tokens against the K/V token `ranges`.
 
     q: (B, Nq, Hd, D); k, v: (B, Nk, Hd, D); ranges: list of (lo, hi) runs of k to attend.
-    One contiguous run is a view (no copy); a sink U window or clean-prefix U self set is two.
     """
-    if len(ranges) == 1:
+    if len(ranges) == 1:  # one contiguous run: a view, no copy
         (lo, hi), = ranges
         k, v = k[:, lo:hi], v[:, lo:hi]
-    else:
+    else:  # sink U window, or clean prefix U own block: one concatenated copy of the runs
         k = torch.cat([k[:, lo:hi] for lo, hi in ranges], dim=1)
         v = torch.cat([v[:, lo:hi] for lo, hi in ranges], dim=1)
+    # SDPA takes (B, Hd, N, D); its default scale 1/sqrt(D) is Wan's; no mask inside the runs
     o = F_.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return o.transpose(1, 2)  # (B, Nq, Hd, D)
 
@@ -173,11 +171,11 @@ class SelfAttention(nn.Module):
         computed: later queries attend to them); None when no query is kept (q_from = N)."""
         B, N, _ = x.shape
         k = apply_rope(self.norm_k(self.k(x)).view(B, N, self.num_heads, -1), freqs)  # (B, N, Hd, D)
-        v = self.v(x).view(B, N, self.num_heads, -1)
+        v = self.v(x).view(B, N, self.num_heads, -1)  # (B, N, Hd, D), no norm, no RoPE
         K, V = plan.keys_values(layer, k, v)  # cache write or [history ; this clip]
         if q_from == N:  # a cache-update pass needs nothing more from the last layer
             return None
-        xq = x[:, q_from:]
+        xq = x[:, q_from:]  # the frames before q_from only give K/V: their outputs are never read
         q = apply_rope(self.norm_q(self.q(xq)).view(B, N - q_from, self.num_heads, -1), freqs[q_from:])
         # each query block attends to its own key runs; blocks before q_from are not computed
         out = [_attend(q[:, lo - q_from:hi - q_from], K, V, ranges) for (lo, hi), ranges in plan.blocks
@@ -190,9 +188,9 @@ class CrossAttention(SelfAttention):
     """Text cross-attention: no RoPE, no mask; text K/V can be cached once per prompt."""
     def forward(self, x, ctx, cache=None, layer=0):
         B, N, _ = x.shape
-        q = self.norm_q(self.q(x)).view(B, N, self.num_heads, -1)
+        q = self.norm_q(self.q(x)).view(B, N, self.num_heads, -1)  # (B, N, Hd, D)
         if cache is not None and cache.cross[layer] is not None:
-            k, v = cache.cross[layer]
+            k, v = cache.cross[layer]  # this prompt's text K/V, from the first call on it
         else:
             k = self.norm_k(self.k(ctx)).view(B, ctx.shape[1], self.num_heads, -1)
             v = self.v(ctx).view(B, ctx.shape[1], self.num_heads, -1)
@@ -206,52 +204,48 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.dim
+        # (1, 6, Dm), added to e0: shift, scale, gate of self-attention, then of the FFN
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
         self.norm1 = LayerNorm(d, cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
-        self.norm3 = LayerNorm(d, cfg.eps, elementwise_affine=True)
+        self.norm3 = LayerNorm(d, cfg.eps, elementwise_affine=True)  # the one affine LayerNorm
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
         self.norm2 = LayerNorm(d, cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(LoRALinear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  LoRALinear(cfg.ffn_dim, d))
 
     def forward(self, x, e0, ctx, freqs, plan, layer, keep_from=0):
-        """The block on tokens x (B, N, Dm); returns the outputs of frames keep_from.. only (None
-        if none): every frame still gives its K and V to the attention. The last block keeps
-        only the frames the head reads (the noisy half of teacher forcing; none for a cache pass)."""
-        B, N, D = x.shape
+        """The block on tokens x (B, N, Dm); returns the outputs of frames keep_from.. only (None if
+        none), while every frame still gives its K and V (the last block: only what the head reads)."""
+        B, N, Dm = x.shape
         P = N // e0.shape[1]  # tokens per frame
         # M = modulation + e0 -> shift/scale/gate for attention and FFN, one set per frame
         sh_a, sc_a, g_a, sh_f, sc_f, g_f = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)  # (B, F, 1, Dm)
         # x = x + gate * SelfAttn(norm1(x) * (1 + scale) + shift)
-        h = torch.addcmul(sh_a, self.norm1(x).view(B, -1, P, D), 1 + sc_a).flatten(1, 2)
+        h = torch.addcmul(sh_a, self.norm1(x).view(B, -1, P, Dm), 1 + sc_a).flatten(1, 2)
         y = self.self_attn(h, freqs, plan, layer, keep_from * P)
         if y is None:
             return None
         # from here on, only the kept frames
         x, g_a, sh_f, sc_f, g_f = x[:, keep_from * P:], g_a[:, keep_from:], sh_f[:, keep_from:], sc_f[:, keep_from:], \
             g_f[:, keep_from:]
-        x = torch.addcmul(x.view(B, -1, P, D), y.view(B, -1, P, D), g_a).flatten(1, 2)
+        x = torch.addcmul(x.view(B, -1, P, Dm), y.view(B, -1, P, Dm), g_a).flatten(1, 2)
         # x = x + CrossAttn(norm3(x), text)      (no modulation, no gate)
         x = x + self.cross_attn(self.norm3(x), ctx, plan.cache, layer)
         # x = x + gate * FFN(norm2(x) * (1 + scale) + shift)
-        y = self.ffn(torch.addcmul(sh_f, self.norm2(x).view(B, -1, P, D), 1 + sc_f).flatten(1, 2))
-        return torch.addcmul(x.view(B, -1, P, D), y.view(B, -1, P, D), g_f).flatten(1, 2)  # (B, N', Dm)
+        y = self.ffn(torch.addcmul(sh_f, self.norm2(x).view(B, -1, P, Dm), 1 + sc_f).flatten(1, 2))
+        return torch.addcmul(x.view(B, -1, P, Dm), y.view(B, -1, P, Dm), g_f).flatten(1, 2)  # (B, N', Dm)
 
 
 def _run_block(block, adapter, *args):
-    """block(*args) with LoRA adapter `adapter` active in it, the previous selection restored.
-
-    A checkpointed block is recomputed during backward, under whatever adapter is active *then*.
-    train.py computes x_theta inside `use_adapter(model, "default")` and calls backward after leaving
-    it, so a plain recompute would run without an adapter (checkpoint raises: other tensors were
-    saved) or, had another adapter been selected, silently with its weights. This pins the
-    adapter the forward used (tests/test_memory.py switches adapters before backward).
-    """
+    """block(*args) with LoRA adapter `adapter` active in it, the previous selection restored
+    (tests/test_memory.py switches adapters before backward)."""
     layers = [m for _, m in lora_layers(block)]
+    # checkpointing recomputes a block in backward under the adapter active *then*: train.py leaves
+    # use_adapter(model, "default") first, so unpinned it would crash or use another adapter's weights
     prev = [m.active for m in layers]
     for m in layers:
-        m.active = adapter
+        m.active = adapter  # pinned: the forward and its recompute use the same weights
     try:
         return block(*args)
     finally:
@@ -269,19 +263,20 @@ def attention_plan(frames, tpf, nfpb, start_frame=0, local=-1, sink=0, history=(
       teacher forcing:  clean blocks: as plain;  noisy block: clean/history frames f < start of
                         the block with visible(f, e), plus its own noisy block (not its clean copy)
     """
-    ctx = list(history) + list(range(start_frame, start_frame + frames))
+    ctx = list(history) + list(range(start_frame, start_frame + frames))  # K/V frames, absolute
     plan = []
     for a in range(0, frames, nfpb):
         b = min(a + nfpb, frames)
         e = start_frame + b  # the query block ends (exclusive) at this absolute frame
-        causal = [visible(f, e, sink, local) for f in ctx]
+        causal = [visible(f, e, sink, local) for f in ctx]  # the cache's window rule at e
         if not teacher_forcing:
             plan.append(((a * tpf, b * tpf), _runs(causal, tpf)))
             continue
-        plan.append(((a * tpf, b * tpf), _runs(causal + [False] * frames, tpf)))
+        plan.append(((a * tpf, b * tpf), _runs(causal + [False] * frames, tpf)))  # clean block
+        # noisy block (queries after the clean half): history / clean frames before its start + itself
         noisy = [f < start_frame + a and v for f, v in zip(ctx, causal)] + [a <= i < b for i in range(frames)]
         plan.append((((frames + a) * tpf, (frames + b) * tpf), _runs(noisy, tpf)))
-    return sorted(plan)
+    return sorted(plan)  # query order: the clean half's blocks, then the noisy half's
 
 
 class _Plan:
@@ -306,7 +301,7 @@ class _Plan:
 def _runs(mask, tpf):
     """Contiguous True runs of a per-frame mask, as token ranges."""
     runs, lo = [], None
-    for i, m in enumerate(list(mask) + [False]):
+    for i, m in enumerate(list(mask) + [False]):  # the extra False closes a run at the end
         if m and lo is None:
             lo = i
         if not m and lo is not None:
@@ -329,7 +324,7 @@ class CausalWanModel(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
                                             nn.Linear(d, d))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # e -> e0: 6 per frame
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         # recompute each block in backward instead of storing its activations (training paths
@@ -345,10 +340,10 @@ class CausalWanModel(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))  # the conv as a linear
         for m in [*self.text_embedding, *self.time_embedding]:
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=0.02)  # Wan's embeddings: N(0, 0.02^2), not xavier
         nn.init.zeros_(self.head.head.weight)  # the model starts by predicting v = 0
 
     def forward(self, x, t, context, *, cache: KVCache = None, start_frame=0, clean_x=None,
@@ -372,10 +367,10 @@ class CausalWanModel(nn.Module):
         B, Fr, C, H, W = x.shape
         ph, pw = cfg.patch_size[1:]
         h, w = H // ph, W // pw
-        tpf = h * w
+        tpf = h * w  # P: tokens per frame
         xs = x if clean_x is None else torch.cat([clean_x, x], dim=1)
         ts = t if clean_x is None else torch.cat([torch.zeros_like(t), t], dim=1)  # clean half: t = 0 ("aug_t")
-        nf = xs.shape[1]
+        nf = xs.shape[1]  # frames in the sequence: F, or 2F with teacher forcing
 
         # patchify: Conv3d with kernel = stride = patch, tokens ordered (f, h, w)
         tok = self.patch_embedding(xs.transpose(1, 2)).flatten(2).transpose(1, 2)  # (B, N, Dm)
@@ -397,7 +392,8 @@ class CausalWanModel(nn.Module):
 
         # who attends to what
         if cache is not None:
-            lo, _ = cache.begin(start_frame, Fr)
+            lo, _ = cache.begin(start_frame, Fr)  # this block's slots (a rolling cache evicts first)
+            # one query block over every filled slot: sink, window and itself, in slot order
             plan = _Plan([((0, nf * tpf), [(0, cache.length)])], cache=cache, slot=lo)
         else:
             # the window rule: as given, else the history cache's own (a window continuing a
@@ -446,31 +442,29 @@ class Head(nn.Module):
     def forward(self, x, e):  # x (B, N, Dm), e (B, F, Dm)
         B, Fr = e.shape[:2]
         shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)  # (B, F, 1, Dm)
-        x = self.norm(x).view(B, Fr, -1, x.shape[-1])
+        x = self.norm(x).view(B, Fr, -1, x.shape[-1])  # (B, F, P, Dm)
         return self.head(x * (1 + scale) + shift)  # (B, F, P, ph*pw*C)
 
 
 @torch.no_grad()
 def randomize_head(model, std=0.02):
-    """Wan's init zeroes the output head (the model starts by predicting v = 0), so a randomly
-    initialised model would give one flat video: draw the head's weight instead. For random-
-    weight runs only (demos, benchmarks, tests); a checkpoint loads over it."""
+    """Wan's init zeroes the output head (v = 0: one flat video), so draw the head's weight instead.
+    For random-weight runs only (demos, benchmarks, tests); a checkpoint loads over it."""
     nn.init.normal_(model.head.head.weight, std=std)
 
 
 @torch.no_grad()
 def init_materialized(model):
     """Initialise every parameter of a model built on the meta device and materialised with
-    to_empty(), whose memory is garbage: norm gains 1, biases 0, adaLN modulations N(0, 1/D) as
-    at construction, then Wan's init_weights for the linears. Random-weight runs only."""
+    to_empty() (garbage memory), then Wan's init_weights for the linears. Random-weight runs only."""
     for m in model.modules():
-        if isinstance(m, (RMSNorm, nn.LayerNorm)):
+        if isinstance(m, (RMSNorm, nn.LayerNorm)):  # gains 1, biases 0, as at construction
             if m.weight is not None:
                 nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
         if isinstance(m, (Block, Head)):
-            nn.init.normal_(m.modulation, std=model.cfg.dim ** -0.5)
-    nn.init.zeros_(model.patch_embedding.bias)
+            nn.init.normal_(m.modulation, std=model.cfg.dim ** -0.5)  # = randn / sqrt(Dm)
+    nn.init.zeros_(model.patch_embedding.bias)  # init_weights leaves the conv's bias alone
     model.init_weights()
     randomize_head(model)
