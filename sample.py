@@ -1,7 +1,8 @@
 """
 Few-step autoregressive sampling of a causal video DiT (Self-Forcing's 4-step sampler, used
 unchanged by LongLive and Astrolabe: franklinz233/Astrolabe `pipeline/causal_inference.py`,
-docs/wan_architecture.md#sampler) and the sampling CLI.
+docs/wan_architecture.md#sampler; `path:line` below is that repository at commit 35a5347) and the
+sampling CLI.
 
 For each block of 3 latent frames, left to right:
     x = noise                                   t_j in [1000, 937.5, 833.33, 625] (warped)
@@ -19,7 +20,9 @@ Run:   python sample.py                              (the tiny shapes world, wri
        python sample.py --help
 Test:  python -m pytest tests/test_parity.py tests/test_sample.py -q
 
-Shape legend: B batch, F latent frames, n frames per block, C channels, H, W latent size.
+Shape legend: B batch, F latent frames, n frames per block, C channels, H, W latent size
+(pixels for the pixel-space tiny model), t video frames decoded from one block, Lt, Dt text
+tokens and width.
 """
 import dataclasses
 import functools
@@ -48,18 +51,17 @@ from model import CONFIGS, CausalWanModel, randomize_head
 def flow_schedule(shift=5.0, steps=1000):
     """The 1000-entry grid: sigma_i = s u_i / (1 + (s - 1) u_i), u = linspace(1, 0, 1001)[:1000]."""
     u = torch.linspace(1.0, 0.0, steps + 1)[:-1]  # float32, like the reference
+    # sigma = s u / (1 + (s - 1) u): shift 5 spends most of the grid at high noise
     sigmas = shift * u / (1 + (shift - 1) * u)
     return sigmas * 1000, sigmas  # (timesteps, sigmas), float32
 
 
 def sampler_timesteps(step_list=(1000, 750, 500, 250), shift=5.0, warp=True):
-    """Denoising timesteps of the few-step sampler and their sigmas (float32).
-
-    warp: t <- cat(grid, [0])[1000 - t], so [1000, 750, 500, 250] -> [1000, 937.5, 833.33, 625].
-    """
+    """Denoising timesteps of the few-step sampler and their sigmas (float32)."""
     grid, _ = flow_schedule(shift)
     ts = torch.tensor(step_list, dtype=torch.float32)
-    if warp:
+    if warp:  # the released pipeline's warp (pipeline/causal_inference.py:31-33)
+        # t <- cat(grid, [0])[1000 - t]: [1000, 750, 500, 250] -> [1000, 937.5, 833.33, 625]
         ts = torch.cat([grid, torch.zeros(1)])[1000 - torch.tensor(step_list)]
     return ts, sigma_of(ts, shift)
 
@@ -68,7 +70,7 @@ def sigma_of(t, shift=5.0):
     """Sigma of the nearest grid timestep (every lookup in the reference goes through the grid)."""
     grid, sigmas = flow_schedule(shift)
     t = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
-    return sigmas[(grid[None] - t[:, None].cpu()).abs().argmin(dim=1)]
+    return sigmas[(grid[None] - t[:, None].cpu()).abs().argmin(dim=1)]  # at the nearest grid t
 
 
 def flow_to_x0(x_t, flow, t, shift=5.0):
@@ -76,7 +78,8 @@ def flow_to_x0(x_t, flow, t, shift=5.0):
 
     x_t, flow: (B, F, C, H, W); t: (B, F) timesteps.
     """
-    sig = sigma_of(t.reshape(-1), shift).double().to(x_t.device).view(*t.shape, 1, 1, 1)
+    sig = sigma_of(t.reshape(-1), shift).double().to(x_t.device).view(*t.shape, 1, 1, 1)  # (B, F, 1, 1, 1)
+    # x0 = x_t - sigma v, in float64 like the released wrapper (utils/wan_wrapper.py:254-278)
     return (x_t.double() - sig * flow.double()).to(flow.dtype)
 
 
@@ -102,11 +105,13 @@ class GeneratorNoise:
         self.gens, self.shape, self.device, self.dtype = generators, tuple(frame_shape), device, dtype
 
     def _draw(self, n):
+        # each sample from its own generator, on that generator's device: the noise is the same
+        # whatever the batch it is drawn in, and only the result moves to the model's device
         return torch.stack([torch.randn((n, *self.shape), generator=g, device=g.device)
                             for g in self.gens]).to(self.device, self.dtype)  # (B, n, C, H, W)
 
     def initial(self, block, n):
-        return self._draw(n)
+        return self._draw(n)  # the block index is implicit: each generator's stream is in order
 
     def renoise(self, block, step, n):
         return self._draw(n)
@@ -118,14 +123,15 @@ class TensorNoise:
         self.init, self.re = initial, renoise
 
     def initial(self, block, n):
-        return self.init[:, block * n:(block + 1) * n]
+        return self.init[:, block * n:(block + 1) * n]  # (B, n, C, H, W): block's frames
 
     def renoise(self, block, step, n):
-        return self.re[block, step]
+        return self.re[block, step]  # (B, n, C, H, W): the noise after denoising step `step`
 
 
 def make_generators(seeds, device="cpu"):
     """One torch.Generator per sample, seeded e.g. by hash((seed, step, prompt, k))."""
+    # any int (a negative --seed, Python's hash()) folded into [0, 2^63), which manual_seed takes
     return [torch.Generator(device).manual_seed(int(s) % (2 ** 63)) for s in seeds]
 
 
@@ -148,27 +154,30 @@ def generate(model, context, cache: KVCache, num_frames, noise, start_frame=0,
     n = model.cfg.frames_per_block
     if num_frames % n:
         raise ValueError(f"num_frames={num_frames} must be a multiple of the block size {n}")
+    # default: the warped [1000, 937.5, 833.3, 625], sigmas [1, 0.9375, 0.8333, 0.625]
     ts, sig = sampler_timesteps(shift=shift) if timesteps is None else (timesteps, sigma_of(timesteps, shift))
     B = context.shape[0]
     out = []
     for k in tqdm(range(num_frames // n), desc="blocks", disable=not progress, leave=False):
-        s = start_frame + k * n
+        s = start_frame + k * n  # absolute start frame of block k: its RoPE positions, its slots
         x = noise.initial(k, n)  # (B, n, C, H, W)
         x0_steps = []
         for j, t_j in enumerate(ts):
             t = torch.full((B, n), float(t_j), device=x.device)  # float32 timesteps
+            # x0 = x - sigma_j v(x, t_j): every step writes, and attends, the same slots of the cache
             x0 = flow_to_x0(x, model(x, t, context, cache=cache, start_frame=s), t, shift)
             x0_steps.append(x0)
             if j + 1 < len(ts):  # re-noise to the next level with fresh noise
                 x = add_noise(x0, noise.renoise(k, j, n), sig[j + 1].to(x.device))
         # cache-update pass: the clean block at t = 0 overwrites this block's K/V
         if last_cache_pass or k + 1 < num_frames // n:
+            # context_noise 0: x0 goes in as it is, at t = 0 (pipeline/causal_inference.py:214-223)
             model(x0, torch.zeros(B, n, device=x.device), context, cache=cache, start_frame=s, kv_only=True)
         if keep:
-            out.append(x0)
+            out.append(x0)  # the 4th step's x0 is the block's output
         if on_block is not None:
             on_block(k, x0_steps)
-    return torch.cat(out, dim=1) if keep else None
+    return torch.cat(out, dim=1) if keep else None  # (B, num_frames, C, H, W)
 
 
 @torch.no_grad()
@@ -178,16 +187,18 @@ def recache(model, cache: KVCache, latents, context):
 
     latents: (B, F_total, C, H, W) every frame generated so far (index = absolute frame).
     """
-    held, n = list(cache.frames), model.cfg.frames_per_block
-    cache.reset()
+    held, n = list(cache.frames), model.cfg.frames_per_block  # absolute frames: sink + recent
+    cache.reset()  # the old prompt's text K/V go too
     runs = []  # regroup the held frames into their original blocks
     for f in held:
+        # consecutive and in the same block: one call per block, at its own start (RoPE)
         if runs and runs[-1][-1] == f - 1 and runs[-1][0] // n == f // n:
             runs[-1].append(f)
         else:
             runs.append([f])
     for r in runs:
-        x = latents[:, r[0]:r[-1] + 1]
+        x = latents[:, r[0]:r[-1] + 1]  # (B, len(r), C, H, W)
+        # clean frames at t = 0, K/V only: what the sampler's cache-update pass writes
         model(x, torch.zeros(x.shape[:2], device=x.device), context, cache=cache, start_frame=r[0],
               kv_only=True)
 
@@ -198,7 +209,7 @@ def generate_multi_prompt(model, contexts, switch_frames, cache, num_frames, noi
 
     At each switch the text K/V are rebuilt and the self-attention cache is re-cached.
     """
-    bounds = [0, *switch_frames, num_frames]
+    bounds = [0, *switch_frames, num_frames]  # segment i: frames [bounds[i], bounds[i + 1])
     n = model.cfg.frames_per_block
     if any(b % n for b in bounds) or bounds != sorted(bounds) or len(contexts) != len(bounds) - 1:
         raise ValueError("need one context per segment and block-aligned, increasing switch frames")
@@ -206,6 +217,7 @@ def generate_multi_prompt(model, contexts, switch_frames, cache, num_frames, noi
     for i, ctx in enumerate(contexts):
         if i > 0:
             recache(model, cache, torch.cat(out, dim=1), ctx)  # also resets the text K/V
+        # the noise picks up at the segment's first block: the same draws as one uninterrupted call
         out.append(generate(model, ctx, cache, bounds[i + 1] - bounds[i], _Offset(noise, bounds[i] // n),
                             start_frame=bounds[i], progress=progress))
     return torch.cat(out, dim=1)
@@ -231,8 +243,9 @@ def save_video(path, video, fps=16):
 
     Written to a temporary file first and renamed, so a crash never leaves half a video.
     """
-    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (F, H, W, 3)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # yuv420p: plays in every player; macro_block_size=1: imageio never resizes the frames
     write_atomic(path, lambda tmp: imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8,
                                                     pixelformat="yuv420p", macro_block_size=1))
 
@@ -278,7 +291,7 @@ class Args:
 
 
 def write_decoded(path, vae, lat, block, fps=16):
-    """Decode one video's latents (1, F, 16, h, w) `block` latent frames at a time with the VAE's
+    """Decode one video's latents (1, F, C, H, W) `block` latent frames at a time with the VAE's
     streaming decoder and append the frames to the mp4 as they come: a long video is never held
     in pixels. Returns the number of frames written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -286,12 +299,12 @@ def write_decoded(path, vae, lat, block, fps=16):
 
 
 def _stream_to_mp4(path, vae, lat, block, fps):
-    stream, n = vae.stream(), 0
+    stream, n = vae.stream(), 0  # a fresh causal-conv cache for this video
     with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p",
                             macro_block_size=1) as w:
         for k in range(0, lat.shape[1], block):
-            frames = to_pixels(stream.push(lat[:, k:k + block]))[0]  # (t, 3, H, W) in [0, 1]
-            for f in (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+            frames = to_pixels(stream.push(lat[:, k:k + block]))[0]  # (t, 3, 8H, 8W) in [0, 1]
+            for f in (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():  # (8H, 8W, 3)
                 w.append_data(f)
             n += len(frames)
     return n
@@ -302,7 +315,7 @@ def check_sample_args(args):
     err = []
     n = CONFIGS[args.model].frames_per_block
     tiny = args.model == "tiny"
-    if args.num_frames < n or args.num_frames % n:
+    if args.num_frames < n or args.num_frames % n:  # the sampler makes whole blocks only
         err.append(f"--num-frames {args.num_frames}: must be a positive multiple of the block size {n}")
     if args.switch_frames:
         if len(args.prompts) != len(args.switch_frames) + 1:
@@ -316,7 +329,7 @@ def check_sample_args(args):
         outside = [f for f in args.switch_frames if not 0 < f < args.num_frames]
         if outside:
             err.append(f"--switch-frames {outside}: outside the video (0, {args.num_frames})")
-    try:
+    try:  # KVCache.for_model's own check, reported as a flag error before anything loads
         check_window(n, args.sink, args.local_attn)
     except ValueError as e:
         err.append(f"--local-attn {args.local_attn} --sink {args.sink}: {e}")
@@ -326,7 +339,7 @@ def check_sample_args(args):
         if value is not None and (value < side or value % side):
             err.append(f"--{flag} {value}: height and width must be positive multiples of {side} for "
                        f"--model {args.model}")
-    if not tiny:
+    if not tiny:  # the tiny model is pixel-space with toy text embeddings: no VAE, no umT5
         needed = [f"--{f.replace('_', '-')}" for f in ("ckpt", "vae", "text_encoder") if not getattr(args, f)]
         if needed:
             err.append(f"--model {args.model} needs {', '.join(needed)} (README, Real models)")
@@ -350,13 +363,14 @@ def main(args: Args):
     torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
     cfg, tiny = CONFIGS[args.model], args.model == "tiny"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # bf16 as the released pipeline
     multi = len(args.switch_frames) > 0
     prompts = args.prompts if not multi else args.prompts[:1]  # one video; its prompt changes
+    # each file as found: relative to the cwd, else to this repository (`assets/...` from anywhere)
     args = dataclasses.replace(args, **{f: find_file(getattr(args, f)) for f in ("ckpt", "lora", "vae", "text_encoder",
                                                                                    "tokenizer") if getattr(args, f)})
     if tiny:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # the random init (kept without a checkpoint) follows --seed
         model = CausalWanModel(cfg).eval()  # eval: inference only, no dropout anywhere anyway
         ckpt = args.ckpt or find_file("assets/tiny_world.safetensors")  # a given path must load
         if os.path.exists(ckpt):
@@ -369,27 +383,30 @@ def main(args: Args):
         H, W = args.height or 32, args.width or 32  # pixel space
     else:
         te = TextEncoder.load(args.text_encoder, args.tokenizer, device=dev, dtype=dtype)
-        ctx = te(args.prompts)  # (P, 512, 4096)
+        ctx = te(args.prompts)  # (len(prompts), Lt, Dt) = (., 512, 4096) for umT5-XXL
         del te  # umT5-XXL leaves the GPU before the DiT arrives
-        with torch.device("meta"):
+        with torch.device("meta"):  # no random init: the checkpoint's tensors become the weights
             model = CausalWanModel(cfg)
         load_checkpoint(model, args.ckpt, lora=args.lora)
         model.to(dev, dtype).eval()
         H, W = (args.height or 480) // 8, (args.width or 832) // 8  # latent size
-    if args.lora:
+    if args.lora:  # load_checkpoint adds the LoRA as adapter "default" without activating it
         set_adapter(model, "default")
     ctx = ctx.to(dev, dtype)
     cache = KVCache.for_model(cfg, len(prompts), args.num_frames, (H, W), args.sink, args.local_attn, dtype, dev)
+    # video i's noise from seed + i alone: adding prompts never changes the earlier videos
     noise = GeneratorNoise(make_generators([args.seed + i for i in range(len(prompts))]),
                            (cfg.in_dim, H, W), dev, dtype)
     if multi:
+        # one (1, Lt, Dt) context per segment of the one video
         lat = generate_multi_prompt(model, [c[None] for c in ctx], [int(s) for s in args.switch_frames],
                                     cache, args.num_frames, noise, progress=True)
     else:
+        # last_cache_pass=False: nothing reads the cache after the last block
         lat = generate(model, ctx, cache, args.num_frames, noise, progress=True, last_cache_pass=False)
-    vae = None if tiny else WanVAE.load(args.vae, device=dev)
+    vae = None if tiny else WanVAE.load(args.vae, device=dev)  # after sampling: not part of its peak
     for i in range(lat.shape[0]):
-        path = args.out if lat.shape[0] == 1 else args.out.replace(".mp4", f"_{i}.mp4")
+        path = args.out if lat.shape[0] == 1 else args.out.replace(".mp4", f"_{i}.mp4")  # out_0.mp4, ...
         if tiny:
             save_video(path, to_pixels(lat[i]), args.fps)
             n, size = args.num_frames, f"{H}x{W}"
