@@ -31,7 +31,7 @@ always overwrites that block's own slots, so the cache is exactly "sink U recent
 Test: python -m pytest tests/test_kvcache.py -q
 
 Shape legend: Ly layers, B batch, T cache capacity in tokens, N new tokens, Hd heads,
-D head dim, Lt text tokens.
+D head dim, Lt text tokens, P tokens per frame (tpf); S sink frames, L window frames (local).
 """
 import torch
 
@@ -48,6 +48,7 @@ def visible(f: int, end: int, sink: int = 0, local: int = -1) -> bool:
 
 def check_window(frames_per_block: int, sink: int, local: int) -> None:
     """One clear error for cache settings that cannot work."""
+    # a rolling cache holds the sink and at least the block being written (else it evicts itself)
     if sink < 0 or (local >= 0 and local < sink + frames_per_block):
         raise ValueError(
             f"rolling cache with local={local}, sink={sink} cannot hold the sink plus one block of "
@@ -60,7 +61,7 @@ class KVCache:
 
     Usage, once per model call on a block of n frames starting at absolute frame s:
         lo, hi = cache.begin(s, n)        # decide the slots (evicting if needed)
-        for each layer i: cache.write(i, k, v); K, V = cache.layer(i)   # attend to [0, end)
+        for each layer i: cache.write(i, lo, k, v); K, V = cache.layer(i)   # attend to [0, end)
     A repeated call on the same block (the 4 denoising steps and the t=0 cache-update pass)
     overwrites the same slots, so the cache ends up holding the block's clean K/V.
     """
@@ -71,6 +72,7 @@ class KVCache:
         # where the capacity is the window `local`.
         self.tpf, self.sink, self.local = tokens_per_frame, sink, local
         cap_frames = local if local >= 0 else frames
+        # zero-filled like the released buffers, but an unwritten slot is never attended here
         shape = (num_layers, batch, cap_frames * tokens_per_frame, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (Ly, B, T, Hd, D)
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # (Ly, B, T, Hd, D)
@@ -84,7 +86,7 @@ class KVCache:
                   device="cpu"):
         """Build a cache sized for a model config and a latent frame size (H, W)."""
         check_window(cfg.frames_per_block, sink, local)
-        tpf = (frame_hw[0] // cfg.patch_size[1]) * (frame_hw[1] // cfg.patch_size[2])
+        tpf = (frame_hw[0] // cfg.patch_size[1]) * (frame_hw[1] // cfg.patch_size[2])  # P = h * w
         return cls(cfg.num_layers, batch, frames, tpf, cfg.num_heads, cfg.dim // cfg.num_heads,
                    sink, local, dtype, device)
 
@@ -104,32 +106,32 @@ class KVCache:
         if self.last_block == (start, n):  # a repeat call on the same block: overwrite it
             hi = self.length
             return hi - n * self.tpf, hi
-        if start < self.end_frame:
+        if start < self.end_frame:  # older blocks are final (or evicted): no rewriting them
             raise ValueError(f"cache holds frames up to {self.end_frame - 1}; a call at frame "
                              f"{start} is neither the latest block nor a new one (reset the cache)")
         cap = self.capacity
-        if len(self.frames) + n > cap:
+        if len(self.frames) + n > cap:  # no room for n more frames
             if self.local < 0:
                 raise ValueError(f"global KV cache is full ({cap} frames); build it with more "
                                  f"frames or use a rolling cache (local > 0)")
             # eviction: keep the sink slots, drop the oldest non-sink frames, slide the rest left
-            evict = len(self.frames) + n - cap
-            S, keep = self.sink, len(self.frames) - evict - self.sink
+            evict = len(self.frames) + n - cap  # just enough of the oldest non-sink frames
+            S, keep = self.sink, len(self.frames) - evict - self.sink  # keep: the recent frames left
             t = self.tpf
             src = slice((S + evict) * t, (S + evict + keep) * t)
             dst = slice(S * t, (S + keep) * t)
             self.k[:, :, dst] = self.k[:, :, src].clone()  # clone: the ranges overlap
             self.v[:, :, dst] = self.v[:, :, src].clone()
-            del self.frames[S:S + evict]
-        lo = self.length
+            del self.frames[S:S + evict]  # the slot -> frame list moves with the buffers
+        lo = self.length  # the new frames go right after the filled slots
         self.frames += list(range(start, start + n))
-        self.end_frame, self.last_block = start + n, (start, n)
+        self.end_frame, self.last_block = start + n, (start, n)  # the next repeat call overwrites these
         return lo, self.length
 
     def write(self, layer: int, lo: int, k: torch.Tensor, v: torch.Tensor):
         """Store one layer's new (roped) keys and values at token slot lo onwards."""
         self.k[layer, :, lo:lo + k.shape[1]] = k  # (B, N, Hd, D)
-        self.v[layer, :, lo:lo + v.shape[1]] = v
+        self.v[layer, :, lo:lo + v.shape[1]] = v  # (B, N, Hd, D)
 
     def layer(self, layer: int):
         """The valid K and V of one layer: (B, length, Hd, D) views, no copy."""
@@ -151,13 +153,13 @@ class KVCache:
         The copy shares no memory with this cache."""
         idx = torch.as_tensor(list(rows), device=self.k.device)
         new = KVCache.__new__(KVCache)
-        new.__dict__.update(self.__dict__)
+        new.__dict__.update(self.__dict__)  # every field, then its own copies of what it mutates
         new.k = self.k.index_select(1, idx)  # (Ly, len(rows), T, Hd, D), a fresh tensor
         new.v = self.v.index_select(1, idx)
-        new.frames = list(self.frames)
+        new.frames = list(self.frames)  # evicting in the copy must not touch this cache's list
         new.cross = [None if c is None else tuple(x.index_select(0, idx) for x in c) for c in self.cross]
         return new
 
     def nbytes(self) -> int:
         """Memory held by the self-attention K/V buffers (bytes)."""
-        return self.k.numel() * self.k.element_size() * 2
+        return self.k.numel() * self.k.element_size() * 2  # K and V
