@@ -22,7 +22,9 @@ beside those of the released code run the same way (float32, B = 1, 2 threads).
 Every case runs in a fresh subprocess; peak memory is the RSS growth over the value just before
 the measured call (CPU), or torch.cuda.max_memory_allocated growth (GPU).
 
-Shape legend: B batch, F latent frames, C channels, H, W latent size.
+Shape legend: B batch, F latent frames, C channels, H, W latent size (tiny: pixels); in
+train_flops D model dim, P tokens per frame, N token rows through a block, Lt text tokens, p
+latent pixels per patch, r LoRA rank, Nq, Nk query and key tokens of one attention.
 """
 import json
 import os
@@ -186,18 +188,18 @@ def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0, rank=64, B=
 
 # ----------------------------------------------------------------------------------------------
 # Model FLOPs of one training call, for MFU. Only matmuls count (what torch's FlopCounterMode
-# counts too): every Linear, the patch Conv3d (a matmul over patches), attention's q k^T and p v;
-# 2 FLOPs per multiply-add. Norms, RoPE, softmax, GELU and adaLN are elementwise (< 1% here).
-# A linear on m rows, k -> n features:
+# counts too): every Linear, the patch Conv3d (a matmul over patches), attention's scores and
+# its weighted sum of values; 2 FLOPs per multiply-add. Norms, RoPE, softmax, GELU and adaLN are
+# elementwise (< 1% here). A linear on m rows, k -> n features (linear(m, k, n, ...) below):
 #     forward 2mkn;  backward dX 2mkn (if its input needs a gradient) + dW 2mkn (if trained)
 # plus, with a trained LoRA adapter of rank r (y += B A x):
 #     forward 2mr(k + n);  backward dB 2mrn + d(Ax) 2mrn + dA 2mkr + dX 2mkr (if input needs it)
-# Attention of q query tokens against the k keys they see: forward 4qk Dm (scores, values),
-# backward 8qk Dm (dQ, dK, dP, dV); q k summed over the block-causal plan (causality and the
-# window skip key blocks: 21 frames in blocks of 3 see 4/7 of the full square).
+# Attention of Nq query tokens against the Nk keys they see: forward 4 Nq Nk D (scores, values),
+# backward 8 Nq Nk D (dQ, dK, dP, dV); Nq Nk summed over the block-causal plan (`qk`: causality
+# and the window skip key blocks: 21 frames in blocks of 3 see 4/7 of the full square).
 # The base is frozen in the NFT update, so its linears need dX but no dW: at 1.3B, 480x832, 21
-# frames the backward is 1.6x the forward (attention, half the forward, still costs 2x), not
-# the 2x of full training ("6 N D") that MFU is usually quoted with; bench prints both.
+# frames the backward is 1.6x the forward (attention, half the forward, still costs 2x), not the
+# 2x of full training (6 x parameters x tokens) that MFU is usually quoted with; bench prints both.
 
 def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_frame=0, local=-1,
                 sink=0, history=(), teacher_forcing=False):

@@ -21,7 +21,8 @@ diffusers / transformers are imported inside functions, so `import frozen` is ch
 Test: python -m pytest tests/test_frozen.py -q      (tiny random models, CPU, no downloads)
 
 Shape legend: B batch, T pixel frames (T = 1 + 4k), F latent frames (F = 1 + k), C latent
-channels (16), H, W pixel size, h, w latent size (H/8, W/8), L text tokens (512), D text width.
+channels (16), H, W pixel size, h, w latent size (H/8, W/8), L text tokens (512), D text width;
+a StreamingDecoder.push of n latent frames gives t pixel frames.
 """
 import html
 import json

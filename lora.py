@@ -1,14 +1,14 @@
 """
 Named LoRA adapters on a frozen base network, and their key layouts (PEFT, LongLive).
 
-Astrolabe trains LoRA, not the full model (paper §4; rank 256, alpha 256 on every linear of
-every transformer block), and keeps several copies of the low-rank weights side by side on one
-frozen base:
+Astrolabe trains LoRA, not the full model (rank 256, alpha 256 on every linear of every
+transformer block: franklinz233/Astrolabe `configs/base.py:107-111`), and keeps several copies
+of the low-rank weights side by side on one frozen base:
     default  theta, the trained policy           old  theta_old, the rollout policy
     ref      the dynamic reference (--selective) ema  the evaluation / export average
 Switching policy is switching which adapter the linears use, so one base serves all four.
 
-    lora.add_adapter(model, "default", rank=16)      # every LoRALinear gets A (r, in), B (out, r)
+    lora.add_adapter(model, "default", rank=16)      # every LoRALinear gets A (r, I), B (O, r)
     with lora.use_adapter(model, "old"):             # forwards now use W + (alpha/r) B_old A_old
         ...
     lora.lerp_adapter(model, "old", "default", d)    # theta_old <- d theta_old + (1 - d) theta
@@ -18,7 +18,7 @@ can be copied alone. File I/O (PEFT folders, LongLive lora.pt) is in checkpoints
 
 Test:  python -m pytest tests/test_lora.py -q
 
-Shape legend: r rank, I input features, O output features.
+Shape legend: r rank, I input features, O output features, N input rows (tokens) of a call.
 """
 import math
 import re

@@ -25,8 +25,8 @@ Run:   python tiny_world.py                       (~23 min on 2 CPU cores; write
        python tiny_world.py --steps 2 --batch 4 --out /tmp/tw.safetensors   (smoke test)
 Test:  python -m pytest tests/test_tiny_world.py -q
 
-Shape legend: B batch, F frames, C = 3 channels (RGB, pixel space), H, W pixels,
-n frames per block (3), K blocks (F / n).
+Shape legend: B batch (b: one sampling batch), F frames, C = 3 channels (RGB, pixel space),
+H, W pixels, n frames per block (3), K blocks (F / n), P palette colours (color_match).
 """
 import json
 import math
