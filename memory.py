@@ -22,8 +22,9 @@ are two runs (sink + window, clean prefix + own block) attends to a concatenated
 Test:  python -m pytest tests/test_scale.py -q
 Run:   python bench.py memory      (measured next to predicted, and every preset at real size)
 
-Shape legend: L layers, D model dim, Df FFN dim, r LoRA rank, P tokens per latent frame,
-T window frames, F video frames, m micro-batch, n samples per rank, Lt text tokens.
+Shape legend: L layers, D model dim, Df FFN dim, r LoRA rank, P tokens per latent frame, h, w
+latent (tiny: pixel) height/width, F latent frames of the whole video, T of the window, m
+micro-batch, n samples per rank, E eval videos per rollout, Lt text tokens, b bytes per element.
 """
 import torch
 
@@ -48,7 +49,7 @@ SAVED_BYTES = {torch.float32: {"kv": (12, 0, 8), "query": (44, 8, 24)},
 
 # the Wan2.1 VAE decoding frame by frame (diffusers' feature cache), float32: working set per
 # output pixel of one frame chunk, measured on a CPU with random weights at 64x64 and 128x128
-# pixels (bench.py memory --vae); its 127 M float32 weights
+# pixels; its 127 M float32 weights
 VAE_BYTES_PER_PIXEL = 45e3
 VAE_WEIGHTS = 127e6 * 4
 
