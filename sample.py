@@ -9,9 +9,9 @@ For each block of 3 latent frames, left to right:
     for j in 0..3:  x0 = x - sigma_j * v(x, t_j)            (flow -> x0, float64)
                     x  = (1 - sigma_{j+1}) x0 + sigma_{j+1} * fresh_noise      (j < 3)
     write x0 into the KV cache with one more call at t = 0 ("context_noise" = 0)
-The same function is train.py's rollout. All randomness comes from an explicit noise source
-(per-sample torch.Generators, or stored tensors), so a rollout is reproducible whatever the
-batch layout, and the reference fixtures can be replayed exactly.
+The same function is train.py's rollout (streaming.rollout). All randomness comes from an
+explicit noise source (per-sample torch.Generators, or stored tensors), so a rollout is
+reproducible whatever the batch layout, and the reference fixtures can be replayed exactly.
 
 Run:   python sample.py                              (the tiny shapes world, writes an mp4)
        python sample.py --model wan-1.3b --ckpt checkpoints/self_forcing_dmd.pt \

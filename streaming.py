@@ -7,7 +7,7 @@ candidates branch from copies of that cache and generate the window with their o
 holds sink + recent frames only: memory never depends on s. Short clips are s = 0, T = F.
 
     starts = window_starts(args); s = window_start(args, step)
-    hist = rollout_histories(model, ctx, js, K, step, s, args)   # (KVCache at s, {prompt: row}); None if s = 0
+    hist = rollout_histories(model, ctx, js, K, step, s, args)   # (KVCache at s, {key: row}); None if s = 0
     lat  = rollout_windows(model, ctx, js, K, step, s, hist, args)        # (n, T, C, H, W)
     h    = stack_history(hist, rows, K, args)   # the update attends to these detached histories
 
