@@ -1,20 +1,21 @@
 """
 The RL maths of Astrolabe: negative-aware fine-tuning (NFT, from DiffusionNFT) on x0
 predictions, plus the bookkeeping around it. Pure functions of tensors; nothing here knows
-about models, adapters or rollouts (train.py wires them together, DESIGN.md §2 steps 4-9).
+about models, adapters or rollouts (train.py wires them together; docs/method.md walks the step).
 
   rewards -> group_advantages -> optimality_prob                r in [0, 1] per sample
   (group_normalize: DanceGRPO-style per-reward normalisation before the weighted sum)
-  x̂_θ, x̂_old, x0, r -> nft_policy_loss                         ASTROLABE_METHOD §1.2
+  x̂_θ, x̂_old, x0, r -> nft_policy_loss                         the NFT loss (DiffusionNFT eq. of L)
   x̂_θ, x̂_ref, mask -> ref_loss                                  the "KL" (an L2 in x0 space)
-  scores -> ranks -> uncertainty -> RiskCompensator -> selective_mask  §4 (GARDO selective KL)
-  DynamicReference                                              §5 (when to reset ref <- θ)
-  old_decay, ema_decay                                          §1.3, RL_NOTES §1.2 item 11-12
+  scores -> ranks -> uncertainty -> RiskCompensator -> selective_mask  GARDO's selective KL
+  DynamicReference                                              when to reset ref <- θ
+  old_decay, ema_decay                                          the parameter averages
 
 Every rule was checked against the released code (Astrolabe scripts/train_nft_wan.py, GARDO
 scripts/train_sd3_nft_gardo.py, flow_grpo stat_tracking/ema). Two reference quirks are kept
-only behind named flags (DESIGN.md §2): GARDO's sign of u (`gardo_sign`) and the threshold
-clamp of the reference reset (`gardo_thres_clamp`).
+only behind keywords (and train.py flags): the released sign of u (`uncertainty(sign=
+"released")`, --uncertainty-sign) and the threshold cap of the reference reset
+(`DynamicReference(thres_max=0.05)`, --ref-thres-cap). docs/method.md cites the upstream lines.
 
 Test: python -m pytest tests/test_nft_loss.py -q   (naive loop versions: tests/naive_nft.py)
 
@@ -65,7 +66,7 @@ def group_advantages(rewards, group_ids, global_std=True, eps=1e-4):
 
 def group_normalize(scores, group_ids, eps=1e-8):
     """DanceGRPO's per-group z-score, for normalising each reward before the weighted sum
-    (DESIGN.md §2 step 3, --reward-norm per-reward): (x - mean_group) / (std_group + 1e-8),
+    (train.py --reward-norm per-reward): (x - mean_group) / (std_group + 1e-8),
     with torch's default *unbiased* std as in DanceGRPO. Groups of one sample give 0."""
     x = torch.as_tensor(scores, dtype=torch.float64).flatten()  # (N,)
     g, count = _groups(group_ids, x.device)
@@ -97,19 +98,23 @@ def adaptive_weight(pred, x0, floor=1e-5):
         return err.mean(1).clamp(min=floor)
 
 
-def nft_sample_losses(x0_theta, x0_old, x0, r, beta=0.1, adaptive=False, adv_clip=5.0):
+def nft_sample_losses(x0_theta, x0_old, x0, r, beta=0.1, adaptive=False, adv_clip=5.0, negative=True):
     """Negative-aware fine-tuning loss on x0 predictions, per sample: (B,).
 
     x0_theta (B, ...) trainable prediction; x0_old (B, ...) rollout policy's (detached here);
     x0 (B, ...) the generated clean sample; r (B,) optimality probability. Per sample
         ℓ = r ‖x̂⁺ - x0‖² + (1 - r) ‖x̂⁻ - x0‖²        (Astrolabe: plain means, no weighting)
-    Its minimiser is x̂_θ* = x̂_old + (2r - 1)/β · (x0 - x̂_old) (ASTROLABE_METHOD §1.5): r > ½
+    Its minimiser is x̂_θ* = x̂_old + (2r - 1)/β · (x0 - x̂_old) (set dℓ/dx̂_θ = 0): r > ½
     pulls towards the sample, r < ½ pushes away, r = ½ leaves x̂_old where it is.
 
-    adaptive=True is DiffusionNFT's official loss (RL_NOTES §1.2 item 9): each squared error is
+    adaptive=True is DiffusionNFT's official loss (DiffusionNFT `train_nft_sd3.py`): each squared error is
     divided by its own weight w± = adaptive_weight(x̂±, x0), and the sum is scaled by A_max/β:
         ℓ = (A_max / β) · [ r ‖x̂⁺ - x0‖² / w⁺ + (1 - r) ‖x̂⁻ - x0‖² / w⁻ ]
     (the reference keeps the division in float64; here w is cast back to the error's dtype).
+
+    negative=False is the ablation the paper argues against (train.py --objective positive-only):
+    ℓ = r ‖x̂⁺ - x0‖², reward-weighted regression onto the samples, with no push away from the bad
+    ones. Its minimiser is x̂_θ* = x̂_old + (x0 - x̂_old)/β for every r > 0: every sample attracts.
     """
     x0_old = x0_old.detach()  # sg(): the old policy is a fixed anchor
     # x̂⁺ = β x̂_θ + (1 - β) sg(x̂_old)      implicit positive policy
@@ -121,23 +126,27 @@ def nft_sample_losses(x0_theta, x0_old, x0, r, beta=0.1, adaptive=False, adv_cli
         # e± <- e± / w±
         e_pos = e_pos / adaptive_weight(pos, x0).to(e_pos.dtype)
         e_neg = e_neg / adaptive_weight(neg, x0).to(e_neg.dtype)
-    # ℓ_b = r_b e⁺_b + (1 - r_b) e⁻_b
-    per_sample = r * e_pos + (1 - r) * e_neg  # (B,)
+    if negative:
+        # ℓ_b = r_b e⁺_b + (1 - r_b) e⁻_b
+        per_sample = r * e_pos + (1 - r) * e_neg  # (B,)
+    else:
+        # ℓ_b = r_b e⁺_b: the positive branch alone, weighted by r
+        per_sample = r * e_pos  # (B,)
     if adaptive:
         # × A_max/β: undoes the β carried by ∂x̂±/∂x̂_θ and restores the advantage scale
         per_sample = per_sample * (adv_clip / beta)
     return per_sample
 
 
-def nft_policy_loss(x0_theta, x0_old, x0, r, beta=0.1, adaptive=False, adv_clip=5.0):
+def nft_policy_loss(x0_theta, x0_old, x0, r, beta=0.1, adaptive=False, adv_clip=5.0, negative=True):
     """The NFT loss of a micro-batch: nft_sample_losses(...) averaged over its B samples."""
-    return nft_sample_losses(x0_theta, x0_old, x0, r, beta, adaptive, adv_clip).mean()
+    return nft_sample_losses(x0_theta, x0_old, x0, r, beta, adaptive, adv_clip, negative).mean()
 
 
 def ref_loss(x0_theta, x0_ref, mask=None):
     """λ_KL's term: mean over samples of ‖x̂_θ - sg(x̂_ref)‖² (per-sample mean over elements).
 
-    mask (B,) bool: average only over the selected samples (selective KL, §4 step 7). An
+    mask (B,) bool: average only over the selected samples (selective KL). An
     empty selection gives 0 that is still connected to x̂_θ's graph, so backward() works.
     """
     per = sq_err(x0_theta, x0_ref.detach())  # (B,)
@@ -149,7 +158,7 @@ def ref_loss(x0_theta, x0_ref, mask=None):
 
 
 # ----------------------------------------------------------------------------------------
-# Uncertainty-aware selective regularization (GARDO, ASTROLABE_METHOD §4)
+# Uncertainty-aware selective regularization (GARDO; Astrolabe, arXiv 2603.17051)
 
 def ranks(scores, ties="average"):
     """Descending ranks over all N samples, rank 1 = highest score: (N,) float64.
@@ -255,7 +264,7 @@ class RiskCompensator:
 
 
 # ----------------------------------------------------------------------------------------
-# Dynamic reference (ASTROLABE_METHOD §5) and the parameter averages (§1.3)
+# Dynamic reference (Astrolabe) and the parameter averages (old policy, EMA)
 
 class DynamicReference:
     """Decides when to copy θ into the reference adapter (the reference's `old_ref` reset).

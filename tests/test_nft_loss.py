@@ -32,7 +32,7 @@ def latents(B, seed, shape=(2, 3, 4, 5)):
 # ---------------------------------------------------------------- NFT loss: analytic facts
 
 def test_optimum_reached_by_gradient_descent():
-    # ASTROLABE_METHOD §1.5: per sample, argmin ℓ = x̂_old + (2r - 1)/β · (x0 - x̂_old)
+    # set dℓ/dx̂_θ = 0: per sample, argmin ℓ = x̂_old + (2r - 1)/β · (x0 - x̂_old)
     beta = 0.1
     r = T([0.0, 0.25, 0.5, 0.75, 1.0])
     _, x_old, x0 = latents(5, 0)
@@ -70,6 +70,32 @@ def test_gradient_at_old_policy(r_val):
     torch.testing.assert_close(x.grad, expect, rtol=1e-12, atol=1e-15)
     if r_val == 0.5:
         assert x.grad.abs().max() < 1e-17  # zero up to rounding of β·x + (1 - β)·x
+
+
+@pytest.mark.parametrize("r_val", [0.0, 0.2, 0.8])
+def test_positive_only_gradient_at_old_policy(r_val):
+    # --objective positive-only, ℓ = r ‖x̂⁺ - x0‖²: at x̂_θ = x̂_old, ∂ℓ/∂x̂_θ = 2βr(x̂_old - x0)/n.
+    # Every sample with r > 0 attracts (gradient descent moves towards x0); NFT pushes away for r < ½.
+    beta = 0.1
+    _, xo, x0 = latents(2, 3)
+    r = torch.full((2,), r_val, dtype=F64)
+    x = xo.clone().requires_grad_(True)
+    nft_sample_losses(x, xo, x0, r, beta, negative=False).sum().backward()
+    torch.testing.assert_close(x.grad, 2 * beta * r_val * (xo - x0) / x0[0].numel(), rtol=1e-12, atol=1e-15)
+    x_nft = xo.clone().requires_grad_(True)
+    nft_sample_losses(x_nft, xo, x0, r, beta).sum().backward()
+    # the two objectives agree on the direction only for r > ½
+    same_way = (x.grad * x_nft.grad).sum() > 0
+    assert bool(same_way) == (r_val > 0.5)
+
+
+def test_positive_only_is_the_positive_term():
+    beta, r = 0.2, T([0.0, 0.3, 1.0])
+    xt, xo, x0 = latents(3, 4)
+    pos = beta * xt + (1 - beta) * xo
+    expect = r * ((pos - x0) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(nft_sample_losses(xt, xo, x0, r, beta, negative=False), expect)
+    assert nft_sample_losses(xt, xo, x0, r, beta, negative=False)[0] == 0  # r = 0: ignored, not pushed
 
 
 def test_old_policy_gets_no_gradient():
