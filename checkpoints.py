@@ -12,6 +12,7 @@ keys are exactly model.py's:
 A run checkpoint `ckpt_<step>/` holds adapters.safetensors (every adapter), optim.safetensors
 (AdamW moments), state.json (step, args, schedule states) and lora/ (the exported policy in
 PEFT layout). Tensors go to safetensors, everything else to JSON; nothing is pickled.
+build_model puts it together for train.py: the frozen base from --ckpt and the run's adapters.
 
 Test:  python -m pytest tests/test_checkpoint.py tests/test_presets.py -q
 """
@@ -26,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common import write_atomic
-from lora import adapter_names, adapter_state_dict, load_adapter_state, peft_config
-from model import CONFIGS
+from lora import add_adapter, adapter_names, adapter_state_dict, copy_adapter, load_adapter_state, peft_config
+from model import CONFIGS, CausalWanModel, randomize_head
 
 # wrapper prefixes of the released files: WanDiffusionWrapper ("model."), FSDP, DDP, torch.compile
 PREFIXES = ("model.", "_fsdp_wrapped_module.", "diffusion_model.", "module.", "_orig_mod.")
@@ -241,3 +242,40 @@ def run_checkpoints(out_dir):
     """ckpt_<step> folders of out_dir, oldest step first (not the temporaries of a write)."""
     found = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*")) if re.fullmatch(r"ckpt_\d+", os.path.basename(p))]
     return sorted(found, key=checkpoint_step)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model a run trains: the frozen base and its LoRA adapters
+
+def adapters_of(args):
+    """The LoRA adapters a run keeps: default (theta, trained), old (rollouts), ref (the dynamic
+    reference, --selective only: standard mode's reference is the base, adapters off), ema."""
+    return ["default", "old"] + (["ref"] if args.selective else []) + (["ema"] if args.ema else [])
+
+
+def build_model(args, device="cpu", dtype=torch.float32, cfg=None):
+    """The frozen base (--ckpt; a random init for tiny without one) with the LoRA adapters of
+    adapters_of(args), all equal at the start: LoRA B = 0, or --lora-init in every one. cfg
+    overrides model.CONFIGS[args.model] (tests: tiny sizes through a real preset's loading path)."""
+    cfg = cfg or CONFIGS[args.model]
+    torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
+    if args.ckpt:
+        # meta: no random init; the file's tensors are assigned (a 14B model is never held twice)
+        with torch.device("meta"):
+            model = CausalWanModel(cfg)
+        load_checkpoint(model, args.ckpt, ema=args.ckpt_ema)
+    elif args.model == "tiny":
+        model = CausalWanModel(cfg)
+        randomize_head(model)  # random but not all-zero videos
+    else:
+        raise SystemExit(f"--model {args.model} needs --ckpt (the distilled generator; README, Real models)")
+    model.to(device, dtype).requires_grad_(False)  # the frozen base: bf16 on GPU
+    add_adapter(model, "default", args.lora_rank, args.lora_alpha)  # adapters stay float32
+    if args.lora_init:
+        load_adapter_file(model, "default", args.lora_init)
+    model.to(device)
+    # every other adapter starts as a copy of theta
+    for name in adapters_of(args)[1:]:
+        copy_adapter(model, "default", name)
+    model.grad_checkpointing = args.grad_checkpointing
+    return model

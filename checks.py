@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 from safetensors import safe_open
 
@@ -26,7 +27,8 @@ from checkpoints import run_checkpoints
 from common import find_file
 from kvcache import check_window
 from model import CONFIGS
-from rewards import LEARNED, SUBSAMPLED, missing_weights, parse_rewards
+from reward_models import LEARNED, SUBSAMPLED, missing_weights
+from rewards import parse_rewards
 
 FILES = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
 # flags a resumed run may change: they do not enter the numbers of the steps still to come
@@ -301,3 +303,15 @@ def metrics_rows(path, step):
             else:
                 dropped += 1
     return kept, dropped
+
+
+def own_out_dir(args):
+    """Rank 0 takes the out-dir: the lock, then away with what a killed run left half-written
+    (and, with --overwrite on a fresh run, with the old run's outputs and checkpoints)."""
+    take_lock(args.out_dir)
+    clear = [os.path.join(args.out_dir, f) for f in OUTPUTS] + run_checkpoints(args.out_dir)
+    for path in leftovers(args.out_dir) + (clear if args.overwrite and not args.resume else []):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)

@@ -186,3 +186,32 @@ def save_curve(path, series, title="reward", size=(560, 320)):
                 d.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=c)
         d.text((W - m - 150, m + 6 + 14 * i), name, fill=c)
     write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def use_bf16(args, device):
+    """--bf16 auto: on with CUDA, off on a CPU."""
+    if args.bf16 == "auto":
+        return str(device).startswith("cuda")
+    return args.bf16 == "on"
+
+
+def init_distributed():
+    """(ddp, rank, world, device): torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain
+    `python train.py` is rank 0 of 1. NCCL between GPUs, gloo between CPU processes."""
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available()
+    if not ddp:
+        return False, 0, 1, "cuda" if cuda else "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def set_threads(threads=0):
+    """CPU threads per process: `threads`, or the cores this process may use divided by the ranks
+    on this machine (torch's default, every core per process, makes 2 ranks on 2 cores ~6x slower)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // local_world))
+    log(f"threads: {torch.get_num_threads()} per process (--threads to change)")

@@ -28,6 +28,7 @@ micro-batch, n samples per rank, E eval videos per rollout, Lt text tokens, b by
 """
 import torch
 
+from common import log
 from lora import add_adapter, adapter_numel
 from model import CausalWanModel, attention_plan
 
@@ -198,3 +199,17 @@ def levers(args):
     if args.ema:
         out.append("--no-ema")
     return out
+
+
+def report(args, cfg, start, world, bf16, device):
+    """train.py's start-up lines: the predicted peak per rank and, on a GPU, its size and a warning
+    naming the levers when the prediction will not fit (5% head room for the allocator)."""
+    pred = predict(args, cfg, start=start, world=world, bf16=bf16)
+    log(f"memory model: predicted peak {summary(pred)} per rank")
+    if not str(device).startswith("cuda"):
+        return
+    total_gb = torch.cuda.get_device_properties(device).total_memory / GB
+    log(f"GPU: {total_gb:.1f} GB")
+    if pred["peak"] / GB > 0.95 * total_gb:
+        log(f"WARNING: the predicted peak ({pred['peak'] / GB:.1f} GB) will not fit this GPU "
+            f"({total_gb:.1f} GB); levers: {', '.join(levers(args))}")

@@ -13,9 +13,10 @@ What is here (definitions and sources: docs/rewards.md):
                 top_fraction (Astrolabe's top-30% frame aggregation) comes from reward_models.
   learned       hpsv2 (HPSv2.1), clip_score, aesthetic (LAION v2), dynamic_degree (VBench, RAFT):
                 reward_models.py, registered here. Their weight files sit in one folder,
-                WEIGHTS_DIR = $ASTRO_WEIGHTS (default ./weights); `rewards.WEIGHTS_DIR = path`
-                moves it for every learned reward. LEARNED lists the files each needs and
-                missing_weights() names what is absent, so a run can check before anything loads.
+                reward_models.WEIGHTS_DIR = $ASTRO_WEIGHTS (default ./weights); assigning
+                `reward_models.WEIGHTS_DIR = path` moves it for every learned reward;
+                reward_models.LEARNED lists the files each needs and missing_weights() names
+                what is absent, so a run can check before anything loads.
   plumbing      REWARDS registry, get_reward("name" | "file.py:fn"), parse_rewards(["NAME=W"]),
                 MultiReward: calls, validates, and sums R = sum_j w_j R_j on raw scores.
 Astrolabe's own HPSv3 and VideoAlign are 2-8 B Qwen2-VL scorers that need their own environment;
@@ -29,16 +30,12 @@ import importlib.util
 import math
 import os
 import sys
-import types
 from functools import partial, wraps
 
 import torch
 import torch.nn.functional as Fn
 
-import reward_models
-# _subsample: tests/test_fidelity.py reads it from here
-from reward_models import (LEARNED, SUBSAMPLED, _subsample, aesthetic, clip_score,  # noqa: F401
-                           dynamic_degree, hpsv2, missing_weights, top_fraction)
+from reward_models import SUBSAMPLED, aesthetic, clip_score, dynamic_degree, hpsv2, top_fraction
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for R, G, B
 
@@ -158,15 +155,6 @@ def motion(videos, prompts, top=0.05):
 # ----------------------------------------------------------------------------------------------
 # registry and loading
 
-
-class _RewardsModule(types.ModuleType):
-    # rewards.WEIGHTS_DIR reads and assigns reward_models.WEIGHTS_DIR, the folder every weight
-    # lookup reads when called: `rewards.WEIGHTS_DIR = path` (or a test's monkeypatch) moves it
-    WEIGHTS_DIR = property(lambda self: reward_models.WEIGHTS_DIR,
-                           lambda self, path: setattr(reward_models, "WEIGHTS_DIR", path))
-
-
-sys.modules[__name__].__class__ = _RewardsModule
 
 REWARDS = {
     "sharpness": sharpness, "colorfulness": colorfulness, "flicker": flicker,

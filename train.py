@@ -6,9 +6,11 @@ One RL step (the loop in main() reads in this order):
   1. rollout    K videos per prompt with the `old` LoRA adapter, 4-step AR sampler, no grad;
                 streaming: a history [0, s) once per prompt, then K windows [s, s + W) from it
   2. reward     decode, score with every reward, R = sum_j w_j R_j (gathered over ranks)
-  3. advantage  A = (R - mean over the prompt's group) / (std over the step + 1e-4) -> r in [0, 1]
+  3. advantage  A = (R - mean over the prompt's group) / (std of the group + 1e-4) -> r in [0, 1]
+                (--global-std: the std over the whole step, as Astrolabe)
   4. update     x_t = (1 - sigma) x0 + sigma eps on the window; three x0 predictions on the same
                 x_t (theta with grad, old and ref without); L = L_NFT + lambda ||x_theta - x_ref||^2
+                (--objective positive-only: the positive half of L_NFT alone, an ablation)
   5. AdamW step (one per RL step, after every micro-batch), EMA, reference reset,
                 old <- d * old + (1 - d) * theta
 Nothing is kept from the sampler's trajectory: only the clean videos (forward-process RL).
@@ -24,8 +26,6 @@ K videos per prompt, F latent frames of a video, T window frames, s window start
 H, W latent (tiny: pixel) height and width, Lt, Dt text tokens and width.
 """
 import dataclasses
-import json
-import math
 import os
 import random
 import shutil
@@ -43,15 +43,15 @@ import memory
 import nft_loss as nft
 import tiny_world
 import checks
-from checkpoints import load_adapter_file, load_checkpoint, load_run, run_checkpoints, save_run
-from common import (UsageError, all_reduce_grads, find_file, gather, log, peak_growth, reset_peak, rss_mb,
-                    save_curve, save_strip, seed_of, write_atomic)
-from frozen import TextEncoder, WanVAE
-from lora import adapter_params, add_adapter, all_finite, copy_adapter, lerp_adapter, use_adapter
-from model import CONFIGS, CausalWanModel, randomize_head
+from checkpoints import build_model, load_run, run_checkpoints, save_run
+from common import (UsageError, all_reduce_grads, find_file, gather, init_distributed, log, peak_growth,
+                    reset_peak, rss_mb, seed_of, set_threads, use_bf16)
+from evaluation import FrozenParts, evaluate, save_before_after, score_videos, write_row, write_rows
+from lora import adapter_params, all_finite, copy_adapter, lerp_adapter, use_adapter
+from model import CONFIGS
 from rewards import REWARDS, MultiReward
-from sample import sampler_timesteps, save_video, sigma_of, to_pixels
-from streaming import rollout, rollout_histories, rollout_windows, stack_history, window_start, window_starts
+from sample import sampler_timesteps, sigma_of
+from streaming import rollout_histories, rollout_windows, stack_history, window_start, window_starts
 
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass; presets are named instances of it (python train.py <preset> --flag ...)
@@ -145,8 +145,12 @@ class Args:
     """NFT mixing beta of the implicit positive/negative policies"""
     adv_clip: float = 5.0
     """advantage clip A_max; r = 0.5 + clip(A)/(2 A_max)"""
-    global_std: bool = True
-    """advantage std over the whole step (Astrolabe); False: per prompt group"""
+    global_std: bool = False
+    """advantage std over the whole step (Astrolabe, as released); default: within each prompt's
+    group, so that a reward dominated by which prompt was drawn still ranks a group's videos"""
+    objective: Literal["nft", "positive-only"] = "nft"
+    """nft: r ||x+ - x0||^2 + (1 - r) ||x- - x0||^2 (Astrolabe); positive-only: r ||x+ - x0||^2
+    alone, reward-weighted fine-tuning on the good samples (the ablation of claims.py)"""
     kl_weight: float = 1e-4
     """lambda of the reference term ||x_theta - x_ref||^2"""
     adaptive_weight: bool = False
@@ -236,7 +240,8 @@ def _real(model="wan-1.3b", wan="wan_models/Wan2.1-T2V-1.3B", **kw):
                 num_frames=21, window=0, window_context="noisy", lora_rank=256, lora_alpha=256.0,
                 lr=1e-5, rewards=["hpsv2=1"], eval_prompts=2, eval_every=30, ckpt_every=30,
                 # one GPU: 2 prompts x 8 videos per step (Astrolabe on 8 GPUs: 16 x 24)
-                prompts_per_step=2, group_size=8, micro_batch=1, rollout_batch=1, grad_checkpointing=True)
+                prompts_per_step=2, group_size=8, micro_batch=1, rollout_batch=1, grad_checkpointing=True,
+                global_std=True)  # Astrolabe's advantage std: over the whole step
     return dataclasses.replace(Args(), **{**base, **kw})
 
 
@@ -300,100 +305,6 @@ def prompts_for_step(prompts, n, step, seed, draw="epoch-walk"):
         order = random.Random(seed_of(seed, epoch, "prompts")).sample(range(len(prompts)), len(prompts))
         out.append(prompts[order[k]])
     return out
-
-
-def adapters_of(args):
-    """The LoRA adapters a run keeps: default (theta, trained), old (rollouts), ref (the dynamic
-    reference, --selective only: standard mode's reference is the base, adapters off), ema."""
-    return ["default", "old"] + (["ref"] if args.selective else []) + (["ema"] if args.ema else [])
-
-
-def build_model(args, device="cpu", dtype=torch.float32, cfg=None):
-    """The frozen base (--ckpt; a random init for tiny without one) with the LoRA adapters of
-    adapters_of(args), all equal at the start: LoRA B = 0, or --lora-init in every one. cfg
-    overrides model.CONFIGS[args.model] (tests: tiny sizes through a real preset's loading path)."""
-    cfg = cfg or CONFIGS[args.model]
-    torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
-    if args.ckpt:
-        # meta: no random init; the file's tensors are assigned (a 14B model is never held twice)
-        with torch.device("meta"):
-            model = CausalWanModel(cfg)
-        load_checkpoint(model, args.ckpt, ema=args.ckpt_ema)
-    elif args.model == "tiny":
-        model = CausalWanModel(cfg)
-        randomize_head(model)  # random but not all-zero videos
-    else:
-        raise SystemExit(f"--model {args.model} needs --ckpt (the distilled generator; README, Real models)")
-    model.to(device, dtype).requires_grad_(False)  # the frozen base: bf16 on GPU
-    add_adapter(model, "default", args.lora_rank, args.lora_alpha)  # adapters stay float32
-    if args.lora_init:
-        load_adapter_file(model, "default", args.lora_init)
-    model.to(device)
-    # every other adapter starts as a copy of theta
-    for name in adapters_of(args)[1:]:
-        copy_adapter(model, "default", name)
-    model.grad_checkpointing = args.grad_checkpointing
-    return model
-
-
-def use_bf16(args, device):
-    """--bf16 auto: on with CUDA, off on a CPU."""
-    if args.bf16 == "auto":
-        return str(device).startswith("cuda")
-    return args.bf16 == "on"
-
-
-class FrozenParts:
-    """The frozen ends of the pipeline: embed(prompts) -> (B, Lt, Dt) text embeddings and
-    decode(latents) -> videos (B, F', 3, H', W') in [0, 1].
-
-    tiny: the toy word embeddings, and latents are already pixels. Real models: umT5 embeds every
-    training prompt once (on the GPU, then it is freed before the DiT loads; the embeddings wait
-    on the CPU) and the Wan VAE decodes --decode-batch videos at a time.
-    """
-    def __init__(self, args, prompts, device):
-        self.args, self.device, self.vae, self.table = args, device, None, {}
-        if args.model == "tiny":
-            return
-        missing = [f"--{f.replace('_', '-')}" for f in ("vae", "text_encoder") if not getattr(args, f)]
-        if missing:
-            raise SystemExit(f"--model {args.model} needs {' and '.join(missing)} (README, Real models)")
-        half = torch.bfloat16 if use_bf16(args, device) else torch.float32
-        te = TextEncoder.load(args.text_encoder, args.tokenizer, device=device, dtype=half)
-        for i in range(0, len(prompts), 8):  # rows are (512, 4096) each: keep them on the CPU
-            self.table.update(zip(prompts[i:i + 8], te(prompts[i:i + 8]).to("cpu", half)))
-        del te
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # umT5-XXL's 11 GB leave the GPU before the DiT arrives
-        self.vae = WanVAE.load(args.vae, device=device)  # float32, as diffusers recommends for it
-
-    def embed(self, prompts):
-        if self.vae is None:  # tiny: fixed per-word vectors
-            cfg = CONFIGS["tiny"]
-            return tiny_world.toy_text_embed(prompts, cfg.text_len, cfg.text_dim).to(self.device)
-        return torch.stack([self.table[p] for p in prompts]).to(self.device)
-
-    def decode(self, lat):
-        if self.vae is None:  # tiny: pixel space already
-            return to_pixels(lat)
-        b = self.args.decode_batch
-        # (B, F, 16, h, w) -> (B, 1 + 4 (F - 1), 3, 8h, 8w), b videos per VAE call
-        return torch.cat([to_pixels(self.vae.decode(lat[i:i + b].float())) for i in range(0, len(lat), b)])
-
-
-@torch.no_grad()
-def score_videos(frozen, multi, lat, prompts, chunk):
-    """Rewards of latent videos (B, T, C, H, W), decoded `chunk` videos at a time, so that only one
-    chunk is ever held in pixels (at 480x832 one 81-frame video is 0.4 GB in float32). Returns
-    (total (B,), {name: (B,)}); each reward scores every video on its own, so chunks change no
-    number."""
-    totals, per = [], {}
-    for i in range(0, len(lat), chunk):
-        total, scores = multi(frozen.decode(lat[i:i + chunk]), prompts[i:i + chunk])  # pixels in [0, 1]
-        totals.append(total)
-        for name, value in scores.items():
-            per.setdefault(name, []).append(value)
-    return torch.cat(totals), {name: torch.cat(values) for name, values in per.items()}
 
 
 def predict_x0(model, adapter, x_t, t, sigma, ctx, args, *, clean_x0=None, start=0, history=None):
@@ -463,83 +374,11 @@ def nft_microbatch(model, args, *, x0, ctx, r, kl_mask, step, j0, start, history
             x_ref = predict_x0(model, ref, x_t, t, sigma, ctx, args, clean_x0=x0, start=start, history=history)
         x_th = predict_x0(model, "default", x_t, t, sigma, ctx, args, clean_x0=x0, start=start, history=history)
     loss_pol = nft.nft_policy_loss(x_th, x_old, x0, r, beta=args.beta, adaptive=args.adaptive_weight,
-                                   adv_clip=args.adv_clip)
+                                   adv_clip=args.adv_clip, negative=args.objective == "nft")
     loss_ref = nft.ref_loss(x_th, x_ref, kl_mask)
     # L = L_NFT + lambda_KL * mean_{b in mask} ||x_theta - x_ref||^2
     loss = loss_pol + args.kl_weight * loss_ref
     return loss, {"kl": loss_ref.detach(), "kl_all": nft.ref_loss(x_th.detach(), x_ref)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation and logging
-
-@torch.no_grad()
-def eval_videos(model, frozen, prompts, args, adapter):
-    """The whole video for fixed prompts and seeds with `adapter` (None = base): (E, F, 3, H, W),
-    --rollout-batch videos per rollout (one KV cache for the whole video each)."""
-    seeds = [seed_of(args.seed, "eval", i) for i in range(len(prompts))]
-    videos, m = [], args.rollout_batch or args.micro_batch
-    for i in range(0, len(prompts), m):
-        ctx = frozen.embed(prompts[i:i + m])
-        lat = rollout(model, ctx, seeds[i:i + m], args.num_frames, args, adapter)
-        videos.append(frozen.decode(lat))
-    return torch.cat(videos)
-
-
-def write_row(path, row, wandb=None):
-    """One JSON line of metrics.jsonl (and wandb with --track). Non-finite numbers become null:
-    strict JSON has no NaN or Infinity."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-    with open(path, "a") as f:
-        f.write(json.dumps(clean, allow_nan=False) + "\n")
-    if wandb:
-        wandb.log(row, step=row["step"])
-
-
-def write_rows(path, rows):
-    """metrics.jsonl with exactly these rows (written to a temporary file, then renamed)."""
-    write_atomic(path, lambda tmp: _write_lines(tmp, rows))
-
-
-def _write_lines(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
-
-
-def evaluate(model, frozen, multi, prompts, args, adapter, n, metrics_path, wandb=None):
-    """The EMA (or current) policy on the eval prompts: an mp4 and an eval row. Returns the videos."""
-    videos = eval_videos(model, frozen, prompts, args, adapter)
-    total, per = multi(videos, prompts)
-    save_video(os.path.join(args.out_dir, "eval", f"step_{n:06d}.mp4"),
-               torch.cat(list(videos), dim=-1))  # the eval prompts side by side
-    row = {"step": n, "eval/reward_mean": total.mean().item()}
-    for k, v in per.items():
-        row[f"eval/rewards/{k}/mean"] = v.mean().item()
-    write_row(metrics_path, row, wandb)
-    log(f"eval step {n}: reward {row['eval/reward_mean']:.4f}")
-    return videos
-
-
-def save_before_after(model, frozen, prompts, args, policy, after, metrics_path):
-    """What RL changed, for people: before/after videos and frames, and the reward curve."""
-    before = eval_videos(model, frozen, prompts, args, None)  # None = adapters off = the base
-    if after is None:
-        after = eval_videos(model, frozen, prompts, args, policy)
-    out = args.out_dir
-    # top half: before, bottom half: after; the prompts side by side
-    grid = torch.cat([torch.cat(list(before), -1), torch.cat(list(after), -1)], -2)
-    save_video(os.path.join(out, "before_after.mp4"), grid)
-    pairs = [v for pair in zip(before, after) for v in pair]  # before_0, after_0, before_1, ...
-    save_strip(os.path.join(out, "before_after.png"), pairs)
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f]
-    series = {}
-    for key in ("reward_mean", "eval/reward_mean"):
-        xs = [r["step"] for r in rows if key in r]
-        if xs:
-            series[key] = (xs, [r[key] for r in rows if key in r])
-    save_curve(os.path.join(out, "reward_curve.png"), series, title=f"reward: {' + '.join(args.rewards)}")
-    log(f"wrote {out}/before_after.mp4, before_after.png, reward_curve.png")
 
 
 STATS = ("loss", "kl", "kl_all", "nonfinite", "micro_batches")  # summed over micro-batches and ranks
@@ -549,17 +388,8 @@ STATS = ("loss", "kl", "kl_all", "nonfinite", "micro_batches")  # summed over mi
 
 def main(args: Args):
     # ---- plumbing: distributed setup. `python train.py` is one process; torchrun sets RANK etc.
-    ddp = "RANK" in os.environ
-    cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
-    else:
-        rank, world, device = 0, 1, "cuda" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(device)
-    master = rank == 0
+    ddp, rank, world, device = init_distributed()
+    cuda, master = device.startswith("cuda"), rank == 0
     # plumbing: memory at the start, before anything loads (mem/total_mb is measured from here)
     mem_start = 0.0 if cuda else rss_mb()
     torch.set_flush_denormal(True)  # CPU: denormal softmax tails make attention ~3x slower
@@ -587,31 +417,16 @@ def main(args: Args):
     n_local, T = N // world, args.window or args.num_frames
     # plumbing: CPU threads per process, so that ranks on one machine do not fight over cores
     if not cuda:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // local_world))
-        log(f"threads: {torch.get_num_threads()} per process (--threads to change)")
+        set_threads(args.threads)
     # plumbing: this run owns the out-dir now (rank 0 writes; the others wait for the lock)
     if ddp:
         dist.barrier()
     if master:
-        checks.take_lock(args.out_dir)
-        clear = [os.path.join(args.out_dir, f) for f in checks.OUTPUTS] + run_checkpoints(args.out_dir)
-        for path in checks.leftovers(args.out_dir) + (clear if args.overwrite and not args.resume else []):
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        checks.own_out_dir(args)
 
-    # ---- the memory model: the peak one step will hold (memory.py), before anything loads
+    # ---- the memory model: the peak one step will hold (memory.py), printed before anything loads
     bf16 = use_bf16(args, device)
-    pred = memory.predict(args, CONFIGS[args.model], start=max(window_starts(args)), world=world, bf16=bf16)
-    log(f"memory model: predicted peak {memory.summary(pred)} per rank")
-    if cuda:
-        total_gb = torch.cuda.get_device_properties(device).total_memory / memory.GB
-        log(f"GPU: {total_gb:.1f} GB")
-        if pred["peak"] / memory.GB > 0.95 * total_gb:
-            log(f"WARNING: the predicted peak ({pred['peak'] / memory.GB:.1f} GB) will not fit this GPU "
-                f"({total_gb:.1f} GB); levers: {', '.join(memory.levers(args))}")
+    memory.report(args, CONFIGS[args.model], start=max(window_starts(args)), world=world, bf16=bf16, device=device)
 
     # ---- prompts; text embeddings first (umT5 leaves the GPU before the DiT arrives), rewards
     prompts = list(args.prompts)
@@ -702,6 +517,8 @@ def main(args: Args):
             R = total
         else:  # per-reward: z-score each reward inside its group, then the weighted sum
             R = sum(w * nft.group_normalize(scores[name], groups) for name, w in zip(names, multi.weights))
+        # A = (R - mean_group R) / (std + 1e-4): the group's own std by default, so a group whose
+        # videos differ little still ranks them; --global-std divides by the whole step's std
         adv = nft.group_advantages(R, groups, global_std=args.global_std)
         r = nft.optimality_prob(adv, args.adv_clip)  # (N,)
         flat_steps = flat_steps + 1 if bool((adv == 0).all()) else 0  # no sample better than another
@@ -797,7 +614,7 @@ def main(args: Args):
                 dist.barrier()
     bar.close()
     if master:
-        save_before_after(model, frozen, eval_p, args, policy, after, metrics_path)
+        save_before_after(model, frozen, eval_p, args, policy, after, metrics_path, n_train_prompts=len(prompts))
         checks.release_lock(args.out_dir)
     if ddp:
         dist.destroy_process_group()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import nft_loss as nft
+import reward_models
 import rewards
 import train
 from model import CausalWanModel, ModelConfig
@@ -26,13 +27,13 @@ def test_exact_reference_sets_every_released_behaviour():
         assert getattr(exact, key) == value, key
     # the flags whose default is ours, not the release's: --exact-reference changes each one
     ours = ["train_mask", "train_sink", "uncertainty_sign", "aux_rewards", "rank_ties", "ref_thres_cap",
-            "prompt_draw", "reward_frames", "train_timesteps", "window_context"]
+            "prompt_draw", "reward_frames", "train_timesteps", "window_context", "global_std"]
     for key in ours:
         assert getattr(default, key) != getattr(exact, key), key
     # ... and nothing that is not a released behaviour
     changed = {k for k, v in dataclasses.asdict(exact).items() if v != getattr(default, k)}
     assert changed == set(ours)
-    assert set(train.RELEASED) - set(ours) == {"ema_start", "reward_norm", "global_std", "adaptive_weight",
+    assert set(train.RELEASED) - set(ours) == {"ema_start", "reward_norm", "adaptive_weight",
                                                 "old_decay"}  # released = our default already
 
 
@@ -45,6 +46,21 @@ def test_exact_reference_run(tmp_path):
     state = json.loads((out / "ckpt_000001" / "state.json").read_text())
     assert state["args"]["uncertainty_sign"] == "released" and state["args"]["train_mask"] == "frame"
     assert torch.isfinite(torch.tensor(rows(out)[0]["loss"]))
+
+
+def test_objective_positive_only(tmp_path):
+    """--objective positive-only changes the policy loss and nothing before it (same rollout, r)."""
+    out = {}
+    for objective in ("nft", "positive-only"):
+        path = tmp_path / objective
+        run(["--steps", "1", "--eval-every", "0", "--num-frames", "6", "--window", "0", "--objective", objective,
+             "--rewards", "colorfulness=1"], path)
+        out[objective] = rows(path)[0]
+    assert out["nft"]["reward_mean"] == out["positive-only"]["reward_mean"]
+    assert out["nft"]["r_mean"] == out["positive-only"]["r_mean"]
+    assert out["nft"]["loss"] != out["positive-only"]["loss"]
+    # r ≈ ½ on average: the positive branch alone is about half of the NFT loss at theta = old
+    assert 0.3 < out["positive-only"]["loss"] / out["nft"]["loss"] < 0.7
 
 
 def model_and_args(**kw):
@@ -138,7 +154,7 @@ def test_reward_frames():
     (_, fn, _), = rewards.parse_rewards(["flicker"], frames=0)
     assert fn is rewards.flicker  # video rewards take no frame count
     v = torch.rand(1, 81, 3, 4, 4)
-    assert rewards._subsample(v, 0).shape[1] == 81 and rewards._subsample(v, 8).shape[1] == 8
+    assert reward_models._subsample(v, 0).shape[1] == 81 and reward_models._subsample(v, 8).shape[1] == 8
 
 
 @pytest.mark.parametrize("start", ["sync", "base"])

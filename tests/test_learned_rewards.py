@@ -19,7 +19,6 @@ import torch.nn.functional as Fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import reward_models
-import rewards
 from rewards import REWARDS, MultiReward, parse_rewards
 
 open_clip = pytest.importorskip("open_clip")
@@ -66,10 +65,10 @@ def tiny(tmp_path_factory):
     torch.save(clip.state_dict(), wdir / "open_clip_pytorch_model.bin")  # plain state dict
     torch.save(head.state_dict(), wdir / "sac+logos+ava1-l14-linearMSE.pth")
     torch.save(raft.state_dict(), wdir / reward_models.RAFT_FILES["raft_small"])
-    old, rewards.WEIGHTS_DIR = rewards.WEIGHTS_DIR, str(wdir)
+    old, reward_models.WEIGHTS_DIR = reward_models.WEIGHTS_DIR, str(wdir)
     yield dict(hps=hps, clip=clip, head=head, raft=raft, tok=open_clip.get_tokenizer(TINY),
                dir=wdir)
-    rewards.WEIGHTS_DIR = old
+    reward_models.WEIGHTS_DIR = old
 
 
 def video(B=2, F=8, H=40, W=72, seed=0):
@@ -258,7 +257,7 @@ def test_dynamic_degree_thresholds_top5_flow(monkeypatch):
     ("aesthetic", "open_clip_pytorch_model.bin"),
     ("dynamic_degree", "raft_large_C_T_V1-22a6c225.pth")])
 def test_missing_weight_file_says_what_to_get(tmp_path, monkeypatch, name, missing):
-    monkeypatch.setattr(rewards, "WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError) as e:
         MultiReward([f"{name}=1"])(video(), PROMPTS)  # through --rewards, before any model build
     msg = str(e.value)
@@ -269,7 +268,7 @@ def test_missing_weight_file_says_what_to_get(tmp_path, monkeypatch, name, missi
 def test_aesthetic_without_its_head_names_the_head(tiny, tmp_path, monkeypatch):
     clip_file = "open_clip_pytorch_model.bin"
     (tmp_path / clip_file).symlink_to(tiny["dir"] / clip_file)
-    monkeypatch.setattr(rewards, "WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"sac\+logos\+ava1-l14-linearMSE\.pth.*"
                                                 r"improved-aesthetic-predictor"):
         reward_models.aesthetic(video(), PROMPTS, arch=TINY)
@@ -280,7 +279,7 @@ def test_safetensors_clip_file_is_found_too(tiny, tmp_path, monkeypatch):
     save_file(tiny["clip"].state_dict(), tmp_path / "open_clip_model.safetensors")
     v = video(seed=3)
     expected = reward_models.clip_score(v, PROMPTS, arch=TINY)  # from the .bin
-    monkeypatch.setattr(rewards, "WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))
     assert torch.equal(reward_models.clip_score(v, PROMPTS, arch=TINY), expected)
 
 
@@ -290,7 +289,7 @@ def test_a_checkpoint_with_python_objects_still_loads(tiny, tmp_path, monkeypatc
                tmp_path / "HPS_v2.1_compressed.pt")
     v = video(seed=4)
     expected = reward_models.hpsv2(v, PROMPTS, arch=TINY)
-    monkeypatch.setattr(rewards, "WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))
     assert torch.equal(reward_models.hpsv2(v, PROMPTS, arch=TINY), expected)
 
 
@@ -298,7 +297,7 @@ def test_registry_and_lazy_imports():
     parsed = parse_rewards(["hpsv2=1", "aesthetic=0.5", "clip_score=0", "dynamic_degree=0.2"])
     assert [(n, w) for n, _, w in parsed] == [("hpsv2", 1.0), ("aesthetic", 0.5),
                                               ("clip_score", 0.0), ("dynamic_degree", 0.2)]
-    assert set(rewards.LEARNED) <= set(REWARDS)
+    assert set(reward_models.LEARNED) <= set(REWARDS)
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import rewards; "
             "assert not {'open_clip', 'torchvision'} & set(sys.modules), 'imported eagerly'")
     subprocess.run([sys.executable, "-c", code, ROOT], check=True)

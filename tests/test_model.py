@@ -51,7 +51,7 @@ def blocks(F, n):
 
 
 def brute_mask(F, tpf, n, local, sink, teacher_forcing):
-    """Dense mask from the spec's token-level formulas (the slow, obviously-correct path)."""
+    """Dense mask from the token-level formulas (docs/wan_architecture.md) (the slow, obviously-correct path)."""
     L = F * tpf
     end = lambda q: (q // (n * tpf) + 1) * n * tpf if q // (n * tpf) + 1 <= (F + n - 1) // n else L  # noqa: E731
     end = lambda q, end=end: min(end(q), L)  # noqa: E731

@@ -7,9 +7,7 @@ examples in rewards.py are true.
 Run:  python -m pytest tests/test_rewards.py -q
 """
 import doctest
-import math
 import os
-import statistics
 import sys
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import reward_models
 import rewards
 import tiny_world
 from rewards import (REWARDS, MultiReward, get_reward, grayscale,
@@ -41,7 +40,7 @@ def square_video(color=(1.0, 0.0, 0.0), dx=0, dy=0, bg=0.0, size=6, frames=F):
 # ---- one signature for every registered reward
 
 
-@pytest.mark.parametrize("name", sorted(set(ALL) - set(rewards.LEARNED)))
+@pytest.mark.parametrize("name", sorted(set(ALL) - set(reward_models.LEARNED)))
 def test_shape_dtype_range_on_random_videos(name):
     torch.manual_seed(0)
     videos = torch.rand(3, F, 3, H, W)
@@ -52,7 +51,7 @@ def test_shape_dtype_range_on_random_videos(name):
     assert (out >= lo).all() and (out <= hi).all(), out
 
 
-@pytest.mark.parametrize("name", sorted(set(ALL) - set(rewards.LEARNED)))
+@pytest.mark.parametrize("name", sorted(set(ALL) - set(reward_models.LEARNED)))
 def test_single_frame_and_half_precision(name):
     out = ALL[name](torch.rand(2, 1, 3, 16, 16).half(), ["red left", "blue up"])
     assert out.shape == (2,) and torch.isfinite(out).all()

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import checks
+import reward_models
 import rewards
 import sample
 import train
@@ -60,7 +61,7 @@ def problems(tmp_path, *flags, monkeypatch=None):
     (["--window-select", "random_choice"], "--window-starts []: give block-aligned starts"),
 ])
 def test_bad_flags_fail_in_one_line_before_anything_loads(tmp_path, monkeypatch, flags, message):
-    monkeypatch.setattr(rewards, "WEIGHTS_DIR", str(tmp_path))  # no learned-reward weights here
+    monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))  # no learned-reward weights here
     lines = problems(tmp_path, *flags, monkeypatch=monkeypatch)
     assert any(message in line for line in lines), lines
     assert not (tmp_path / "run").exists()  # nothing written
