@@ -82,6 +82,7 @@ def test_prompt_file_and_out_dir_problems(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert any("no prompts in it" in line for line in problems(tmp_path, "--prompt-file", str(empty)))
+    assert any("--prompt-file" in line and "not a file" in line for line in problems(tmp_path, "--prompt-file", str(tmp_path)))
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert any("is a file, not a folder" in line for line in problems(tmp_path, "--out-dir", str(afile)))
