@@ -30,6 +30,7 @@ Shape legend: V eval videos, F frames, C = 3 channels, H, W pixels.
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -95,6 +96,7 @@ QUICK_BUDGET = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", 
 SHORT = ["--num-frames", "6", "--window", "0"]  # 2 blocks, the whole clip is trained
 LONG = ["--num-frames", "18", "--window", "6"]  # 6 blocks, 2-block windows over the rolling cache
 DEFAULT_REWARDS = ["direction_progress=1", "color_match=1", "size_constancy=1"]
+TRAINED = [spec.split("=")[0] for spec in DEFAULT_REWARDS]  # their names, summed into the claims' totals
 HELD_OUT = ["direction_match", "smoothness"]  # detectors no arm trains on
 
 CLAIMS = {
@@ -186,12 +188,11 @@ def eval_videos(model, adapter, prompts, frames, n_seeds):
     """Each held-out prompt with n_seeds eval seeds (never used in training): (V, F, C, H, W)."""
     # the sampler's settings: the whole video, one KV cache, global attention (as the runs trained)
     args = train.Args(num_frames=frames, window=0)
-    cfg = model.cfg
+    ctx = tiny_world.toy_text_embed(prompts, model.cfg.text_len, model.cfg.text_dim)  # the same for every seed
     videos = []
     for k in range(n_seeds):
         # a seed stream of its own: no training rollout (seeded by (seed, step, sample)) shares it
         seeds = [seed_of("claims-eval", k, i) for i in range(len(prompts))]
-        ctx = tiny_world.toy_text_embed(prompts, cfg.text_len, cfg.text_dim)
         lat = rollout(model, ctx, seeds, frames, args, adapter)  # pixel space: latents are frames
         videos.append(to_pixels(lat))  # [-1, 1] -> [0, 1]
     return torch.cat(videos)
@@ -208,25 +209,27 @@ def scores_of(videos, prompts, n_seeds):
 
 def claim_metric(name, videos, prompts, n_seeds):
     """The claim's numbers for one model: {metric: value}; the first key is the claim's metric."""
-    trained = ("direction_progress", "color_match", "size_constancy")
     if name == "streaming":
         # the same 18-frame videos scored on their first and on their last 6 frames (2 blocks)
         last, first = scores_of(videos[:, -6:], prompts, n_seeds), scores_of(videos[:, :6], prompts, n_seeds)
-        return {"last_window": sum(last[k] for k in trained), "first_window": sum(first[k] for k in trained)}
+        return {"last_window": sum(last[k] for k in TRAINED), "first_window": sum(first[k] for k in TRAINED)}
     s = scores_of(videos, prompts, n_seeds)
     if name == "nft":
-        return {"total": sum(s[k] for k in trained), **s}
+        return {"total": sum(s[k] for k in TRAINED), **s}
     # hacking: the held-out detectors first, then the main reward
     return {"held_out": sum(s[h] for h in HELD_OUT) / len(HELD_OUT), "main": s["direction_progress"], **s}
 
 
+def variance(runs):
+    """Unbiased sample variance; 0 for a single run (it counts as exact)."""
+    return statistics.variance(runs) if len(runs) > 1 else 0.0
+
+
 def welch_t(a, b):
-    """Welch's t of two lists of run means (a single run counts as exact: std 0)."""
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    # t = (mean_a - mean_b) / sqrt(var_a / n_a + var_b / n_b), unbiased variances
-    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1) if len(a) > 1 else 0.0
-    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1) if len(b) > 1 else 0.0
-    se = math.sqrt(va / len(a) + vb / len(b))
+    """Welch's t of two lists of run means."""
+    # t = (mean_a - mean_b) / sqrt(var_a / n_a + var_b / n_b)
+    se = math.sqrt(variance(a) / len(a) + variance(b) / len(b))
+    ma, mb = statistics.mean(a), statistics.mean(b)
     # no spread in either arm (one run each, or identical runs): t is undefined
     return (ma - mb) / se if se > 0 else None
 
@@ -245,9 +248,7 @@ def compare(a, b):
 
 def summary(runs):
     """{'mean', 'std', 'runs'} of a list of numbers (sample std; 0 for one run)."""
-    mean = sum(runs) / len(runs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in runs) / (len(runs) - 1)) if len(runs) > 1 else 0.0
-    return {"mean": mean, "std": std, "runs": runs}
+    return {"mean": statistics.mean(runs), "std": math.sqrt(variance(runs)), "runs": runs}
 
 
 def run_claim(name, args, train_p, eval_p, done):
