@@ -22,9 +22,8 @@ beside those of the released code run the same way (float32, B = 1, 2 threads).
 Every case runs in a fresh subprocess; peak memory is the RSS growth over the value just before
 the measured call (CPU), or torch.cuda.max_memory_allocated growth (GPU).
 
-Shape legend: B batch, F latent frames, C channels, H, W latent size (tiny: pixels); in
-train_flops D model dim, P tokens per frame, N token rows through a block, Lt text tokens, p
-latent pixels per patch, r LoRA rank, Nq, Nk query and key tokens of one attention.
+Shape legend: B batch, F latent frames, C channels, H, W latent size (tiny: pixels), Nq, Nk
+query and key tokens of one attention.
 """
 import json
 import os
@@ -41,9 +40,9 @@ import train
 # the memory and realsize harnesses, and the bench sizes and helpers they share with this file
 from bench_memory import SIZES, memory_bench, memory_case, random_model, realsize, subprocess_json
 from common import peak_growth, reset_peak, write_atomic
+from memory import train_flops
 from kvcache import KVCache
 from lora import adapter_names, adapter_params, add_adapter, use_adapter
-from model import attention_plan
 from sample import GeneratorNoise, generate, make_generators
 
 LATENT = {"tiny": (64, 64), "bench": (30, 52), "wan-1.3b": (60, 104), "wan-14b": (60, 104)}
@@ -200,56 +199,6 @@ def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0, rank=64, B=
 # The base is frozen in the NFT update, so its linears need dX but no dW: at 1.3B, 480x832, 21
 # frames the backward is 1.6x the forward (attention, half the forward, still costs 2x), not the
 # 2x of full training (6 x parameters x tokens) that MFU is usually quoted with; bench prints both.
-
-def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_frame=0, local=-1,
-                sink=0, history=(), teacher_forcing=False):
-    """(forward, backward) FLOPs of model(x, t, ctx) on (batch, frames, C, *hw) latents with a
-    trained LoRA adapter of rank `lora_rank` active (0: none) and the base weights trained or
-    frozen; history: the frames of a history cache (start_frame, local, sink as the forward)."""
-    D, Lt, p = cfg.dim, cfg.text_len, cfg.patch_size[1] * cfg.patch_size[2]
-    P = hw[0] * hw[1] // p  # tokens per frame
-    nf = frames * (2 if teacher_forcing else 1)  # teacher forcing: [clean ; noisy] frames
-    N = batch * nf * P  # token rows through every block
-    trained = base_grad or lora_rank > 0
-    flops = [0, 0]  # forward, backward
-
-    def linear(m, k, n, x_grad, r=0):
-        flops[0] += 2 * m * k * n + 2 * m * r * (k + n)
-        flops[1] += 2 * m * k * n * (x_grad + base_grad) + 2 * m * r * (2 * n + k + k * x_grad)
-
-    # embeddings: patches (from x), text MLP (from the raw context), time MLPs (from sinusoids)
-    linear(N, cfg.in_dim * p, D, False)
-    linear(batch * Lt, cfg.text_dim, D, False), linear(batch * Lt, D, D, base_grad)
-    rows = batch * nf
-    linear(rows, cfg.freq_dim, D, False), linear(rows, D, D, base_grad), linear(rows, D, 6 * D, base_grad)
-    # sum over query blocks of (query tokens) x (keys they see), history keys included
-    plan = attention_plan(frames, P, cfg.frames_per_block, start_frame, local, sink, history, teacher_forcing)
-    qk = batch * sum((qhi - qlo) * sum(hi - lo for lo, hi in runs) for (qlo, qhi), runs in plan)
-    # the last block computes only what the head reads: with teacher forcing the noisy half
-    clean = frames * P if teacher_forcing else 0  # query tokens the last block skips, per video
-    qk_last = batch * sum((qhi - qlo) * sum(hi - lo for lo, hi in runs) for (qlo, qhi), runs in plan
-                          if qlo >= clean)
-    r = lora_rank
-    for i in range(cfg.num_layers):
-        last = i == cfg.num_layers - 1
-        Nq, qk_i = (N - batch * clean, qk_last) if last else (N, qk)  # tokens past their K and V
-        # block 0's input comes from frozen embeddings: no gradient unless the base is trained
-        x_grad = base_grad or (trained and i > 0)
-        linear(Nq, D, D, x_grad, r)  # self-attention q
-        for _ in range(2):  # k, v of every token
-            linear(N, D, D, x_grad, r)
-        linear(Nq, D, D, trained, r)  # o
-        flops[0] += 4 * qk_i * D
-        flops[1] += 8 * qk_i * D * trained
-        linear(Nq, D, D, trained, r), linear(Nq, D, D, trained, r)  # cross-attention q, o
-        for _ in range(2):  # cross-attention k, v of the text tokens (context: no gradient)
-            linear(batch * Lt, D, D, base_grad, r)
-        flops[0] += 4 * Nq * Lt * D
-        flops[1] += 8 * Nq * Lt * D * trained
-        linear(Nq, D, cfg.ffn_dim, trained, r), linear(Nq, cfg.ffn_dim, D, trained, r)  # FFN
-    linear(batch * frames * P, D, p * cfg.out_dim, trained)  # head (the noisy half only)
-    return flops[0], flops[1]
-
 
 def gpu_bench(args):
     """The real size on one GPU with random weights: (a) 4-step AR rollout on a global cache,

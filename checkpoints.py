@@ -193,9 +193,10 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=1)
 
 
-def save_run(path, model, opt, state, export="default"):
+def save_run(path, model, opt, state, export="default", keep=0):
     """ckpt folder: every adapter, the optimizer, `state` (JSON-able) and `export` in PEFT layout.
-    Written to a temporary folder, then renamed: a crash leaves the previous checkpoint intact."""
+    Written to a temporary folder, then renamed: a crash leaves the previous checkpoint intact.
+    keep > 0: afterwards only the newest `keep` ckpt_* folders beside it remain."""
     def write(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -211,6 +212,8 @@ def save_run(path, model, opt, state, export="default"):
         _write_json(os.path.join(tmp, "state.json"), dict(state, param_groups=sd["param_groups"]))
         save_adapter(model, export, os.path.join(tmp, "lora"))  # the policy to sample with
     write_atomic(path, write)
+    for older in (run_checkpoints(os.path.dirname(path))[:-keep] if keep else []):
+        shutil.rmtree(older)
 
 
 def load_run(path, model, opt):
@@ -231,6 +234,17 @@ def load_run(path, model, opt):
         osd["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(osd)
     return state
+
+
+def resume_run(path, model, opt, args, compensator, dynref):
+    """Continue a run from checkpoint `path`: adapters, optimizer (its learning rate and weight
+    decay yield to the flags), the selective mode's states. Returns (step, bad_steps)."""
+    state = load_run(path, model, opt)
+    compensator.load_state_dict(state["compensator"])
+    dynref.load_state_dict(state["dynref"])
+    for group in opt.param_groups:
+        group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    return state["step"], state["bad_steps"]
 
 
 def checkpoint_step(path):

@@ -5,6 +5,7 @@ libraries, the out-dir (one run per folder, a lock against two live runs), the c
 resume and whether its flags allow an exact continuation. Plus the settings that run but cannot
 learn, as warnings. train.py prints every problem at once, one line each, and exits with code 2.
 
+    args, resume_path = check_run(args, world, registry, master)   # what train.py calls: all below
     errors, warnings = check_args(args, world, registry)
     errors += check_out_dir(args)
     path, saved, notes, more = find_resume(args)  # the newest intact checkpoint (or None)
@@ -24,11 +25,11 @@ from safetensors import safe_open
 
 import tiny_world
 from checkpoints import run_checkpoints
-from common import find_file
+from common import UsageError, find_file, log
 from kvcache import check_window
 from model import CONFIGS
-from reward_models import LEARNED, SUBSAMPLED, missing_weights
-from rewards import parse_rewards
+from reward_models import LEARNED, missing_weights
+from rewards import parse_rewards, takes_frames
 
 FILES = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
 # flags a resumed run may change: they do not enter the numbers of the steps still to come
@@ -38,6 +39,26 @@ RESUME_FREE = {"out_dir", "steps", "lr", "weight_decay", "grad_clip", "ckpt_ever
                "grad_checkpointing", *FILES}
 # what this repository writes into an out-dir (what --overwrite clears)
 OUTPUTS = ("metrics.jsonl", "eval", "before_after.mp4", "before_after.png", "reward_curve.png")
+
+
+def check_run(args, world, registry, master=True):
+    """Every check of a run at once: raises UsageError with one line per problem, logs the
+    warnings and what a resume changes. Returns (args with each input file as found, the
+    checkpoint folder to resume from or None)."""
+    errors, warnings = check_args(args, world, registry)
+    errors += check_out_dir(args, check_lock=master)
+    resume_path, saved, notes, resume_problems = find_resume(args)
+    errors += resume_problems + resume_errors(saved, args)
+    if errors:
+        raise UsageError("\n".join(errors))
+    for line in warnings + notes:
+        log(f"warning: {line}")
+    if saved is not None:
+        for line in resume_changes(saved, args):
+            log(f"resume: {line}")
+    # each input file as found (relative to the cwd, else to this repository: `assets/...` anywhere)
+    found = {f: find_file(getattr(args, f)) for f in FILES if getattr(args, f)}
+    return dataclasses.replace(args, **found), resume_path
 
 
 def check_args(args, world, registry):
@@ -115,10 +136,12 @@ def check_args(args, world, registry):
                 err.append(f"--model {args.model} needs the {lib} package (pip install -r requirements.txt)")
     # ---- rewards: names, files, weights, the selective mode's needs
     try:
-        names = [name for name, _, _ in parse_rewards(args.rewards, registry, args.reward_frames)]
+        parsed = parse_rewards(args.rewards, registry, args.reward_frames)
     except Exception as e:  # a user's reward file that fails to import lands here too
         err.append(f"--rewards: {type(e).__name__}: {e}")
-        names = []
+        parsed = []
+    names = [name for name, _, _ in parsed]
+    framed = [name for name, fn, _ in parsed if takes_frames(fn)]  # what --reward-frames reaches
     err += [f"--rewards: {line}" for line in missing_weights(names)]
     if any(name in LEARNED for name in names) and importlib.util.find_spec("open_clip") is None:
         err.append("learned rewards need the open_clip_torch package (pip install -r requirements.txt)")
@@ -138,8 +161,9 @@ def check_args(args, world, registry):
                  if value != default and not args.exact_reference]
         if inert:
             warn.append(f"{', '.join(inert)}: used only with --selective: ignored")
-    if args.reward_frames != 8 and not args.exact_reference and not set(names) & SUBSAMPLED:
-        warn.append(f"--reward-frames: used only by {sorted(SUBSAMPLED)}: ignored")
+    if args.reward_frames != 8 and not args.exact_reference and not framed:
+        warn.append("--reward-frames: used only by rewards with a `frames` keyword (hpsv2, clip_score, "
+                    "aesthetic): ignored")
     if args.model == "tiny":
         unreadable = [p for p in args.prompts if not tiny_world.readable(p)]
         if args.prompt_file and os.path.isfile(find_file(args.prompt_file)):

@@ -9,6 +9,7 @@ Test:  python -m pytest tests/test_train.py tests/test_presets.py -q
 Shape legend: B videos, F latent frames, Fp their decoded frames, C latent channels, h, w latent
 height and width, Hp, Wp pixels, Lt, Dt text tokens and width, E eval videos.
 """
+import dataclasses
 import json
 import math
 import os
@@ -87,6 +88,13 @@ def eval_videos(model, frozen, prompts, args, adapter):
         lat = rollout(model, ctx, seeds[i:i + m], args.num_frames, args, adapter)
         videos.append(frozen.decode(lat))
     return torch.cat(videos)
+
+
+def start_tracking(args):
+    """A Weights & Biases run for --track (wandb is imported only then: it is optional)."""
+    import wandb
+    wandb.init(project="astrolabe", config=dataclasses.asdict(args), dir=args.out_dir)
+    return wandb
 
 
 def write_row(path, row, wandb=None):

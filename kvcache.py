@@ -20,6 +20,8 @@ a query block that ends (exclusive) at frame e may attend to the frames
     [0, min(S, e))  U  [max(S, e - (L - S)), e)          S = sink, L = local window
 With S = 0 this is the reference's local-window *training* mask; with L = -1 it is plain
 block-causal attention; with S > 0 it is what the rolling cache holds after eviction.
+attention_plan() turns the rule into the token ranges each query block of a training forward
+attends to (model.py runs it; memory.py and bench.py count with it).
 
 Deliberate difference from LongLive/Astrolabe (docs/wan_architecture.md#quirks-of-the-released-cache,
 quirks 1 and 2): when the sink
@@ -163,3 +165,41 @@ class KVCache:
     def nbytes(self) -> int:
         """Memory held by the self-attention K/V buffers (bytes)."""
         return self.k.numel() * self.k.element_size() * 2  # K and V
+
+
+def attention_plan(frames, tpf, nfpb, start_frame=0, local=-1, sink=0, history=(),
+                   teacher_forcing=False):
+    """Block-causal attention as a list of ((q_lo, q_hi), [(k_lo, k_hi), ...]) token ranges.
+
+    The K/V sequence is [history frames ; this clip] (teacher forcing: [history ; clean clip ;
+    noisy clip]). Query block [a, b) of the clip, ending at absolute frame e, sees
+      plain:            every frame f with visible(f, e), its own block included
+      teacher forcing:  clean blocks: as plain;  noisy block: clean/history frames f < start of
+                        the block with visible(f, e), plus its own noisy block (not its clean copy)
+    """
+    ctx = list(history) + list(range(start_frame, start_frame + frames))  # K/V frames, absolute
+    plan = []
+    for a in range(0, frames, nfpb):
+        b = min(a + nfpb, frames)
+        e = start_frame + b  # the query block ends (exclusive) at this absolute frame
+        causal = [visible(f, e, sink, local) for f in ctx]  # the cache's window rule at e
+        if not teacher_forcing:
+            plan.append(((a * tpf, b * tpf), _runs(causal, tpf)))
+            continue
+        plan.append(((a * tpf, b * tpf), _runs(causal + [False] * frames, tpf)))  # clean block
+        # noisy block (queries after the clean half): history / clean frames before its start + itself
+        noisy = [f < start_frame + a and v for f, v in zip(ctx, causal)] + [a <= i < b for i in range(frames)]
+        plan.append((((frames + a) * tpf, (frames + b) * tpf), _runs(noisy, tpf)))
+    return sorted(plan)  # query order: the clean half's blocks, then the noisy half's
+
+
+def _runs(mask, tpf):
+    """Contiguous True runs of a per-frame mask, as token ranges."""
+    runs, lo = [], None
+    for i, m in enumerate(list(mask) + [False]):  # the extra False closes a run at the end
+        if m and lo is None:
+            lo = i
+        if not m and lo is not None:
+            runs.append((lo * tpf, i * tpf))
+            lo = None
+    return runs

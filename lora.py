@@ -50,9 +50,12 @@ class LoRALinear(nn.Linear):
         if self.active is None:
             return super().forward(x)
         ad, s = self.lora[self.active], self.scale[self.active]
-        if not torch.is_grad_enabled() and self.weight.dtype == ad.A.dtype and not torch.is_autocast_enabled():
-            # no gradient wanted (rollouts, the old/ref predictions) and everything in float32:
-            # y = (W + s B A) x + b, one matmul instead of three (a (O, I) merge costs r/N of it)
+        if self.weight.dtype == ad.A.dtype and not torch.is_autocast_enabled(x.device.type):
+            # base and adapter both float32: y = (W + s B A) x + b, one matmul instead of three.
+            # The merge (O, I) costs r/N of the matmul; with a gradient, autograd takes dA and dB
+            # from dW_eff = dy^T x and keeps W_eff (O, I) instead of A x (N, r). At small ranks the
+            # two skinny LoRA matmuls run far below a CPU's matmul rate (2-core CPU, 3072 tokens,
+            # 128 -> 128, r 16: fwd + bwd 5.7 -> 2.6 ms). Same numbers up to float rounding.
             return F_.linear(x, torch.addmm(self.weight, ad.B, ad.A, alpha=s), self.bias)
         y = super().forward(x)
         # adapters stay float32 while the base may run in bf16: cast in, compute, cast back

@@ -1,6 +1,7 @@
 """
 The memory model: what one RL step of train.py holds at its peak, predicted from the run's
-config before anything loads (train.py prints it at start; bench.py memory measures it).
+config before anything loads (train.py prints it at start; bench.py memory measures it); and
+train_flops, the FLOPs of one training forward and backward (bench.py gpu's MFU).
 
     static      frozen base weights, every LoRA adapter (float32)
     optimizer   theta's gradients and AdamW's two moments (float32), from the first update on
@@ -24,28 +25,31 @@ Run:   python bench.py memory      (measured next to predicted, and every preset
 
 Shape legend: L layers, D model dim, Df FFN dim, r LoRA rank, P tokens per latent frame, h, w
 latent (tiny: pixel) height/width, F latent frames of the whole video, T of the window, m
-micro-batch, n samples per rank, E eval videos per rollout, Lt text tokens, b bytes per element.
+micro-batch, n samples per rank, E eval videos per rollout, Lt text tokens, b bytes per element;
+train_flops: N token rows through a block, Nq of them past their K and V, p pixels per patch.
 """
 import torch
 
 from common import log
 from lora import add_adapter, adapter_numel
-from model import CausalWanModel, attention_plan
+from kvcache import attention_plan
+from model import CausalWanModel
 
 GB = 2 ** 30
 
 # bytes autograd saves per token and layer of the x_theta forward, as (per D, per Df, per r),
 # in two parts. "kv": what every token keeps, its K and V being needed by later queries: norm1's
-# input, the modulated input of the k/v projections, k before its RMSNorm, and A x of the k and v
-# LoRA. "query": what a token whose output is computed adds: q before its norm, roped q, the
-# attention output and its concatenation, the residual, norm3's input and output, cross q before
-# and after its norm, the cross-attention output, norm2's input, the FFN input (11 D), the FFN
-# hidden before and after GELU (2 Df), A x of the q, o, cross q, cross o and FFN LoRA (6 r).
-# float32: 4 bytes each. bf16 autocast: bf16 where autocast computes, float32 where the model
-# upcasts (the norms' inputs, q/k before RMSNorm), plus autocast's bf16 copy of every LoRA input.
-# The roped K and V themselves are counted apart (kept_keys), as are autocast's bf16 copies of
-# each layer's A and B.
-SAVED_BYTES = {torch.float32: {"kv": (12, 0, 8), "query": (44, 8, 24)},
+# input, the modulated input of the k/v projections, k before its RMSNorm, and (bf16) A x of the
+# k and v LoRA. "query": what a token whose output is computed adds: q before its norm, roped q,
+# the attention output and its concatenation, the residual, norm3's input and output, cross q
+# before and after its norm, the cross-attention output, norm2's input, the FFN input (11 D), the
+# FFN hidden before and after GELU (2 Df), (bf16) A x of the q, o, cross q, cross o and FFN LoRA
+# (6 r). float32: 4 bytes each, and no A x at all: lora.py merges W + s B A and autograd keeps
+# that (O, I) weight instead (merged_weights). bf16 autocast: bf16 where autocast computes,
+# float32 where the model upcasts (the norms' inputs, q/k before RMSNorm), plus autocast's bf16
+# copy of every LoRA input. The roped K and V themselves are counted apart (kept_keys), as are
+# autocast's bf16 copies of each layer's A and B.
+SAVED_BYTES = {torch.float32: {"kv": (12, 0, 0), "query": (44, 8, 0)},
                torch.bfloat16: {"kv": (12, 0, 4), "query": (34, 4, 12)}}
 
 # the Wan2.1 VAE decoding frame by frame (diffusers' feature cache), float32: working set per
@@ -89,14 +93,26 @@ def saved_activations(cfg, rank, dtype, layers, text=0):
     b = torch.finfo(dtype).bits // 8
     d, f = cfg.dim, cfg.ffn_dim
     total = 0
-    for tokens, q_tokens, keys in layers:
+    for i, (tokens, q_tokens, keys) in enumerate(layers):
         total += tokens * (kv[0] * d + kv[1] * f + kv[2] * rank)
         total += q_tokens * (query[0] * d + query[1] * f + query[2] * rank)
-        # the roped K and V that attention keeps, and the text side's k/v and their LoRA
-        total += 2 * keys * d * b + text * (6 * d * b + 2 * rank * b)
+        # the roped K and V that attention keeps, and the text side's k/v (and, bf16, their LoRA)
+        total += 2 * keys * d * b + text * 6 * d * b
         if dtype == torch.bfloat16:  # autocast's bf16 copy of theta's A and B, kept for backward
-            total += 2 * rank * (8 * 2 * d + (d + f) + (f + d))
+            total += text * 2 * rank * b + 2 * rank * (8 * 2 * d + (d + f) + (f + d))
+        else:
+            total += merged_weights(cfg, first_block=i == 0)
     return total
+
+
+def merged_weights(cfg, first_block):
+    """Bytes of the merged float32 weights W + s B A (lora.py) one block keeps for backward: a
+    linear keeps its weight only when its input needs a gradient, which the text side's k and v
+    (text embeddings) never do, nor the first block's q, k and v (embeddings of the input)."""
+    d, f = cfg.dim, cfg.ffn_dim
+    # self q, k, v, o; cross q, o; the FFN's two linears
+    square = 3 if first_block else 6
+    return (square * d * d + 2 * d * f) * 4
 
 
 def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
@@ -213,3 +229,58 @@ def report(args, cfg, start, world, bf16, device):
     if pred["peak"] / GB > 0.95 * total_gb:
         log(f"WARNING: the predicted peak ({pred['peak'] / GB:.1f} GB) will not fit this GPU "
             f"({total_gb:.1f} GB); levers: {', '.join(levers(args))}")
+
+
+def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_frame=0, local=-1,
+                sink=0, history=(), teacher_forcing=False, merged=False):
+    """(forward, backward) FLOPs of model(x, t, ctx) on (batch, frames, C, *hw) latents with a
+    trained LoRA adapter of rank `lora_rank` active (0: none) and the base weights trained or
+    frozen; history: the frames of a history cache (start_frame, local, sink as the forward);
+    merged: lora.py's float32 path (base and adapter float32, no autocast: W + s B A per call)."""
+    D, Lt, p = cfg.dim, cfg.text_len, cfg.patch_size[1] * cfg.patch_size[2]
+    P = hw[0] * hw[1] // p  # tokens per frame
+    nf = frames * (2 if teacher_forcing else 1)  # teacher forcing: [clean ; noisy] frames
+    N = batch * nf * P  # token rows through every block
+    trained = base_grad or lora_rank > 0
+    flops = [0, 0]  # forward, backward
+
+    def linear(m, k, n, x_grad, r=0):
+        if r and merged:  # the merge B A (n, k); backward: dW = dy^T x, then dA and dB from dW
+            flops[0] += 2 * m * k * n + 2 * r * k * n
+            flops[1] += 2 * m * k * n * (x_grad + 1) + 4 * r * k * n
+            return
+        flops[0] += 2 * m * k * n + 2 * m * r * (k + n)
+        flops[1] += 2 * m * k * n * (x_grad + base_grad) + 2 * m * r * (2 * n + k + k * x_grad)
+
+    # embeddings: patches (from x), text MLP (from the raw context), time MLPs (from sinusoids)
+    linear(N, cfg.in_dim * p, D, False)
+    linear(batch * Lt, cfg.text_dim, D, False), linear(batch * Lt, D, D, base_grad)
+    rows = batch * nf
+    linear(rows, cfg.freq_dim, D, False), linear(rows, D, D, base_grad), linear(rows, D, 6 * D, base_grad)
+    # sum over query blocks of (query tokens) x (keys they see), history keys included
+    plan = attention_plan(frames, P, cfg.frames_per_block, start_frame, local, sink, history, teacher_forcing)
+    qk = batch * sum((qhi - qlo) * sum(hi - lo for lo, hi in runs) for (qlo, qhi), runs in plan)
+    # the last block computes only what the head reads: with teacher forcing the noisy half
+    clean = frames * P if teacher_forcing else 0  # query tokens the last block skips, per video
+    qk_last = batch * sum((qhi - qlo) * sum(hi - lo for lo, hi in runs) for (qlo, qhi), runs in plan
+                          if qlo >= clean)
+    r = lora_rank
+    for i in range(cfg.num_layers):
+        last = i == cfg.num_layers - 1
+        Nq, qk_i = (N - batch * clean, qk_last) if last else (N, qk)  # tokens past their K and V
+        # block 0's input comes from frozen embeddings: no gradient unless the base is trained
+        x_grad = base_grad or (trained and i > 0)
+        linear(Nq, D, D, x_grad, r)  # self-attention q
+        for _ in range(2):  # k, v of every token
+            linear(N, D, D, x_grad, r)
+        linear(Nq, D, D, trained, r)  # o
+        flops[0] += 4 * qk_i * D
+        flops[1] += 8 * qk_i * D * trained
+        linear(Nq, D, D, trained, r), linear(Nq, D, D, trained, r)  # cross-attention q, o
+        for _ in range(2):  # cross-attention k, v of the text tokens (context: no gradient)
+            linear(batch * Lt, D, D, base_grad, r)
+        flops[0] += 4 * Nq * Lt * D
+        flops[1] += 8 * Nq * Lt * D * trained
+        linear(Nq, D, cfg.ffn_dim, trained, r), linear(Nq, cfg.ffn_dim, D, trained, r)  # FFN
+    linear(batch * frames * P, D, p * cfg.out_dim, trained)  # head (the noisy half only)
+    return flops[0], flops[1]

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 from torch.utils.checkpoint import checkpoint
 
-from kvcache import KVCache, visible
+from kvcache import KVCache, attention_plan
 from lora import LoRALinear, lora_layers
 
 
@@ -205,7 +205,7 @@ class Block(nn.Module):
         super().__init__()
         d = cfg.dim
         # (1, 6, Dm), added to e0: shift, scale, gate of self-attention, then of the FFN
-        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+        self.modulation = nn.Parameter(torch.empty(1, 6, d))  # drawn N(0, 1/Dm) in init_weights
         self.norm1 = LayerNorm(d, cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
         self.norm3 = LayerNorm(d, cfg.eps, elementwise_affine=True)  # the one affine LayerNorm
@@ -253,32 +253,6 @@ def _run_block(block, adapter, *args):
             m.active = a
 
 
-def attention_plan(frames, tpf, nfpb, start_frame=0, local=-1, sink=0, history=(),
-                   teacher_forcing=False):
-    """Block-causal attention as a list of ((q_lo, q_hi), [(k_lo, k_hi), ...]) token ranges.
-
-    The K/V sequence is [history frames ; this clip] (teacher forcing: [history ; clean clip ;
-    noisy clip]). Query block [a, b) of the clip, ending at absolute frame e, sees
-      plain:            every frame f with visible(f, e), its own block included
-      teacher forcing:  clean blocks: as plain;  noisy block: clean/history frames f < start of
-                        the block with visible(f, e), plus its own noisy block (not its clean copy)
-    """
-    ctx = list(history) + list(range(start_frame, start_frame + frames))  # K/V frames, absolute
-    plan = []
-    for a in range(0, frames, nfpb):
-        b = min(a + nfpb, frames)
-        e = start_frame + b  # the query block ends (exclusive) at this absolute frame
-        causal = [visible(f, e, sink, local) for f in ctx]  # the cache's window rule at e
-        if not teacher_forcing:
-            plan.append(((a * tpf, b * tpf), _runs(causal, tpf)))
-            continue
-        plan.append(((a * tpf, b * tpf), _runs(causal + [False] * frames, tpf)))  # clean block
-        # noisy block (queries after the clean half): history / clean frames before its start + itself
-        noisy = [f < start_frame + a and v for f, v in zip(ctx, causal)] + [a <= i < b for i in range(frames)]
-        plan.append((((frames + a) * tpf, (frames + b) * tpf), _runs(noisy, tpf)))
-    return sorted(plan)  # query order: the clean half's blocks, then the noisy half's
-
-
 class _Plan:
     """Who attends to what in one forward call, shared by all layers.
 
@@ -296,18 +270,6 @@ class _Plan:
             hk, hv = self.history.layer(i)
             return torch.cat([hk, k], dim=1), torch.cat([hv, v], dim=1)
         return k, v
-
-
-def _runs(mask, tpf):
-    """Contiguous True runs of a per-frame mask, as token ranges."""
-    runs, lo = [], None
-    for i, m in enumerate(list(mask) + [False]):  # the extra False closes a run at the end
-        if m and lo is None:
-            lo = i
-        if not m and lo is not None:
-            runs.append((lo * tpf, i * tpf))
-            lo = None
-    return runs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,11 +293,14 @@ class CausalWanModel(nn.Module):
         # only): one more forward of the blocks per backward, for keeping one (B, N, Dm) input
         # per block and one block's activations at a time instead of every block's
         self.grad_checkpointing = False
-        self.init_weights()
+        # built on the meta device a checkpoint fills every tensor: nothing to draw (and drawing
+        # there costs a second: torch's meta kernels for random ops load its compiler stack)
+        if not self.head.head.weight.is_meta:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
-        """Wan's initialisation (matters only when training from scratch, e.g. tiny_world.py)."""
+        """Wan's initialisation (matters only when training from scratch, e.g. pretrain_tiny.py)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -345,6 +310,9 @@ class CausalWanModel(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)  # Wan's embeddings: N(0, 0.02^2), not xavier
         nn.init.zeros_(self.head.head.weight)  # the model starts by predicting v = 0
+        for m in self.modules():
+            if isinstance(m, (Block, Head)):
+                nn.init.normal_(m.modulation, std=self.cfg.dim ** -0.5)  # Wan: randn / sqrt(Dm)
 
     def forward(self, x, t, context, *, cache: KVCache = None, start_frame=0, clean_x=None,
                 history: KVCache = None, local=None, sink=None, mask_block=None, kv_only=False):
@@ -373,7 +341,9 @@ class CausalWanModel(nn.Module):
         nf = xs.shape[1]  # frames in the sequence: F, or 2F with teacher forcing
 
         # patchify: Conv3d with kernel = stride = patch, tokens ordered (f, h, w)
-        tok = self.patch_embedding(xs.transpose(1, 2)).flatten(2).transpose(1, 2)  # (B, N, Dm)
+        # contiguous: the conv gives (B, Dm, N); left transposed, every op downstream inherits
+        # that layout (each LayerNorm copies, each linear reads strided); one copy here instead
+        tok = self.patch_embedding(xs.transpose(1, 2)).flatten(2).transpose(1, 2).contiguous()  # (B, N, Dm)
         # time: e = MLP(sinusoid(t)) per frame; e0 = 6 modulation vectors per frame
         e = self.time_embedding(sinusoid(ts.flatten(), cfg.freq_dim).to(tok.dtype))  # (B*F, Dm)
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (B, nf))  # (B, F, 6, Dm)
@@ -437,7 +407,7 @@ class Head(nn.Module):
         d = cfg.dim
         self.norm = LayerNorm(d, cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(d, math.prod(cfg.patch_size) * cfg.out_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 2, d) / d ** 0.5)
+        self.modulation = nn.Parameter(torch.empty(1, 2, d))  # drawn N(0, 1/Dm) in init_weights
 
     def forward(self, x, e):  # x (B, N, Dm), e (B, F, Dm)
         B, Fr = e.shape[:2]
@@ -456,15 +426,14 @@ def randomize_head(model, std=0.02):
 @torch.no_grad()
 def init_materialized(model):
     """Initialise every parameter of a model built on the meta device and materialised with
-    to_empty() (garbage memory), then Wan's init_weights for the linears. Random-weight runs only."""
+    to_empty() (garbage memory): the norms as at construction, then Wan's init_weights. Random-weight
+    runs only."""
     for m in model.modules():
         if isinstance(m, (RMSNorm, nn.LayerNorm)):  # gains 1, biases 0, as at construction
             if m.weight is not None:
                 nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-        if isinstance(m, (Block, Head)):
-            nn.init.normal_(m.modulation, std=model.cfg.dim ** -0.5)  # = randn / sqrt(Dm)
     nn.init.zeros_(model.patch_embedding.bias)  # init_weights leaves the conv's bias alone
     model.init_weights()
     randomize_head(model)

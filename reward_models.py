@@ -1,7 +1,8 @@
 """
 The learned rewards: HPSv2.1, CLIP score and the LAION aesthetic predictor through open_clip, and
-VBench's dynamic degree through torchvision's RAFT. Same signature as every reward in rewards.py
-(which registers them): fn(videos [B, F, 3, H, W] in [0, 1], prompts) -> [B], higher = better.
+VBench's dynamic degree through torchvision's RAFT. Same signature as every reward in rewards.py:
+fn(videos [B, F, 3, H, W] in [0, 1], prompts) -> [B], higher = better; REWARDS below registers
+them (train.py looks names up here, in rewards.REWARDS and in tiny_world.REWARDS).
 Models, preprocessing and scores, with their sources: docs/rewards.md#learned-rewards.
 
 open_clip and torchvision are imported on first call; each model is built once per (file, arch)
@@ -14,7 +15,7 @@ downloaded, and a missing file stops the reward with its name and source:
   aesthetic       sac+logos+ava1-l14-linearMSE.pth   GitHub christophschuhmann/
                                                        improved-aesthetic-predictor
   dynamic_degree  raft_large_C_T_V1-22a6c225.pth     download.pytorch.org/models/
-`rewards.WEIGHTS_DIR` is this module's WEIGHTS_DIR: assigning either moves the folder, since every
+Assigning `reward_models.WEIGHTS_DIR = path` moves the folder for every learned reward, since every
 lookup reads it when called. The `arch=` keyword of each reward picks another backbone of the
 same family (the tests use tiny random ones saved in the real file layouts).
 VideoAlign (Astrolabe's motion-quality model) is not here: its Qwen2-VL forward and key names
@@ -34,6 +35,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as Fn
 
+from rewards import top_fraction
+
 WEIGHTS_DIR = os.environ.get("ASTRO_WEIGHTS", "weights")  # read at call time, never cached
 WEIGHT_SOURCES = {  # canonical file name -> where to download it
     "HPS_v2.1_compressed.pt": "https://huggingface.co/xswu/HPSv2",
@@ -50,17 +53,6 @@ RAFT_FILES = {"raft_large": "raft_large_C_T_V1-22a6c225.pth",  # ported RAFT "th
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 FRAMES = 8  # image rewards score up to 8 evenly spaced frames: a ViT-H forward per frame is dear
 CHUNK = 32  # images (or frame pairs for RAFT) per forward, to bound activation memory
-
-
-def top_fraction(frame_scores, frac=0.3):
-    """Mean of the best `frac` of the frames, k = max(1, floor(frac * F)): [B, F] -> [B].
-    Astrolabe keeps the top-30% mean of per-frame HPSv3 scores: weak frames do not sink a video.
-
-    >>> top_fraction(torch.tensor([[1., 5., 3., 2., 4., 0., 0., 0., 0., 0.]]))  # top 3 of 10
-    tensor([4.])
-    """
-    k = max(1, int(frac * frame_scores.shape[1] + 1e-9))  # + 1e-9: 0.3 * 10 stays 3
-    return frame_scores.topk(k, dim=1).values.mean(1)  # [B]
 
 
 def weight_file(reward, *names):
@@ -238,8 +230,6 @@ def dynamic_degree(videos, prompts, arch="raft_large", stride=2, iters=20, cap=1
 LEARNED = {"hpsv2": [("HPS_v2.1_compressed.pt",)], "clip_score": [CLIP_FILES],
            "aesthetic": [CLIP_FILES, ("sac+logos+ava1-l14-linearMSE.pth",)],
            "dynamic_degree": [(RAFT_FILES["raft_large"],)]}
-# image rewards that score `frames` sub-sampled frames of each video (--reward-frames)
-SUBSAMPLED = {"hpsv2", "clip_score", "aesthetic"}
 
 
 def missing_weights(names):
@@ -251,3 +241,7 @@ def missing_weights(names):
                 out.append(f"{name}: {' or '.join(alternatives)} in {os.path.abspath(WEIGHTS_DIR)} "
                            f"(from {WEIGHT_SOURCES[alternatives[0]]})")
     return out
+
+
+# the learned rewards by name (--rewards hpsv2=1 ...)
+REWARDS = {"hpsv2": hpsv2, "clip_score": clip_score, "aesthetic": aesthetic, "dynamic_degree": dynamic_degree}

@@ -8,25 +8,23 @@ so a user's own reward is one function in one file: `--rewards path/to/my.py:fn=
 What is here (definitions and sources: docs/rewards.md):
   weight-free   sharpness, colorfulness (frame-level, top-30% aggregated), flicker, smoothness,
                 motion (+ motion_gray). The shapes world's prompt-aware detectors (color_match,
-                direction_progress, ...) live in tiny_world.py, which hands them to train.py.
-  helpers       grayscale (Astrolabe's trick against colour hacking of motion scores);
-                top_fraction (Astrolabe's top-30% frame aggregation) comes from reward_models.
-  learned       hpsv2 (HPSv2.1), clip_score, aesthetic (LAION v2), dynamic_degree (VBench, RAFT):
-                reward_models.py, registered here. Their weight files sit in one folder,
-                reward_models.WEIGHTS_DIR = $ASTRO_WEIGHTS (default ./weights); assigning
-                `reward_models.WEIGHTS_DIR = path` moves it for every learned reward;
-                reward_models.LEARNED lists the files each needs and missing_weights() names
-                what is absent, so a run can check before anything loads.
+                direction_progress, ...) live in tiny_world.py, the learned ones (hpsv2,
+                clip_score, aesthetic, dynamic_degree) in reward_models.py; each file has its own
+                REWARDS, and train.py looks names up in all three.
+  helpers       grayscale (Astrolabe's trick against colour hacking of motion scores),
+                top_fraction (Astrolabe's top-30% frame aggregation).
   plumbing      REWARDS registry, get_reward("name" | "file.py:fn"), parse_rewards(["NAME=W"]),
                 MultiReward: calls, validates, and sums R = sum_j w_j R_j on raw scores.
 Astrolabe's own HPSv3 and VideoAlign are 2-8 B Qwen2-VL scorers that need their own environment;
-they plug in as `file.py:function` rewards through the same signature.
+they plug in as `file.py:function` rewards through the same signature. Imports nothing of this
+repository: copy it alone.
 
 Shapes: B videos, F frames, H, W pixels, N pixels per frame (H*W).
 Test: python -m pytest tests/test_rewards.py tests/test_learned_rewards.py -q
 """
 import hashlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -35,13 +33,23 @@ from functools import partial, wraps
 import torch
 import torch.nn.functional as Fn
 
-from reward_models import SUBSAMPLED, aesthetic, clip_score, dynamic_degree, hpsv2, top_fraction
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for R, G, B
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
+
+def top_fraction(frame_scores, frac=0.3):
+    """Mean of the best `frac` of the frames, k = max(1, floor(frac * F)): [B, F] -> [B].
+    Astrolabe keeps the top-30% mean of per-frame HPSv3 scores: weak frames do not sink a video.
+
+    >>> top_fraction(torch.tensor([[1., 5., 3., 2., 4., 0., 0., 0., 0., 0.]]))  # top 3 of 10
+    tensor([4.])
+    """
+    k = max(1, int(frac * frame_scores.shape[1] + 1e-9))  # + 1e-9: 0.3 * 10 stays 3
+    return frame_scores.topk(k, dim=1).values.mean(1)  # [B]
+
 
 def _luma(videos):
     w = torch.tensor(LUMA, dtype=torch.float32, device=videos.device).view(1, 1, 3, 1, 1)
@@ -159,8 +167,6 @@ def motion(videos, prompts, top=0.05):
 REWARDS = {
     "sharpness": sharpness, "colorfulness": colorfulness, "flicker": flicker,
     "smoothness": smoothness, "motion": motion, "motion_gray": grayscale(motion),
-    "hpsv2": hpsv2, "clip_score": clip_score, "aesthetic": aesthetic,
-    "dynamic_degree": dynamic_degree,
 }
 
 
@@ -198,11 +204,18 @@ def get_reward(spec, registry=REWARDS):
     return fn
 
 
+def takes_frames(fn):
+    """True for a reward with a `frames` keyword (the learned image rewards: frames scored per
+    video), which --reward-frames sets."""
+    return "frames" in inspect.signature(fn).parameters
+
+
 def parse_rewards(items, registry=REWARDS, frames=None):
     """["NAME=WEIGHT", "NAME", ...] -> [(name, fn, weight)]; a bare NAME means weight 1.0.
     Splits on the last "=" (a weight never contains ":", so "a=b/r.py:fn" alone is a file).
     Weight 0 = compute and log only. A file reward is named "<file stem>.<function>".
-    frames: frames the image rewards (SUBSAMPLED) score per video, 0 = all; None = their default.
+    frames: frames per video a reward with a `frames=` keyword scores (the learned image rewards),
+    0 = all; None = its default.
 
     >>> [(n, w) for n, _, w in parse_rewards(["flicker=0.5", "motion"])]
     [('flicker', 0.5), ('motion', 1.0)]
@@ -222,7 +235,7 @@ def parse_rewards(items, registry=REWARDS, frames=None):
         fn = get_reward(spec, registry)
         path, _, func = spec.rpartition(":")
         name = spec if spec in registry else os.path.splitext(os.path.basename(path))[0] + "." + func
-        if frames is not None and name in SUBSAMPLED:  # --reward-frames: how many frames to score
+        if frames is not None and takes_frames(fn):  # --reward-frames: how many frames to score
             fn = partial(fn, frames=frames)
         if name in [n for n, _, _ in out]:  # names key the logs and the selective mask
             raise ValueError(f"--rewards: '{name}' given twice; give each reward once")

@@ -42,6 +42,7 @@ from frozen import TextEncoder, WanVAE
 from kvcache import KVCache, check_window
 from lora import set_adapter
 from model import CONFIGS, CausalWanModel, randomize_head
+from tiny_world import toy_text_embed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,8 +379,7 @@ def main(args: Args):
         else:
             randomize_head(model)  # the init's zero head would give one flat video
             print("no checkpoint: sampling from random weights")
-        import tiny_world  # here, not at the top: tiny_world imports this module's sampler
-        ctx = tiny_world.toy_text_embed(args.prompts, cfg.text_len, cfg.text_dim)
+        ctx = toy_text_embed(args.prompts, cfg.text_len, cfg.text_dim)  # the shapes world's toy encoder
         H, W = args.height or 32, args.width or 32  # pixel space
     else:
         te = TextEncoder.load(args.text_encoder, args.tokenizer, device=dev, dtype=dtype)

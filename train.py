@@ -28,7 +28,6 @@ H, W latent (tiny: pixel) height and width, Lt, Dt text tokens and width.
 import dataclasses
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,12 +40,14 @@ from tqdm import tqdm
 
 import memory
 import nft_loss as nft
+import reward_models
 import tiny_world
 import checks
-from checkpoints import build_model, load_run, run_checkpoints, save_run
-from common import (UsageError, all_reduce_grads, find_file, gather, init_distributed, log, peak_growth,
+from checkpoints import build_model, resume_run, save_run
+from common import (UsageError, all_reduce_grads, gather, init_distributed, log, peak_growth,
                     reset_peak, rss_mb, seed_of, set_threads, use_bf16)
-from evaluation import FrozenParts, evaluate, save_before_after, score_videos, write_row, write_rows
+from evaluation import (FrozenParts, evaluate, save_before_after, score_videos, start_tracking, write_row,
+                        write_rows)
 from lora import adapter_params, all_finite, copy_adapter, lerp_adapter, use_adapter
 from model import CONFIGS
 from rewards import REWARDS, MultiReward
@@ -87,7 +88,7 @@ class Args:
     model: Literal["tiny", "wan-1.3b", "wan-14b"] = "tiny"
     """model size (model.CONFIGS)"""
     ckpt: Optional[str] = "assets/tiny_world.safetensors"
-    """base weights: the pre-trained tiny shapes world (tiny_world.py); `--ckpt None` for a random
+    """base weights: the pre-trained tiny shapes world (pretrain_tiny.py); `--ckpt None` for a random
     init; real presets: the distilled generator (.pt / .safetensors)"""
     lora_rank: int = 16
     """LoRA rank of the adapters (Astrolabe: 256)"""
@@ -137,7 +138,7 @@ class Args:
     """K: videos per prompt; advantages are relative within a prompt's group"""
     rewards: list[str] = field(default_factory=lambda: ["direction_progress=1", "color_match=1",
                                                         "size_constancy=1"])
-    """NAME=WEIGHT ...: registry names (rewards.REWARDS, tiny_world.REWARDS) or path/to/file.py:function"""
+    """NAME=WEIGHT ...: registry names (rewards, reward_models, tiny_world REWARDS) or path/to/file.py:function"""
     reward_norm: Literal["none", "per-reward"] = "none"
     """none: weighted sum of raw scores (Astrolabe); per-reward: normalise each within its group first"""
     # ---- NFT objective
@@ -289,13 +290,9 @@ def parse_args(argv=None):
 # Building blocks of one step (module level: bench.py and the tests call them too)
 
 def prompts_for_step(prompts, n, step, seed, draw="epoch-walk"):
-    """The n prompts of RL step `step`.
-
-    epoch-walk: walk a seeded shuffle of the list, reshuffled every epoch. Every prompt comes once
-    per epoch, so the mean reward of an epoch's steps compares across epochs (random draws make
-    the per-step mean follow which prompts were drawn, not the policy).
-    released: the released sampler's draw, the first n of randperm(len) seeded with seed + step
-    (docs/method.md#prompt-layout-of-the-released-sampler)."""
+    """The n prompts of RL step `step`. epoch-walk: a seeded shuffle, reshuffled every epoch, so
+    an epoch's mean reward compares across epochs (random draws make a mean follow which prompts
+    were drawn); released: the first n of randperm(len) seeded with seed + step (docs/method.md)."""
     if draw == "released":
         g = torch.Generator().manual_seed(seed + step)
         return [prompts[i] for i in torch.randperm(len(prompts), generator=g)[:n].tolist()]
@@ -398,21 +395,9 @@ def main(args: Args):
         log("--exact-reference: " + ", ".join(f"{k} {v}" for k, v in RELEASED.items()))
 
     # ---- every check before anything loads (checks.py): all problems at once, one line each
-    registry = {**REWARDS, **tiny_world.REWARDS}
-    errors, warnings = checks.check_args(args, world, registry)
-    errors += checks.check_out_dir(args, check_lock=master)
-    resume_path, saved, notes, resume_problems = checks.find_resume(args)
-    errors += resume_problems + checks.resume_errors(saved, args)
-    if errors:
-        raise UsageError("\n".join(errors))
-    for line in warnings + notes:
-        log(f"warning: {line}")
-    if saved is not None:
-        for line in checks.resume_changes(saved, args):
-            log(f"resume: {line}")
-    # each input file as found (relative to the cwd, else to this repository: `assets/...` anywhere)
-    found = {f: find_file(getattr(args, f)) for f in checks.FILES if getattr(args, f)}
-    args = dataclasses.replace(args, **found)
+    registry = {**REWARDS, **reward_models.REWARDS, **tiny_world.REWARDS}  # weight-free, learned, shapes
+    # (raises UsageError, logs the warnings; returns args with every input file as found)
+    args, resume_path = checks.check_run(args, world, registry, master)
     N, K = args.prompts_per_step * args.group_size, args.group_size
     n_local, T = N // world, args.window or args.num_frames
     # plumbing: CPU threads per process, so that ranks on one machine do not fight over cores
@@ -459,23 +444,15 @@ def main(args: Args):
     # ---- resume: the checkpoint checks.find_resume chose (the newest intact one)
     start, bad_steps, flat_steps = 0, 0, 0
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if resume_path:
-        state = load_run(resume_path, model, opt)
-        start, bad_steps = state["step"], state["bad_steps"]
-        compensator.load_state_dict(state["compensator"])
-        dynref.load_state_dict(state["dynref"])
-        for group in opt.param_groups:  # the optimizer's saved settings yield to the flags
-            group["lr"], group["weight_decay"] = args.lr, args.weight_decay
+    if resume_path:  # adapters, optimizer (lr and weight decay from the flags), selective states
+        start, bad_steps = resume_run(resume_path, model, opt, args, compensator, dynref)
         log(f"resumed from {resume_path} at step {start}")
         if master:  # keep the rows up to the checkpoint; a crash may have left more, or half a row
             kept, dropped = checks.metrics_rows(metrics_path, start)
             write_rows(metrics_path, kept)
             if dropped:
                 log(f"warning: {metrics_path}: dropped {dropped} row(s) written after step {start} or damaged")
-    wandb = None
-    if args.track and master:
-        import wandb
-        wandb.init(project="astrolabe", config=dataclasses.asdict(args), dir=args.out_dir)
+    wandb = start_tracking(args) if args.track and master else None  # --track: Weights & Biases
     log(f"{world} rank(s) on {device} ({dtype}); global batch {args.prompts_per_step} prompts x {K} videos "
         f"= {N} per step, micro-batch {args.micro_batch} per rank; rewards {args.rewards}")
     cache_kind = "global" if args.local_attn < 0 else args.local_attn
@@ -607,9 +584,8 @@ def main(args: Args):
             if master:
                 state = {"step": n, "bad_steps": bad_steps, "args": dataclasses.asdict(args),
                          "compensator": compensator.state_dict(), "dynref": dynref.state_dict()}
-                save_run(os.path.join(args.out_dir, f"ckpt_{n:06d}"), model, opt, state, export=policy)
-                for old in run_checkpoints(args.out_dir)[:-args.keep_ckpts]:
-                    shutil.rmtree(old)
+                save_run(os.path.join(args.out_dir, f"ckpt_{n:06d}"), model, opt, state, export=policy,
+                         keep=args.keep_ckpts)  # the newest --keep-ckpts stay
             if ddp:
                 dist.barrier()
     bar.close()

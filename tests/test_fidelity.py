@@ -147,10 +147,10 @@ def test_prompt_draw():
 
 
 def test_reward_frames():
-    (name, fn, _), = rewards.parse_rewards(["hpsv2"], frames=0)
+    (name, fn, _), = rewards.parse_rewards(["hpsv2"], reward_models.REWARDS, frames=0)
     assert fn.keywords == {"frames": 0}  # every frame
-    (_, fn, _), = rewards.parse_rewards(["hpsv2"])
-    assert fn is rewards.hpsv2  # the default 8
+    (_, fn, _), = rewards.parse_rewards(["hpsv2"], reward_models.REWARDS)
+    assert fn is reward_models.hpsv2  # the default 8
     (_, fn, _), = rewards.parse_rewards(["flicker"], frames=0)
     assert fn is rewards.flicker  # video rewards take no frame count
     v = torch.rand(1, 81, 3, 4, 4)

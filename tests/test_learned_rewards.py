@@ -19,7 +19,8 @@ import torch.nn.functional as Fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import reward_models
-from rewards import REWARDS, MultiReward, parse_rewards
+from reward_models import REWARDS
+from rewards import MultiReward, parse_rewards
 
 open_clip = pytest.importorskip("open_clip")
 TF = pytest.importorskip("torchvision.transforms.functional")
@@ -259,7 +260,7 @@ def test_dynamic_degree_thresholds_top5_flow(monkeypatch):
 def test_missing_weight_file_says_what_to_get(tmp_path, monkeypatch, name, missing):
     monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError) as e:
-        MultiReward([f"{name}=1"])(video(), PROMPTS)  # through --rewards, before any model build
+        MultiReward([f"{name}=1"], registry=REWARDS)(video(), PROMPTS)  # through --rewards, before any model build
     msg = str(e.value)
     assert f"'{name}'" in msg and missing in msg and str(tmp_path) in msg
     assert "ASTRO_WEIGHTS" in msg and "https://" in msg
@@ -294,10 +295,10 @@ def test_a_checkpoint_with_python_objects_still_loads(tiny, tmp_path, monkeypatc
 
 
 def test_registry_and_lazy_imports():
-    parsed = parse_rewards(["hpsv2=1", "aesthetic=0.5", "clip_score=0", "dynamic_degree=0.2"])
+    parsed = parse_rewards(["hpsv2=1", "aesthetic=0.5", "clip_score=0", "dynamic_degree=0.2"], REWARDS)
     assert [(n, w) for n, _, w in parsed] == [("hpsv2", 1.0), ("aesthetic", 0.5),
                                               ("clip_score", 0.0), ("dynamic_degree", 0.2)]
-    assert set(reward_models.LEARNED) <= set(REWARDS)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import rewards; "
+    assert set(reward_models.LEARNED) == set(REWARDS)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import rewards, reward_models; "
             "assert not {'open_clip', 'torchvision'} & set(sys.modules), 'imported eagerly'")
     subprocess.run([sys.executable, "-c", code, ROOT], check=True)

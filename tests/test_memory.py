@@ -6,7 +6,7 @@ change a number, and the analytic FLOP count behind bench.py's MFU must match to
                                        teacher forcing), with far fewer saved activations
   the adapter is switched before backward (train.py leaves `use_adapter(model, "default")` first)
                                     == plain; an unpinned recompute crashes or silently differs
-  bench.train_flops                 == FlopCounterMode on the tiny model, forward and backward
+  memory.train_flops                == FlopCounterMode on the tiny model, forward and backward
   bench.py gpu --device cpu --size tiny   runs (a smoke test of the GPU bench's code path)
 
 Test:  python -m pytest tests/test_memory.py -q
@@ -20,6 +20,7 @@ from torch.utils.checkpoint import CheckpointError
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import memory
 import model as model_py
 from kvcache import KVCache
 from model import CONFIGS, CausalWanModel, ModelConfig
@@ -157,6 +158,7 @@ def test_checkpointing_only_in_training_forward(monkeypatch):
     (8, False, dict(clean=True)),                        # teacher forcing
     (0, True, dict()),                                   # full fine-tuning, no LoRA
     (8, True, dict()),
+    (8, False, dict(autocast=True)),  # bf16 autocast (the GPU path): LoRA as three matmuls, not merged
 ])
 def test_train_flops_match_flop_counter(lora, base_grad, kw):
     cfg, hw, B, F = CONFIGS["tiny"], (16, 16), 2, kw.get("F", 6)
@@ -174,16 +176,19 @@ def test_train_flops_match_flop_counter(lora, base_grad, kw):
         h = history_cache(m, ctx, 6, hw, args["local"], args["sink"], cfg)
         args.update(history=h, start_frame=6)
     clean = torch.randn_like(x) if kw.get("clean") else None
+    autocast = kw.get("autocast", False)
     with sdpa_kernel(SDPBackend.MATH):
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y = m(x, t, ctx, clean_x=clean, **args)
         fwd = fc.get_total_flops()
         with FlopCounterMode(display=False) as fc:
-            y.pow(2).mean().backward()
+            y.float().pow(2).mean().backward()
         bwd = fc.get_total_flops()
     if "history" in args:
         args["history"] = args["history"].frames
-    ef, eb = bench.train_flops(cfg, F, hw, B, lora, base_grad, teacher_forcing=clean is not None, **args)
+    # float32 without autocast: lora.py merges W + s B A (merged=True)
+    ef, eb = memory.train_flops(cfg, F, hw, B, lora, base_grad, teacher_forcing=clean is not None,
+                               merged=not autocast, **args)
     # exact at torch 2.14; a few % of slack for a torch that counts some op differently
     assert abs(fwd / ef - 1) < 0.02 and abs(bwd / eb - 1) < 0.02, (fwd, ef, bwd, eb)
 

@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-from kvcache import KVCache
-from model import CausalWanModel, ModelConfig, attention_plan
+from kvcache import KVCache, attention_plan
+from model import CausalWanModel, ModelConfig
 from lora import adapter_params, add_adapter, set_adapter
 
 CFG = ModelConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=16, text_len=8)

@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvcache import KVCache
-from model import CausalWanModel, ModelConfig, attention_plan, rope_freqs, apply_rope, sinusoid
+from kvcache import KVCache, attention_plan
+from model import CausalWanModel, ModelConfig, rope_freqs, apply_rope, sinusoid
 from sample import TensorNoise, generate, sampler_timesteps, flow_to_x0
 
 HERE = os.path.dirname(os.path.abspath(__file__))

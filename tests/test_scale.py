@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 import memory
 import streaming
 import train
-from kvcache import KVCache
+from kvcache import KVCache, attention_plan
 from lora import adapter_params, add_adapter, copy_adapter, use_adapter
-from model import CONFIGS, CausalWanModel, ModelConfig, attention_plan, randomize_head
+from model import CONFIGS, CausalWanModel, ModelConfig, randomize_head
 from test_train import SMALL, rows, run
 
 

@@ -1,7 +1,7 @@
 """
 The tiny shapes world: the procedural videos, the reward detectors on them, the committed
 pre-trained asset (loads strictly, its samples follow their prompts), and a 2-step smoke run of
-the pre-training loop. Never retrains for real.
+the pre-training loop (pretrain_tiny.py). Never retrains for real.
 
 Run:  python -m pytest tests/test_tiny_world.py -q
 """
@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from model import CONFIGS, CausalWanModel
+import pretrain_tiny
 import tiny_world as tw
+from sample import to_pixels
 from tiny_world import color_match, direction_match
 
 ASSET = os.path.join(ROOT, "assets", "tiny_world.safetensors")
@@ -50,7 +52,7 @@ def test_detectors_score_ground_truth():
     """Every prompt, 2 random starts each: ~1 for the named colour and direction, 0 for others."""
     g = torch.Generator().manual_seed(1)
     prompts = tw.PROMPTS * 2
-    videos = tw.to_pixels(tw.render([tw.parse_prompt(p) for p in prompts], 9, generator=g))
+    videos = to_pixels(tw.render([tw.parse_prompt(p) for p in prompts], 9, generator=g))
     assert color_match(videos, prompts).min() > 0.99
     assert direction_match(videos, prompts).min() > 0.99
     assert color_match(videos, [swapped(p, 0) for p in prompts]).max() < 0.01
@@ -72,12 +74,12 @@ def test_wrap_around_keeps_the_shape_in_frame():
 def pretrained_eval(pretrained):
     """The real 4-step AR sampler on 16 prompts (seeds not used in pre-training's own check)."""
     torch.manual_seed(0)
-    return tw.evaluate_prompt_following(pretrained, n=16, frames=9, seed=123)
+    return pretrain_tiny.evaluate_prompt_following(pretrained, n=16, frames=9, seed=123)
 
 
 @pytest.fixture(scope="module")
 def pretrained():
-    assert os.path.exists(ASSET), "assets/tiny_world.safetensors missing: run python tiny_world.py"
+    assert os.path.exists(ASSET), "assets/tiny_world.safetensors missing: run python pretrain_tiny.py"
     model = CausalWanModel(CONFIGS["tiny"])
     model.load_state_dict(load_file(ASSET), strict=True)  # base weights only, names match
     return model.eval()
@@ -103,7 +105,7 @@ def test_pretrained_samples_follow_direction(pretrained_eval):
 def test_pretraining_smoke(tmp_path):
     """Two optimizer steps on a tiny batch write a strictly loadable asset and its JSON."""
     out = str(tmp_path / "tw.safetensors")
-    meta = tw.main(tw.Args(steps=2, batch=2, warmup=1, eval_n=2, eval_every=0, out=out))
+    meta = pretrain_tiny.main(pretrain_tiny.Args(steps=2, batch=2, warmup=1, eval_n=2, eval_every=0, out=out))
     model = CausalWanModel(CONFIGS["tiny"])
     model.load_state_dict(load_file(out), strict=True)
     saved = json.load(open(str(tmp_path / "tw.json")))
