@@ -199,13 +199,21 @@ class CrossAttention(SelfAttention):
         return self.o(_attend(q, k, v, [(0, k.shape[1])]).flatten(2))  # (B, N, Dm)
 
 
+@torch.no_grad()
+def _draw_modulation(p):
+    """Wan's modulation init, randn / sqrt(Dm), in place; nothing on the meta device."""
+    if not p.is_meta:
+        p.normal_().div_(p.shape[-1] ** 0.5)
+
+
 class Block(nn.Module):
     """adaLN transformer block: self-attn (modulated, gated), cross-attn, FFN (modulated, gated)."""
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.dim
         # (1, 6, Dm), added to e0: shift, scale, gate of self-attention, then of the FFN
-        self.modulation = nn.Parameter(torch.empty(1, 6, d))  # drawn N(0, 1/Dm) in init_weights
+        self.modulation = nn.Parameter(torch.empty(1, 6, d))
+        _draw_modulation(self.modulation)
         self.norm1 = LayerNorm(d, cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
         self.norm3 = LayerNorm(d, cfg.eps, elementwise_affine=True)  # the one affine LayerNorm
@@ -293,7 +301,7 @@ class CausalWanModel(nn.Module):
         # only): one more forward of the blocks per backward, for keeping one (B, N, Dm) input
         # per block and one block's activations at a time instead of every block's
         self.grad_checkpointing = False
-        # built on the meta device a checkpoint fills every tensor: nothing to draw (and drawing
+        # built on the meta device, a checkpoint fills every tensor: nothing to draw (and drawing
         # there costs a second: torch's meta kernels for random ops load its compiler stack)
         if not self.head.head.weight.is_meta:
             self.init_weights()
@@ -310,9 +318,6 @@ class CausalWanModel(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)  # Wan's embeddings: N(0, 0.02^2), not xavier
         nn.init.zeros_(self.head.head.weight)  # the model starts by predicting v = 0
-        for m in self.modules():
-            if isinstance(m, (Block, Head)):
-                nn.init.normal_(m.modulation, std=self.cfg.dim ** -0.5)  # Wan: randn / sqrt(Dm)
 
     def forward(self, x, t, context, *, cache: KVCache = None, start_frame=0, clean_x=None,
                 history: KVCache = None, local=None, sink=None, mask_block=None, kv_only=False):
@@ -407,7 +412,8 @@ class Head(nn.Module):
         d = cfg.dim
         self.norm = LayerNorm(d, cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(d, math.prod(cfg.patch_size) * cfg.out_dim)
-        self.modulation = nn.Parameter(torch.empty(1, 2, d))  # drawn N(0, 1/Dm) in init_weights
+        self.modulation = nn.Parameter(torch.empty(1, 2, d))
+        _draw_modulation(self.modulation)
 
     def forward(self, x, e):  # x (B, N, Dm), e (B, F, Dm)
         B, Fr = e.shape[:2]
@@ -426,14 +432,15 @@ def randomize_head(model, std=0.02):
 @torch.no_grad()
 def init_materialized(model):
     """Initialise every parameter of a model built on the meta device and materialised with
-    to_empty() (garbage memory): the norms as at construction, then Wan's init_weights. Random-weight
-    runs only."""
+    to_empty() (garbage memory), then Wan's init_weights for the linears. Random-weight runs only."""
     for m in model.modules():
         if isinstance(m, (RMSNorm, nn.LayerNorm)):  # gains 1, biases 0, as at construction
             if m.weight is not None:
                 nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+        if isinstance(m, (Block, Head)):
+            _draw_modulation(m.modulation)
     nn.init.zeros_(model.patch_embedding.bias)  # init_weights leaves the conv's bias alone
     model.init_weights()
     randomize_head(model)

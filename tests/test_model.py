@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from kvcache import KVCache, attention_plan
-from model import CausalWanModel, ModelConfig
+import model as model_module
+from model import CONFIGS, CausalWanModel, ModelConfig
 from lora import adapter_params, add_adapter, set_adapter
 
 CFG = ModelConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=16, text_len=8)
@@ -180,3 +181,16 @@ def test_clear_errors():
         m(x, t, torch.randn(1, CFG.text_len + 1, CFG.text_dim))
     with pytest.raises(ValueError, match="local >= sink"):
         KVCache.for_model(CFG, 1, 9, HW, sink=3, local=5)
+
+
+def test_modulation_init_is_wans_and_skipped_on_meta():
+    """The modulations are drawn as Wan draws them (randn / sqrt(Dm), same generator calls, so a
+    seeded random model is unchanged); on the meta device nothing is drawn."""
+    torch.manual_seed(0)
+    p = torch.empty(1, 6, 128)
+    model_module._draw_modulation(p)
+    torch.manual_seed(0)
+    assert torch.equal(p, torch.randn(1, 6, 128) / 128 ** 0.5)
+    with torch.device("meta"):
+        m = CausalWanModel(CONFIGS["tiny"])
+    assert all(q.is_meta for q in m.parameters())
