@@ -185,21 +185,6 @@ def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0, rank=64, B=
     return dict(seconds=time.perf_counter() - t0, peak_mem_mb=peak_growth(dev, base))
 
 
-# ----------------------------------------------------------------------------------------------
-# Model FLOPs of one training call, for MFU. Only matmuls count (what torch's FlopCounterMode
-# counts too): every Linear, the patch Conv3d (a matmul over patches), attention's scores and
-# its weighted sum of values; 2 FLOPs per multiply-add. Norms, RoPE, softmax, GELU and adaLN are
-# elementwise (< 1% here). A linear on m rows, k -> n features (linear(m, k, n, ...) below):
-#     forward 2mkn;  backward dX 2mkn (if its input needs a gradient) + dW 2mkn (if trained)
-# plus, with a trained LoRA adapter of rank r (y += B A x):
-#     forward 2mr(k + n);  backward dB 2mrn + d(Ax) 2mrn + dA 2mkr + dX 2mkr (if input needs it)
-# Attention of Nq query tokens against the Nk keys they see: forward 4 Nq Nk D (scores, values),
-# backward 8 Nq Nk D (dQ, dK, dP, dV); Nq Nk summed over the block-causal plan (`qk`: causality
-# and the window skip key blocks: 21 frames in blocks of 3 see 4/7 of the full square).
-# The base is frozen in the NFT update, so its linears need dX but no dW: at 1.3B, 480x832, 21
-# frames the backward is 1.6x the forward (attention, half the forward, still costs 2x), not the
-# 2x of full training (6 x parameters x tokens) that MFU is usually quoted with; bench prints both.
-
 def gpu_bench(args):
     """The real size on one GPU with random weights: (a) 4-step AR rollout on a global cache,
     latent and video frames/s; (b) one NFT update as train.py runs it (LoRA default / old / ref,

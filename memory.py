@@ -26,7 +26,8 @@ Run:   python bench.py memory      (measured next to predicted, and every preset
 Shape legend: L layers, D model dim, Df FFN dim, r LoRA rank, P tokens per latent frame, h, w
 latent (tiny: pixel) height/width, F latent frames of the whole video, T of the window, m
 micro-batch, n samples per rank, E eval videos per rollout, Lt text tokens, b bytes per element;
-train_flops: N token rows through a block, Nq of them past their K and V, p pixels per patch.
+train_flops: N token rows through a block, Nq of them past their K and V, p pixels per patch,
+M rows of one linear, I -> O its features.
 """
 import torch
 
@@ -231,6 +232,24 @@ def report(args, cfg, start, world, bf16, device):
             f"({total_gb:.1f} GB); levers: {', '.join(levers(args))}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Model FLOPs of one training call, for MFU. Only matmuls count (what torch's FlopCounterMode
+# counts too): every Linear, the patch Conv3d (a matmul over patches), attention's scores and
+# its weighted sum of values; 2 FLOPs per multiply-add. Norms, RoPE, softmax, GELU and adaLN are
+# elementwise (< 1% here). A linear on M rows, I -> O features (linear(M, I, O, ...) below):
+#     forward 2MIO;  backward dX 2MIO (if its input needs a gradient) + dW 2MIO (if trained)
+# plus, with a trained LoRA adapter of rank r (y += B A x):
+#     forward 2Mr(I + O);  backward dB 2MrO + d(Ax) 2MrO + dA 2MIr + dX 2MIr (if input needs it)
+# Attention of Nq query tokens against the Nk keys they see: forward 4 Nq Nk D (scores, values),
+# backward 8 Nq Nk D (dQ, dK, dP, dV); Nq Nk summed over the block-causal plan (`qk`: causality
+# and the window skip key blocks: 21 frames in blocks of 3 see 4/7 of the full square).
+# The base is frozen in the NFT update, so its linears need dX but no dW: at 1.3B, 480x832, 21
+# frames the backward is 1.6x the forward (attention, half the forward, still costs 2x), not the
+# 2x of full training (6 x parameters x tokens) that MFU is usually quoted with; bench prints both.
+# merged (lora.py's float32 path, W + s B A): the merge 2rIO; backward dW_eff 2MIO, then dA and
+# dB from it 4rIO (instead of the LoRA terms above).
+
+
 def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_frame=0, local=-1,
                 sink=0, history=(), teacher_forcing=False, merged=False):
     """(forward, backward) FLOPs of model(x, t, ctx) on (batch, frames, C, *hw) latents with a
@@ -244,13 +263,13 @@ def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_fr
     trained = base_grad or lora_rank > 0
     flops = [0, 0]  # forward, backward
 
-    def linear(m, k, n, x_grad, r=0):
-        if r and merged:  # the merge B A (n, k); backward: dW = dy^T x, then dA and dB from dW
-            flops[0] += 2 * m * k * n + 2 * r * k * n
-            flops[1] += 2 * m * k * n * (x_grad + 1) + 4 * r * k * n
+    def linear(M, I, O, x_grad, r=0):
+        if r and merged:  # the merge B A (O, I); backward: dW = dy^T x, then dA and dB from dW
+            flops[0] += 2 * M * I * O + 2 * r * I * O
+            flops[1] += 2 * M * I * O * (x_grad + 1) + 4 * r * I * O
             return
-        flops[0] += 2 * m * k * n + 2 * m * r * (k + n)
-        flops[1] += 2 * m * k * n * (x_grad + base_grad) + 2 * m * r * (2 * n + k + k * x_grad)
+        flops[0] += 2 * M * I * O + 2 * M * r * (I + O)
+        flops[1] += 2 * M * I * O * (x_grad + base_grad) + 2 * M * r * (2 * O + I + I * x_grad)
 
     # embeddings: patches (from x), text MLP (from the raw context), time MLPs (from sinusoids)
     linear(N, cfg.in_dim * p, D, False)
