@@ -162,8 +162,9 @@ def check_args(args, world, registry):
         if inert:
             warn.append(f"{', '.join(inert)}: used only with --selective: ignored")
     if args.reward_frames != 8 and not args.exact_reference and not framed:
-        warn.append("--reward-frames: used only by rewards with a `frames` keyword (hpsv2, clip_score, "
-                    "aesthetic): ignored")
+        takers = sorted(name for name, fn in registry.items() if takes_frames(fn))
+        warn.append(f"--reward-frames: used only by rewards with a `frames` keyword ({', '.join(takers)}): "
+                    f"ignored")
     if args.model == "tiny":
         unreadable = [p for p in args.prompts if not tiny_world.readable(p)]
         if args.prompt_file and os.path.isfile(find_file(args.prompt_file)):

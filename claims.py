@@ -46,7 +46,7 @@ import tiny_world
 import train
 from checkpoints import load_adapter_file
 from common import log, save_strip, seed_of, write_atomic
-from rewards import REWARDS, MultiReward
+from rewards import MultiReward
 from sample import to_pixels
 from streaming import rollout
 
@@ -202,7 +202,7 @@ def scores_of(videos, prompts, n_seeds):
     """Every detector's mean over the eval videos (prompts repeated once per seed)."""
     # every detector on every eval video, trained on or not; the claim picks what it reports
     names = DEFAULT_REWARDS + [f"{h}=1" for h in HELD_OUT]
-    multi = MultiReward(names, registry={**REWARDS, **tiny_world.REWARDS}, frames=None)
+    multi = MultiReward(names, registry=train.REGISTRY, frames=None)
     _, per = multi(videos, prompts * n_seeds)
     return {name: value.mean().item() for name, value in per.items()}
 

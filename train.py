@@ -269,6 +269,10 @@ RELEASED = dict(train_mask="frame", train_sink=False, uncertainty_sign="released
                 global_std=True, adaptive_weight=False, old_decay="linear")
 
 
+# every reward --rewards can name: weight-free, learned, the shapes world's detectors
+REGISTRY = {**REWARDS, **reward_models.REWARDS, **tiny_world.REWARDS}
+
+
 def released_behaviour(args):
     """args with every RELEASED value in place (what --exact-reference runs)."""
     return dataclasses.replace(args, **RELEASED)
@@ -395,9 +399,8 @@ def main(args: Args):
         log("--exact-reference: " + ", ".join(f"{k} {v}" for k, v in RELEASED.items()))
 
     # ---- every check before anything loads (checks.py): all problems at once, one line each
-    registry = {**REWARDS, **reward_models.REWARDS, **tiny_world.REWARDS}  # weight-free, learned, shapes
     # (raises UsageError, logs the warnings; returns args with every input file as found)
-    args, resume_path = checks.check_run(args, world, registry, master)
+    args, resume_path = checks.check_run(args, world, REGISTRY, master)
     N, K = args.prompts_per_step * args.group_size, args.group_size
     n_local, T = N // world, args.window or args.num_frames
     # plumbing: CPU threads per process, so that ranks on one machine do not fight over cores
@@ -418,7 +421,7 @@ def main(args: Args):
     if args.prompt_file:
         prompts += checks.prompt_lines(args.prompt_file)
     prompts = prompts or tiny_world.PROMPTS
-    multi = MultiReward(args.rewards, registry=registry, frames=args.reward_frames)
+    multi = MultiReward(args.rewards, registry=REGISTRY, frames=args.reward_frames)
     names = multi.names
     try:  # a file that exists but holds the wrong thing is the user's to fix, not a traceback
         frozen = FrozenParts(args, prompts, device)

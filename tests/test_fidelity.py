@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checks
 import nft_loss as nft
 import reward_models
 import rewards
@@ -153,6 +154,10 @@ def test_reward_frames():
     assert fn is reward_models.hpsv2  # the default 8
     (_, fn, _), = rewards.parse_rewards(["flicker"], frames=0)
     assert fn is rewards.flicker  # video rewards take no frame count
+    # on rewards that take no frame count the flag is inert, and the warning names those that do
+    _, warnings = checks.check_args(dataclasses.replace(train.Args(), reward_frames=4), 1, train.REGISTRY)
+    assert "--reward-frames: used only by rewards with a `frames` keyword (aesthetic, clip_score, hpsv2)" in \
+        " ".join(warnings)
     v = torch.rand(1, 81, 3, 4, 4)
     assert reward_models._subsample(v, 0).shape[1] == 81 and reward_models._subsample(v, 8).shape[1] == 8
 
