@@ -152,12 +152,16 @@ class KVCache:
     def select(self, rows) -> "KVCache":
         """A new cache holding copies of batch rows `rows` (repeats allowed: [0, 0, 1] gives the
         first video twice): the group rollout branches K candidates from one prompt's history.
-        The copy shares no memory with this cache."""
+        The copy shares no memory with this cache. Only the filled slots are copied: the slots
+        past `length` are left unset in the copy, and nothing reads a slot before it is written."""
         idx = torch.as_tensor(list(rows), device=self.k.device)
         new = KVCache.__new__(KVCache)
         new.__dict__.update(self.__dict__)  # every field, then its own copies of what it mutates
-        new.k = self.k.index_select(1, idx)  # (Ly, len(rows), T, Hd, D), a fresh tensor
-        new.v = self.v.index_select(1, idx)
+        n = self.length  # a history at frame s fills s of the capacity's frames: copy those only
+        new.k = self.k.new_empty(self.k.shape[:1] + (len(idx),) + self.k.shape[2:])  # (Ly, len(rows), T, Hd, D)
+        new.v = self.v.new_empty(new.k.shape)
+        torch.index_select(self.k[:, :, :n], 1, idx, out=new.k[:, :, :n])
+        torch.index_select(self.v[:, :, :n], 1, idx, out=new.v[:, :, :n])
         new.frames = list(self.frames)  # evicting in the copy must not touch this cache's list
         new.cross = [None if c is None else tuple(x.index_select(0, idx) for x in c) for c in self.cross]
         return new

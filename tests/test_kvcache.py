@@ -84,6 +84,24 @@ def test_stacked_copies_are_independent():
     assert snap.frames == [0, 1, 2, 3, 4, 5, 6, 7, 8]
 
 
+def test_copy_of_a_partly_filled_cache_continues_like_the_original():
+    # a history at frame 6 of a 12-frame global cache: select copies the 6 filled frames only
+    cache = KVCache(LAYERS, 2, 12, TPF, HEADS, D)
+    for a in (0, 3):
+        write_block(cache, a, 3, lambda f: f + 0.25)
+    branch = cache.select([1, 0, 1])
+    assert branch.k.shape == (LAYERS, 3, 12 * TPF, HEADS, D) and branch.length == cache.length
+    for i in range(LAYERS):
+        for r, src in enumerate([1, 0, 1]):
+            assert torch.equal(branch.layer(i)[0][r], cache.layer(i)[0][src])
+            assert torch.equal(branch.layer(i)[1][r], cache.layer(i)[1][src])
+    # the copy continues past the copied frames exactly as the original does
+    write_block(branch, 6, 3)
+    write_block(cache, 6, 3)
+    assert branch.frames == cache.frames == list(range(9))
+    assert torch.equal(branch.layer(0)[0][1], cache.layer(0)[0][0])
+
+
 def test_reset_and_reset_cross():
     cache = KVCache(LAYERS, 1, 6, TPF, HEADS, D)
     write_block(cache, 0, 3)
