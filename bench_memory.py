@@ -30,12 +30,13 @@ import time
 from dataclasses import replace
 
 import torch
+import torch.nn as nn
 
 import memory
 import streaming
 import train
 from common import reset_peak
-from model import CONFIGS, CausalWanModel, init_materialized
+from model import CONFIGS, Block, CausalWanModel, Head, RMSNorm, randomize_head
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH = os.path.join(HERE, "bench.py")  # every memory case runs as `bench.py --case memory:...`
@@ -53,6 +54,24 @@ def random_model(cfg, dev, dtype):
     model = model.to_empty(device=dev)
     init_materialized(model)  # to_empty leaves garbage: every parameter initialised
     return model.to(dtype)
+
+
+@torch.no_grad()
+def init_materialized(model):
+    """Every parameter of a model built on the meta device and materialised with to_empty()
+    (garbage memory) initialised as at construction: norm gains 1 and biases 0, modulations
+    randn / sqrt(Dm), Wan's init_weights for the linears, a random head."""
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, nn.LayerNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        if isinstance(m, (Block, Head)):
+            m.modulation.normal_().div_(m.modulation.shape[-1] ** 0.5)
+    nn.init.zeros_(model.patch_embedding.bias)  # init_weights leaves the conv's bias alone
+    model.init_weights()
+    randomize_head(model)
 
 
 def subprocess_json(cmd, env=None):
