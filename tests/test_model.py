@@ -194,3 +194,39 @@ def test_modulation_init_is_wans_and_skipped_on_meta():
     with torch.device("meta"):
         m = CausalWanModel(CONFIGS["tiny"])
     assert all(q.is_meta for q in m.parameters())
+
+
+def test_no_grad_ffn_in_chunks_equals_the_plain_ffn(monkeypatch):
+    """The sampler's FFN (token chunks, GELU as h sigmoid(2u)) against the plain nn.Sequential
+    with nn.GELU(tanh): the same numbers to float rounding, the last chunk a partial one."""
+    monkeypatch.setattr(model_module, "FFN_ROWS", 7)  # 3 x 11 = 33 tokens: 4 full chunks + 5
+    ffn = make().blocks[0].ffn
+    x = torch.randn(3, 11, CFG.dim) * 3
+    with torch.no_grad():
+        fast = model_module._ffn(ffn, x)
+    plain = ffn(x)  # with a gradient: the plain path
+    assert plain.requires_grad and not fast.requires_grad
+    assert close(fast, plain.detach())
+    # the GELU alone, from its saturated tails through zero, against torch's own tanh GELU
+    h = torch.linspace(-30, 30, 20001)
+    want = torch.nn.functional.gelu(h.double(), approximate="tanh")
+    assert (model_module._gelu_tanh_(h.clone()).double() - want).abs().max() < 1e-5
+    assert torch.isnan(model_module._gelu_tanh_(torch.tensor([float("nan")]))).all()
+
+
+def test_rms_norm_equals_its_formula_and_has_finite_grads_at_zero():
+    """RMSNorm via ||x||^2 / Dm against x * rsqrt(mean(x^2) + eps) * w, and its gradient (a
+    row of zeros included: the norm's derivative there is 0/0 unless handled) against autograd
+    through the formula."""
+    norm = model_module.RMSNorm(CFG.dim, 1e-6)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(4, 5, CFG.dim)
+    x[0, 0] = 0.0
+    x.requires_grad_(True)
+    y = norm(x)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert close(y, want)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gw,) = torch.autograd.grad(want, x, g)
+    assert torch.isfinite(gx).all() and close(gx, gw)
