@@ -36,7 +36,7 @@ import memory
 import streaming
 import train
 from common import reset_peak
-from model import CONFIGS, Block, CausalWanModel, Head, RMSNorm, randomize_head
+from model import CONFIGS, Block, CausalWanModel, Head, RMSNorm, _draw_modulation, randomize_head
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH = os.path.join(HERE, "bench.py")  # every memory case runs as `bench.py --case memory:...`
@@ -68,7 +68,7 @@ def init_materialized(model):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
         if isinstance(m, (Block, Head)):
-            m.modulation.normal_().div_(m.modulation.shape[-1] ** 0.5)
+            _draw_modulation(m.modulation)  # Wan's randn / sqrt(Dm), the draw of construction
     nn.init.zeros_(model.patch_embedding.bias)  # init_weights leaves the conv's bias alone
     model.init_weights()
     randomize_head(model)
