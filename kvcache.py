@@ -21,7 +21,8 @@ a query block that ends (exclusive) at frame e may attend to the frames
 With S = 0 this is the reference's local-window *training* mask; with L = -1 it is plain
 block-causal attention; with S > 0 it is what the rolling cache holds after eviction.
 attention_plan() turns the rule into the token ranges each query block of a training forward
-attends to (model.py runs it; memory.py and bench.py count with it).
+attends to (model.py runs it; memory.py and bench.py count with it); with teacher forcing it
+leaves out the clean copy of the last block, which nothing reads (clean_context_frames()).
 
 Deliberate difference from LongLive/Astrolabe (docs/wan_architecture.md#quirks-of-the-released-cache,
 quirks 1 and 2): when the sink
@@ -171,17 +172,29 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2  # K and V
 
 
+def clean_context_frames(frames, nfpb):
+    """Teacher forcing: the clean frames a training forward needs, [0, c) of the clip.
+
+    Noisy block [a, b) reads the clean copies of the frames before a only, so the clean copy of
+    the last block is read by no noisy query (and no clean block attends forward in time): the
+    forward leaves it out. The outputs are the same; one block fewer goes through every layer
+    (for a 2-block window, a quarter of the tokens). One block: c = 0, plain attention."""
+    return (frames - 1) // nfpb * nfpb
+
+
 def attention_plan(frames, tpf, nfpb, start_frame=0, local=-1, sink=0, history=(),
                    teacher_forcing=False):
     """Block-causal attention as a list of ((q_lo, q_hi), [(k_lo, k_hi), ...]) token ranges.
 
-    The K/V sequence is [history frames ; this clip] (teacher forcing: [history ; clean clip ;
-    noisy clip]). Query block [a, b) of the clip, ending at absolute frame e, sees
+    The K/V sequence is [history frames ; this clip] (teacher forcing: [history ; clean frames
+    [0, c) of the clip ; noisy clip], c = clean_context_frames). Query block [a, b) of the clip,
+    ending at absolute frame e, sees
       plain:            every frame f with visible(f, e), its own block included
       teacher forcing:  clean blocks: as plain;  noisy block: clean/history frames f < start of
                         the block with visible(f, e), plus its own noisy block (not its clean copy)
     """
-    ctx = list(history) + list(range(start_frame, start_frame + frames))  # K/V frames, absolute
+    c = clean_context_frames(frames, nfpb) if teacher_forcing else frames  # clip frames in the K/V
+    ctx = list(history) + list(range(start_frame, start_frame + c))  # K/V frames, absolute
     plan = []
     for a in range(0, frames, nfpb):
         b = min(a + nfpb, frames)
@@ -190,11 +203,12 @@ def attention_plan(frames, tpf, nfpb, start_frame=0, local=-1, sink=0, history=(
         if not teacher_forcing:
             plan.append(((a * tpf, b * tpf), _runs(causal, tpf)))
             continue
-        plan.append(((a * tpf, b * tpf), _runs(causal + [False] * frames, tpf)))  # clean block
-        # noisy block (queries after the clean half): history / clean frames before its start + itself
+        if a < c:  # a clean block (c is a whole number of blocks)
+            plan.append(((a * tpf, b * tpf), _runs(causal + [False] * frames, tpf)))
+        # noisy block (queries after the clean frames): history / clean frames before its start + itself
         noisy = [f < start_frame + a and v for f, v in zip(ctx, causal)] + [a <= i < b for i in range(frames)]
-        plan.append((((frames + a) * tpf, (frames + b) * tpf), _runs(noisy, tpf)))
-    return sorted(plan)  # query order: the clean half's blocks, then the noisy half's
+        plan.append((((c + a) * tpf, (c + b) * tpf), _runs(noisy, tpf)))
+    return sorted(plan)  # query order: the clean blocks, then the noisy ones
 
 
 def _runs(mask, tpf):

@@ -33,7 +33,7 @@ import torch
 
 from common import log
 from lora import add_adapter, adapter_numel
-from kvcache import attention_plan
+from kvcache import attention_plan, clean_context_frames
 from model import CausalWanModel
 
 GB = 2 ** 30
@@ -153,16 +153,18 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
 
     # ---- the update: the x_theta forward's saved activations for one micro-batch
     clean = args.window_context == "clean"
-    tokens = m * T * P * (2 if clean else 1)
+    mask_block = 1 if args.train_mask == "frame" else block
+    # teacher forcing: the clean frames some noisy block reads, before the noisy ones
+    nc = clean_context_frames(T, mask_block) if clean else 0
+    tokens = m * (nc + T) * P
     past = list(range(start))  # the history's frames: all of them, or the rolling cache's
     if args.local_attn >= 0:
         past = [f for f in past if f < args.sink or f >= start - (cap - args.sink)]
-    mask_block = 1 if args.train_mask == "frame" else block
     sink = args.sink if args.train_sink else 0
     plan = attention_plan(T, P, mask_block, start, args.local_attn, sink, past, clean)
     hist_tokens = len(past) * P if streaming else 0
-    # every block but the last computes every token; the last one only the noisy half (clean)
-    q_last = T * P if clean else 0
+    # every block but the last computes every token; the last one only the noisy frames (clean)
+    q_last = nc * P
     keys = m * kept_keys(plan, 0, tokens // m, hist_tokens)
     keys_last = m * kept_keys(plan, q_last, tokens // m, hist_tokens)
     layers = [(tokens, tokens, keys)] * (cfg.num_layers - 1) + [(tokens, tokens - m * q_last, keys_last)]
@@ -258,7 +260,8 @@ def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_fr
     merged: lora.py's float32 path (base and adapter float32, no autocast: W + s B A per call)."""
     D, Lt, p = cfg.dim, cfg.text_len, cfg.patch_size[1] * cfg.patch_size[2]
     P = hw[0] * hw[1] // p  # tokens per frame
-    nf = frames * (2 if teacher_forcing else 1)  # teacher forcing: [clean ; noisy] frames
+    nc = clean_context_frames(frames, cfg.frames_per_block) if teacher_forcing else 0
+    nf = nc + frames  # teacher forcing: [clean frames some noisy block reads ; noisy] frames
     N = batch * nf * P  # token rows through every block
     trained = base_grad or lora_rank > 0
     flops = [0, 0]  # forward, backward
@@ -279,8 +282,8 @@ def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_fr
     # sum over query blocks of (query tokens) x (keys they see), history keys included
     plan = attention_plan(frames, P, cfg.frames_per_block, start_frame, local, sink, history, teacher_forcing)
     qk = batch * sum((qhi - qlo) * sum(hi - lo for lo, hi in runs) for (qlo, qhi), runs in plan)
-    # the last block computes only what the head reads: with teacher forcing the noisy half
-    clean = frames * P if teacher_forcing else 0  # query tokens the last block skips, per video
+    # the last block computes only what the head reads: with teacher forcing the noisy frames
+    clean = nc * P  # query tokens the last block skips, per video
     qk_last = batch * sum((qhi - qlo) * sum(hi - lo for lo, hi in runs) for (qlo, qhi), runs in plan
                           if qlo >= clean)
     r = lora_rank

@@ -19,7 +19,7 @@ block (kvcache.visible), so it equals path 1 run block by block (tests/test_mode
 The parameter names are the checkpoints' own, so released weights load with strict=True.
 Test:  python -m pytest tests/test_parity.py tests/test_model.py -q
 
-Shape legend: B batch, F latent frames (2F with teacher forcing: clean + noisy), C latent
+Shape legend: B batch, F latent frames (more with teacher forcing: clean + noisy), C latent
 channels, H, W latent height/width, h, w token grid (H/2, W/2 for Wan's 1x2x2 patches), P tokens
 per frame (h*w), N tokens of one call (F*P), N' the tokens a block keeps, Dm model dim, Hd heads,
 D head dim, Lt text tokens, Dt text dim.
@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 from torch.utils.checkpoint import checkpoint
 
-from kvcache import KVCache, attention_plan
+from kvcache import KVCache, attention_plan, clean_context_frames
 from lora import LoRALinear, lora_layers
 
 
@@ -373,9 +373,12 @@ class CausalWanModel(nn.Module):
         ph, pw = cfg.patch_size[1:]
         h, w = H // ph, W // pw
         tpf = h * w  # P: tokens per frame
-        xs = x if clean_x is None else torch.cat([clean_x, x], dim=1)
-        ts = t if clean_x is None else torch.cat([torch.zeros_like(t), t], dim=1)  # clean half: t = 0 ("aug_t")
-        nf = xs.shape[1]  # frames in the sequence: F, or 2F with teacher forcing
+        # teacher forcing: the clean frames [0, nc) some noisy block reads (the last block's clean
+        # copy is read by none: left out, same outputs), at t = 0 ("aug_t"), before the noisy ones
+        nc = 0 if clean_x is None else clean_context_frames(Fr, mask_block or cfg.frames_per_block)
+        xs = x if clean_x is None else torch.cat([clean_x[:, :nc], x], dim=1)
+        ts = t if clean_x is None else torch.cat([torch.zeros_like(t[:, :nc]), t], dim=1)
+        nf = xs.shape[1]  # frames in the sequence: F, or nc + F with teacher forcing
 
         # patchify: Conv3d with kernel = stride = patch, tokens ordered (f, h, w)
         # contiguous: the conv gives (B, Dm, N); left transposed, every op downstream inherits
@@ -392,10 +395,10 @@ class CausalWanModel(nn.Module):
         ctx = None if cache is not None and all(c is not None for c in cache.cross) else \
             self.text_embedding(F_.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])))
 
-        # RoPE: absolute frame positions; both halves of teacher forcing share them
+        # RoPE: absolute frame positions; a clean frame and its noisy copy share them
         freqs = rope_freqs(cfg.dim // cfg.num_heads, start_frame, Fr, h, w, x.device)
         if clean_x is not None:
-            freqs = torch.cat([freqs, freqs], dim=0)
+            freqs = torch.cat([freqs[:nc * tpf], freqs], dim=0)
 
         # who attends to what
         if cache is not None:
@@ -416,8 +419,8 @@ class CausalWanModel(nn.Module):
 
         ckpt = self.grad_checkpointing and cache is None and torch.is_grad_enabled()
         # the last block computes only what the head reads: nothing for a cache pass (kv_only),
-        # the noisy half with teacher forcing (the clean half's outputs would be thrown away)
-        last_keep = nf if kv_only else (Fr if clean_x is not None else 0)
+        # the noisy frames with teacher forcing (the clean frames' outputs would be thrown away)
+        last_keep = nf if kv_only else nc
         for i, block in enumerate(self.blocks):
             keep = last_keep if i == len(self.blocks) - 1 else 0
             if ckpt:  # use_reentrant=False: grads reach the inputs' and params' graph directly
@@ -430,7 +433,7 @@ class CausalWanModel(nn.Module):
             return None
 
         if clean_x is not None:  # the head's modulation for the noisy frames
-            e = e.unflatten(0, (B, nf))[:, Fr:].flatten(0, 1)
+            e = e.unflatten(0, (B, nf))[:, nc:].flatten(0, 1)
         out = self.head(tok, e.unflatten(0, (B, Fr)))  # (B, F, P, ph*pw*C)
         # unpatchify: features ordered (pt, ph, pw, c); -> (B, F, C, H, W)
         out = out.view(B, Fr, h, w, ph, pw, cfg.out_dim)

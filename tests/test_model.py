@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from kvcache import KVCache, attention_plan
+from kvcache import KVCache, attention_plan, clean_context_frames
 import model as model_module
 from model import CONFIGS, CausalWanModel, ModelConfig
 from lora import adapter_params, add_adapter, set_adapter
@@ -78,7 +78,13 @@ def brute_mask(F, tpf, n, local, sink, teacher_forcing):
 def test_plan_equals_brute_force_mask(F, n, local, sink, tf):
     tpf = 2
     plan = attention_plan(F, tpf, n, local=local, sink=sink, teacher_forcing=tf)
-    L = (2 if tf else 1) * F * tpf
+    want = brute_mask(F, tpf, n, local, sink, tf)
+    if tf:  # the plan leaves out the clean frames [c, F): no noisy query, no earlier clean one reads them
+        c, F_tok = clean_context_frames(F, n) * tpf, F * tpf
+        assert not want[:c, c:F_tok].any() and not want[F_tok:, c:F_tok].any()
+        keep = torch.cat([torch.arange(c), torch.arange(F_tok, 2 * F_tok)])
+        want = want[keep][:, keep]
+    L = want.shape[0]
     m = torch.zeros(L, L, dtype=torch.bool)
     covered = torch.zeros(L, dtype=torch.int)
     for (qlo, qhi), runs in plan:
@@ -86,7 +92,7 @@ def test_plan_equals_brute_force_mask(F, n, local, sink, tf):
         for lo, hi in runs:
             m[qlo:qhi, lo:hi] = True
     assert torch.all(covered == 1), "every query token in exactly one block"
-    assert torch.equal(m, brute_mask(F, tpf, n, local, sink, tf))
+    assert torch.equal(m, want)
 
 
 @pytest.mark.parametrize("local,sink", [(-1, 0), (6, 0), (9, 3), (8, 2), (10, 4)])

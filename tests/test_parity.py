@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvcache import KVCache, attention_plan
+from kvcache import KVCache, attention_plan, clean_context_frames
 from model import CausalWanModel, ModelConfig, rope_freqs, apply_rope, sinusoid
 from sample import TensorNoise, generate, sampler_timesteps, flow_to_x0
 
@@ -140,10 +140,14 @@ def test_case(path, case):
             name = key[len(f"{case}_dbg_"):].replace("_out", "")
             assert maxdiff(seen[name], T[key]) <= TOL, key
         if f"{case}_mask" in T:  # the attention pattern itself, exactly
-            F = x.shape[1]
+            F, ref = x.shape[1], T[f"{case}_mask"]
             plan = attention_plan(F, tpf, nfpb, local=local, teacher_forcing=clean is not None)
-            n = (2 if clean is not None else 1) * F * tpf
-            assert torch.equal(dense_mask(plan, n), T[f"{case}_mask"])
+            if clean is not None:  # ours leaves out the clean frames [c, F): nobody else reads them
+                c, L = clean_context_frames(F, nfpb) * tpf, F * tpf
+                assert not ref[:c, c:L].any() and not ref[L:, c:L].any()
+                keep = torch.cat([torch.arange(c), torch.arange(L, 2 * L)])
+                ref = ref[keep][:, keep]
+            assert torch.equal(dense_mask(plan, ref.shape[1]), ref)
         return
 
     # b / c: AR sampling through the KV cache, replaying the stored noise

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import memory
 import streaming
 import train
-from kvcache import KVCache, attention_plan
+from kvcache import KVCache, attention_plan, clean_context_frames
 from lora import adapter_params, add_adapter, copy_adapter, use_adapter
 from model import CONFIGS, CausalWanModel, ModelConfig, randomize_head
 from test_train import SMALL, rows, run
@@ -159,8 +159,10 @@ def test_saved_activations_match_autograd(dtype, context):
     start = 6 if past else 0
     plan = attention_plan(T, P, cfg.frames_per_block, start, 6 if past else -1, 3 if past else 0, past,
                           clean is not None)
-    tokens = T * P * (2 if clean is not None else 1)
-    q_last = T * P if clean is not None else 0  # the last block computes only the noisy half
+    # teacher forcing: [clean frames some noisy block reads ; noisy frames]
+    nc = clean_context_frames(T, cfg.frames_per_block) if clean is not None else 0
+    tokens = (nc + T) * P
+    q_last = nc * P  # the last block computes only the noisy frames
     layers = [(tokens, tokens, memory.kept_keys(plan, 0, tokens, len(past) * P)),
               (tokens, tokens - q_last, memory.kept_keys(plan, q_last, tokens, len(past) * P))]
     want = memory.saved_activations(cfg, 24, dtype, layers, cfg.text_len)
