@@ -19,7 +19,7 @@ block (kvcache.visible), so it equals path 1 run block by block (tests/test_mode
 The parameter names are the checkpoints' own, so released weights load with strict=True.
 Test:  python -m pytest tests/test_parity.py tests/test_model.py -q
 
-Shape legend: B batch, F latent frames (more with teacher forcing: clean + noisy), C latent
+Shape legend: B batch, F latent frames (teacher forcing: nc < F clean ones before them), C latent
 channels, H, W latent height/width, h, w token grid (H/2, W/2 for Wan's 1x2x2 patches), P tokens
 per frame (h*w), N tokens of one call (F*P), N' the tokens a block keeps, Dm model dim, Hd heads,
 D head dim, Lt text tokens, Dt text dim.
