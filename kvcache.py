@@ -21,7 +21,7 @@ a query block that ends (exclusive) at frame e may attend to the frames
 With S = 0 this is the reference's local-window *training* mask; with L = -1 it is plain
 block-causal attention; with S > 0 it is what the rolling cache holds after eviction.
 attention_plan() turns the rule into the token ranges each query block of a training forward
-attends to (model.py runs it; memory.py and bench.py count with it); with teacher forcing it
+attends to (model.py runs it; memory.py counts with it); with teacher forcing it
 leaves out the clean copy of the last block, which nothing reads (clean_context_frames()).
 
 Deliberate difference from LongLive/Astrolabe (docs/wan_architecture.md#quirks-of-the-released-cache,
