@@ -373,9 +373,10 @@ class CausalWanModel(nn.Module):
         ph, pw = cfg.patch_size[1:]
         h, w = H // ph, W // pw
         tpf = h * w  # P: tokens per frame
+        nfpb = mask_block or cfg.frames_per_block  # frames per block of the training mask
         # teacher forcing: the clean frames [0, nc) some noisy block reads (the last block's clean
         # copy is read by none: left out, same outputs), at t = 0 ("aug_t"), before the noisy ones
-        nc = 0 if clean_x is None else clean_context_frames(Fr, mask_block or cfg.frames_per_block)
+        nc = 0 if clean_x is None else clean_context_frames(Fr, nfpb)
         xs = x if clean_x is None else torch.cat([clean_x[:, :nc], x], dim=1)
         ts = t if clean_x is None else torch.cat([torch.zeros_like(t[:, :nc]), t], dim=1)
         nf = xs.shape[1]  # frames in the sequence: F, or nc + F with teacher forcing
@@ -413,8 +414,7 @@ class CausalWanModel(nn.Module):
             if sink is None:
                 sink = history.sink if history is not None else 0
             past = [] if history is None else history.frames  # absolute frames of the history
-            blocks = attention_plan(Fr, tpf, mask_block or cfg.frames_per_block, start_frame, local, sink,
-                                    past, clean_x is not None)
+            blocks = attention_plan(Fr, tpf, nfpb, start_frame, local, sink, past, clean_x is not None)
             plan = _Plan(blocks, history=history)
 
         ckpt = self.grad_checkpointing and cache is None and torch.is_grad_enabled()
