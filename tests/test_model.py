@@ -72,6 +72,16 @@ def brute_mask(F, tpf, n, local, sink, teacher_forcing):
     return m
 
 
+def without_unread_clean(mask, F, tpf, n):
+    """A dense [clean ; noisy] teacher-forcing mask (2 F tpf square) as attention_plan lays it
+    out: after checking that no query but their own reads the clean frames [c, F), it drops them
+    (c = clean_context_frames). Also used on the reference's mask (tests/test_parity.py)."""
+    c, L = clean_context_frames(F, n) * tpf, F * tpf
+    assert not mask[:c, c:L].any() and not mask[L:, c:L].any()  # no earlier clean query, no noisy one
+    keep = torch.cat([torch.arange(c), torch.arange(L, 2 * L)])
+    return mask[keep][:, keep]
+
+
 @pytest.mark.parametrize("F,n,local,sink", [(9, 3, -1, 0), (10, 3, 6, 0), (12, 3, 9, 3), (12, 3, 8, 2),
                                             (12, 3, 10, 4), (7, 2, 5, 1), (6, 1, 3, 1)])
 @pytest.mark.parametrize("tf", [False, True])
@@ -79,11 +89,8 @@ def test_plan_equals_brute_force_mask(F, n, local, sink, tf):
     tpf = 2
     plan = attention_plan(F, tpf, n, local=local, sink=sink, teacher_forcing=tf)
     want = brute_mask(F, tpf, n, local, sink, tf)
-    if tf:  # the plan leaves out the clean frames [c, F): no noisy query, no earlier clean one reads them
-        c, F_tok = clean_context_frames(F, n) * tpf, F * tpf
-        assert not want[:c, c:F_tok].any() and not want[F_tok:, c:F_tok].any()
-        keep = torch.cat([torch.arange(c), torch.arange(F_tok, 2 * F_tok)])
-        want = want[keep][:, keep]
+    if tf:  # the plan leaves out the clean frames nothing reads
+        want = without_unread_clean(want, F, tpf, n)
     L = want.shape[0]
     m = torch.zeros(L, L, dtype=torch.bool)
     covered = torch.zeros(L, dtype=torch.int)

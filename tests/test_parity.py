@@ -23,9 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvcache import KVCache, attention_plan, clean_context_frames
+from kvcache import KVCache, attention_plan
 from model import CausalWanModel, ModelConfig, rope_freqs, apply_rope, sinusoid
 from sample import TensorNoise, generate, sampler_timesteps, flow_to_x0
+from test_model import without_unread_clean
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.environ.get("ASTRO_FIXTURES", os.path.join(HERE, "fixtures"))
@@ -142,11 +143,8 @@ def test_case(path, case):
         if f"{case}_mask" in T:  # the attention pattern itself, exactly
             F, ref = x.shape[1], T[f"{case}_mask"]
             plan = attention_plan(F, tpf, nfpb, local=local, teacher_forcing=clean is not None)
-            if clean is not None:  # ours leaves out the clean frames [c, F): nobody else reads them
-                c, L = clean_context_frames(F, nfpb) * tpf, F * tpf
-                assert not ref[:c, c:L].any() and not ref[L:, c:L].any()
-                keep = torch.cat([torch.arange(c), torch.arange(L, 2 * L)])
-                ref = ref[keep][:, keep]
+            if clean is not None:  # ours leaves out the clean frames nothing reads
+                ref = without_unread_clean(ref, F, tpf, nfpb)
             assert torch.equal(dense_mask(plan, ref.shape[1]), ref)
         return
 
