@@ -88,7 +88,7 @@ def test_lerp_adapter():
     dst0 = [p.clone() for p in adapter_params(m, "dst")]
     src0 = [p.clone() for p in adapter_params(m, "src")]
     lerp_adapter(m, "dst", "src", 0.9)
-    for d, d0, s, s0 in zip(adapter_params(m, "dst"), dst0, adapter_params(m, "src"), src0):
+    for d, d0, s, s0 in zip(adapter_params(m, "dst"), dst0, adapter_params(m, "src"), src0, strict=True):
         torch.testing.assert_close(d, 0.9 * d0 + 0.1 * s0, rtol=0, atol=1e-6)
         assert torch.equal(s, s0)  # the source is untouched
     assert not torch.equal(adapter_params(m, "dst")[0], dst0[0])
@@ -102,7 +102,7 @@ def test_matches_merged_weights():
     set_adapter(m, "a")
     merged = tiny()
     with torch.no_grad():
-        for (n, lin), (n2, lin2) in zip(lora_layers(m), lora_layers(merged)):
+        for (n, lin), (n2, lin2) in zip(lora_layers(m), lora_layers(merged), strict=True):
             assert n == n2
             ad = lin.lora["a"]
             lin2.weight.copy_(lin.weight + 3.0 * ad.B @ ad.A)

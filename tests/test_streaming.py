@@ -99,7 +99,9 @@ def test_torchrun_streaming_step_equals_one_process(tmp_path):
     run(common, one)
     run(common, two, cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train.py"])
-    for x, y in zip(rows(one), rows(two)):
+    ra, rb = rows(one), rows(two)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2]  # both ran, both logged
+    for x, y in zip(ra, rb, strict=True):
         assert x["window_start"] == y["window_start"] == 6
         # step 1 agrees to ~1e-6; from step 2 on, the gradient sums' float rounding (two ranks add
         # in another order) has gone through AdamW, whose m / sqrt(v) blows a near-zero gradient

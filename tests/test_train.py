@@ -99,8 +99,8 @@ def test_resume_is_exact(tmp_path):
         f.write(json.dumps({"step": 3, "reward_mean": -1.0}) + "\n")
     run(["--steps", "4", "--resume", "latest"] + common, b)
     ra, rb = rows(a), rows(b)
-    assert [r["step"] for r in rb] == [1, 2, 3, 4]
-    for x, y in zip(ra, rb):
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 3, 4]
+    for x, y in zip(ra, rb, strict=True):
         assert strip_times(x) == strip_times(y)
     assert ra[3]["loss"] != ra[2]["loss"]  # the comparison is not trivially true
 
@@ -111,7 +111,9 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     run(common, one)
     run(common, two, cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", "train.py"])
-    for x, y in zip(rows(one), rows(two)):
+    ra, rb = rows(one), rows(two)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2]  # both ran, both logged
+    for x, y in zip(ra, rb, strict=True):
         for k in ["reward_mean", "rewards/colorfulness/mean", "loss", "kl", "r_mean", "grad_norm"]:
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-7), k
 
