@@ -12,7 +12,7 @@ keys are exactly model.py's:
 A run checkpoint `ckpt_<step>/` holds adapters.safetensors (every adapter), optim.safetensors
 (AdamW moments), state.json (step, args, schedule states) and lora/ (the exported policy in
 PEFT layout). Tensors go to safetensors, everything else to JSON; nothing is pickled.
-build_model puts it together for train.py: the frozen base from --ckpt and the run's adapters.
+load_base gives train.py its frozen base from --ckpt (train.add_policies puts the adapters on it).
 
 Test:  python -m pytest tests/test_checkpoint.py tests/test_presets.py -q
 """
@@ -24,10 +24,11 @@ import shutil
 import zipfile
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from common import write_atomic
-from lora import add_adapter, adapter_names, adapter_state_dict, copy_adapter, load_adapter_state, peft_config
+from common import UsageError, log, write_atomic
+from lora import add_adapter, adapter_names, adapter_state_dict, load_adapter_state, peft_config
 from model import CONFIGS, CausalWanModel, randomize_head
 
 # wrapper prefixes of the released files: WanDiffusionWrapper ("model."), FSDP, DDP, torch.compile
@@ -193,7 +194,17 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=1)
 
 
-def save_run(path, model, opt, state, export="default", keep=0):
+def save_run(args, model, opt, state, export, rank=0, world=1):
+    """Rank 0 writes checkpoint ckpt_<step> of the run into --out-dir (write_run), keeping the newest
+    --keep-ckpts of them; every rank waits until it is on disk."""
+    if rank == 0:
+        write_run(os.path.join(args.out_dir, f"ckpt_{state['step']:06d}"), model, opt, state, export=export,
+                  keep=args.keep_ckpts)
+    if world > 1:
+        dist.barrier()
+
+
+def write_run(path, model, opt, state, export="default", keep=0):
     """ckpt folder: every adapter, the optimizer, `state` (JSON-able) and `export` in PEFT layout.
     Written to a temporary folder, then renamed: a crash leaves the previous checkpoint intact.
     keep > 0: afterwards only the newest `keep` ckpt_* folders beside it remain."""
@@ -236,15 +247,18 @@ def load_run(path, model, opt):
     return state
 
 
-def resume_run(path, model, opt, args, compensator, dynref):
+def resume_run(path, model, opt, args, compensator, dynref, guard):
     """Continue a run from checkpoint `path`: adapters, optimizer (its learning rate and weight
-    decay yield to the flags), the selective mode's states. Returns (step, bad_steps)."""
+    decay yield to the flags), the selective mode's states, the count of skipped steps in a row.
+    Returns the step to continue from."""
     state = load_run(path, model, opt)
     compensator.load_state_dict(state["compensator"])
     dynref.load_state_dict(state["dynref"])
+    guard.bad_steps = state["bad_steps"]
     for group in opt.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
-    return state["step"], state["bad_steps"]
+    log(f"resumed from {path} at step {state['step']}")
+    return state["step"]
 
 
 def checkpoint_step(path):
@@ -259,37 +273,29 @@ def run_checkpoints(out_dir):
 
 
 # ----------------------------------------------------------------------------------------------
-# The model a run trains: the frozen base and its LoRA adapters
+# The frozen base a run trains on
 
-def adapters_of(args):
-    """The LoRA adapters a run keeps: default (theta, trained), old (rollouts), ref (the dynamic
-    reference, --selective only: standard mode's reference is the base, adapters off), ema."""
-    return ["default", "old"] + (["ref"] if args.selective else []) + (["ema"] if args.ema else [])
-
-
-def build_model(args, device="cpu", dtype=torch.float32, cfg=None):
-    """The frozen base (--ckpt; a random init for tiny without one) with the LoRA adapters of
-    adapters_of(args), all equal at the start: LoRA B = 0, or --lora-init in every one. cfg
-    overrides model.CONFIGS[args.model] (tests: tiny sizes through a real preset's loading path)."""
+def load_base(args, device="cpu", dtype=torch.float32, cfg=None):
+    """The frozen base network: --ckpt (a released generator), or for the tiny model without one a
+    random init. Weights in `dtype` (bf16 on a GPU), no gradients. cfg overrides
+    model.CONFIGS[args.model] (tests: tiny sizes through a real preset's loading path). A file that
+    does not hold such a generator is a UsageError, one clear message."""
     cfg = cfg or CONFIGS[args.model]
     torch.manual_seed(args.seed)  # the only use of the global RNG: initial weights and adapters
     if args.ckpt:
         # meta: no random init; the file's tensors are assigned (a 14B model is never held twice)
         with torch.device("meta"):
             model = CausalWanModel(cfg)
-        load_checkpoint(model, args.ckpt, ema=args.ckpt_ema)
+        try:
+            load_checkpoint(model, args.ckpt, ema=args.ckpt_ema)
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e)) from None
     elif args.model == "tiny":
         model = CausalWanModel(cfg)
         randomize_head(model)  # random but not all-zero videos
+        log("no base checkpoint: RL starts from a randomly initialised tiny model")
     else:
-        raise SystemExit(f"--model {args.model} needs --ckpt (the distilled generator; README, Real models)")
+        raise UsageError(f"--model {args.model} needs --ckpt (the distilled generator; README, Real models)")
     model.to(device, dtype).requires_grad_(False)  # the frozen base: bf16 on GPU
-    add_adapter(model, "default", args.lora_rank, args.lora_alpha)  # adapters stay float32
-    if args.lora_init:
-        load_adapter_file(model, "default", args.lora_init)
-    model.to(device)
-    # every other adapter starts as a copy of theta
-    for name in adapters_of(args)[1:]:
-        copy_adapter(model, "default", name)
     model.grad_checkpointing = args.grad_checkpointing
     return model

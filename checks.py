@@ -5,7 +5,7 @@ libraries, the out-dir (one run per folder, a lock against two live runs), the c
 resume and whether its flags allow an exact continuation. Plus the settings that run but cannot
 learn, as warnings. train.py prints every problem at once, one line each, and exits with code 2.
 
-    args, resume_path = check_run(args, world, registry, master)   # what train.py calls: all below
+    args, resume_path = start_run(args, world, registry, device)   # what train.py calls: all below
     errors, warnings = check_args(args, world, registry)
     errors += check_out_dir(args)
     path, saved, notes, more = find_resume(args)  # the newest intact checkpoint (or None)
@@ -23,11 +23,15 @@ import shutil
 
 from safetensors import safe_open
 
+import torch.distributed as dist
+
+import memory
 import tiny_world
 from checkpoints import run_checkpoints
-from common import UsageError, find_file, log
+from common import UsageError, find_file, log, set_threads, use_bf16
 from kvcache import check_window
 from model import CONFIGS
+from streaming import window_starts
 from reward_models import LEARNED, missing_weights
 from rewards import parse_rewards, takes_frames
 
@@ -39,6 +43,32 @@ RESUME_FREE = {"out_dir", "steps", "lr", "weight_decay", "grad_clip", "ckpt_ever
                "grad_checkpointing", *FILES}
 # what this repository writes into an out-dir (what --overwrite clears)
 OUTPUTS = ("metrics.jsonl", "eval", "before_after.mp4", "before_after.png", "reward_curve.png")
+
+
+def start_run(args, world, registry, device):
+    """Everything before anything loads: check_run; rank 0 takes the out-dir (the lock, away with
+    what a killed run left half-written); CPU threads per process; the memory model's predicted
+    peak. Returns check_run's (args, checkpoint folder to resume from or None)."""
+    master = int(os.environ.get("RANK", 0)) == 0
+    args, resume_path = check_run(args, world, registry, master)
+    if world > 1:  # every rank has checked before rank 0 touches the out-dir
+        dist.barrier()
+    if master:
+        own_out_dir(args)
+    if not str(device).startswith("cuda"):  # ranks on one machine must not fight over its cores
+        set_threads(args.threads)
+    # the largest window start draws the longest history
+    memory.report(args, CONFIGS[args.model], start=max(window_starts(args)), world=world,
+                  bf16=use_bf16(args, device), device=device)
+    return args, resume_path
+
+
+def training_prompts(args):
+    """--prompts, then the lines of --prompt-file; the shapes world's prompts when both are empty."""
+    prompts = list(args.prompts)
+    if args.prompt_file:
+        prompts += prompt_lines(args.prompt_file)
+    return prompts or tiny_world.PROMPTS
 
 
 def check_run(args, world, registry, master=True):
@@ -73,13 +103,14 @@ def check_args(args, world, registry):
     for name, value in positive.items():
         if value < 1:
             err.append(f"--{name.replace('_', '-')} {value}: must be >= 1")
-    for name in ("ckpt_every", "eval_every", "window", "aux_rewards", "reward_frames", "threads", "sink"):
-        if getattr(args, name) < 0:
-            err.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
-    for name in ("lr", "beta", "adv_clip", "grad_clip", "lora_alpha", "ref_thres_cap"):
-        value = getattr(args, name)
+    for name in ("ckpt_every", "eval_every", "window", "threads", "sink", "released.aux_rewards",
+                 "released.reward_frames"):
+        if value_of(args, name) < 0:
+            err.append(f"{flag(name)} {value_of(args, name)}: must be >= 0")
+    for name in ("lr", "beta", "adv_clip", "grad_clip", "lora_alpha", "released.ref_thres_cap"):
+        value = value_of(args, name)
         if not (math.isfinite(value) and value > 0):
-            err.append(f"--{name.replace('_', '-')} {value}: must be a finite number > 0")
+            err.append(f"{flag(name)} {value}: must be a finite number > 0")
     for name in ("kl_weight", "weight_decay"):
         if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
             err.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a finite number >= 0")
@@ -126,9 +157,9 @@ def check_args(args, world, registry):
         elif not prompt_lines(path):
             err.append(f"--prompt-file {args.prompt_file}: no prompts in it (one per line)")
     if args.model != "tiny":
-        for flag in ("ckpt", "vae", "text_encoder"):
-            if not getattr(args, flag):
-                err.append(f"--model {args.model} needs --{flag.replace('_', '-')} (README, Real models)")
+        for name in ("ckpt", "vae", "text_encoder"):
+            if not getattr(args, name):
+                err.append(f"--model {args.model} needs {flag(name)} (README, Real models)")
         if not (args.prompts or args.prompt_file):
             err.append(f"--model {args.model}: give training prompts with --prompt-file or --prompts")
         for lib in ("diffusers", "transformers"):
@@ -136,7 +167,7 @@ def check_args(args, world, registry):
                 err.append(f"--model {args.model} needs the {lib} package (pip install -r requirements.txt)")
     # ---- rewards: names, files, weights, the selective mode's needs
     try:
-        parsed = parse_rewards(args.rewards, registry, args.reward_frames)
+        parsed = parse_rewards(args.rewards, registry, args.released.reward_frames)
     except Exception as e:  # a user's reward file that fails to import lands here too
         err.append(f"--rewards: {type(e).__name__}: {e}")
         parsed = []
@@ -153,18 +184,16 @@ def check_args(args, world, registry):
     if args.group_size == 1:
         warn.append("--group-size 1: every advantage is 0 (r = 0.5), so the loss has no gradient; "
                     "use 2 or more videos per prompt")
-    if not args.selective:
-        inert = [flag for flag, value, default in [("--aux-rewards", args.aux_rewards, 0),
-                                                   ("--uncertainty-sign", args.uncertainty_sign, "paper"),
-                                                   ("--rank-ties", args.rank_ties, "average"),
-                                                   ("--ref-thres-cap", args.ref_thres_cap, 0.5)]
-                 if value != default and not args.exact_reference]
+    if not args.selective and not args.exact_reference:
+        default = type(args.released)()
+        inert = [flag(f"released.{name}") for name in ("aux_rewards", "uncertainty_sign", "rank_ties", "ref_thres_cap")
+                 if getattr(args.released, name) != getattr(default, name)]
         if inert:
             warn.append(f"{', '.join(inert)}: used only with --selective: ignored")
-    if args.reward_frames != 8 and not args.exact_reference and not framed:
+    if args.released.reward_frames != 8 and not args.exact_reference and not framed:
         takers = sorted(name for name, fn in registry.items() if takes_frames(fn))
-        warn.append(f"--reward-frames: used only by rewards with a `frames` keyword ({', '.join(takers)}): "
-                    f"ignored")
+        warn.append(f"--released.reward-frames: used only by rewards with a `frames` keyword "
+                    f"({', '.join(takers)}): ignored")
     if args.model == "tiny":
         unreadable = [p for p in args.prompts if not tiny_world.readable(p)]
         if args.prompt_file and os.path.isfile(find_file(args.prompt_file)):
@@ -274,15 +303,42 @@ def find_resume(args):
     return None, None, [], notes + [f"--resume {args.resume}: no intact checkpoint to resume from"]
 
 
+def flat_args(args):
+    """{"lr": ..., "released.train_mask": ...}: every flag by its dotted name, from an Args or from
+    a checkpoint's state.json args."""
+    d = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args
+    out = {}
+    for key, value in d.items():
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        if isinstance(value, dict):  # a flag group (--released.*)
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def value_of(args, name):
+    """args.<name> for a dotted name (released.train_mask)."""
+    for part in name.split("."):
+        args = getattr(args, part)
+    return args
+
+
+def flag(name):
+    """The command-line spelling of a field: released.ref_thres_cap -> --released.ref-thres-cap."""
+    return "--" + name.replace("_", "-")
+
+
 def resume_errors(saved, args):
     """Flags that differ from the checkpoint's and would break an exact continuation."""
     if saved is None:
         return []
-    old, new = saved["args"], dataclasses.asdict(args)
+    old, new = flat_args(saved["args"]), flat_args(args)
     errors = []
     for key, value in new.items():
         if key not in RESUME_FREE and key in old and old[key] != _jsonable(value):
-            errors.append(f"--{key.replace('_', '-')} {value}: the checkpoint was trained with {old[key]} "
+            errors.append(f"{flag(key)} {value}: the checkpoint was trained with {old[key]} "
                           f"(resuming needs the same value; start a new --out-dir to change it)")
     if args.steps <= saved["step"]:
         errors.append(f"--steps {args.steps}: the checkpoint is already at step {saved['step']}; give a "
@@ -292,8 +348,8 @@ def resume_errors(saved, args):
 
 def resume_changes(saved, args):
     """'--flag new (was old)' for the free flags a resumed run changes."""
-    old = saved["args"]
-    return [f"--{k.replace('_', '-')} {v} (was {old[k]})" for k, v in dataclasses.asdict(args).items()
+    old = flat_args(saved["args"])
+    return [f"{flag(k)} {v} (was {old[k]})" for k, v in flat_args(args).items()
             if k in RESUME_FREE and k in old and old[k] != _jsonable(v) and k not in ("resume", "overwrite")]
 
 

@@ -7,6 +7,7 @@ Test:  python -m pytest tests/test_train.py -q      (every helper runs in a trai
 import hashlib
 import os
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
@@ -59,8 +60,9 @@ def write_atomic(path, write):
 
 
 class UsageError(Exception):
-    """A problem the user can fix (a flag, a file, a folder): train.py and sample.py print its
-    message, one line per problem, and exit with code 2, never a traceback."""
+    """A problem the user can fix: a flag, a file, a folder, a reward file, a learning rate that made
+    the weights diverge. train.py and sample.py print its message, one line per problem, and exit
+    with code 2, never a traceback."""
 
 
 def log(*args):
@@ -96,6 +98,46 @@ def all_reduce_grads(params, stats, world):
     return flat[i:]
 
 
+def all_reduce_step(params, parts, world):
+    """The step's statistics, in the one all-reduce that also averages the gradients of `params`
+    over the ranks. parts: (loss, reference term, reference term on every sample) of each of this
+    rank's micro-batches. Returns {"loss", "kl", "kl_all"}: means over every micro-batch of every
+    rank, and {"nonfinite"}: how many of them had a non-finite loss."""
+    zero = torch.zeros((), device=parts[0][0].device)
+    sums = [sum((part[i] for part in parts), zero) for i in range(3)]  # in order: as one += after another
+    nonfinite = sum(float(not torch.isfinite(part[0])) for part in parts)
+    total = all_reduce_grads(params, torch.stack(sums + [zero + nonfinite, zero + len(parts)]), world)
+    count = total[4]
+    return {"loss": (total[0] / count).item(), "kl": (total[1] / count).item(),
+            "kl_all": (total[2] / count).item(), "nonfinite": int(total[3].item())}
+
+
+class NonFiniteGuard:
+    """A non-finite loss on any rank skips the whole step on every rank (no update; its metrics row
+    says skipped); three such steps in a row stop the run. Weights an update made non-finite stop it
+    before they can be saved or exported (the checkpoints on disk stay intact)."""
+
+    def __init__(self):
+        self.bad_steps = 0  # skipped steps in a row (kept in checkpoints: a resume continues the count)
+        self.skipped = False  # this step's verdict
+
+    def skip(self, stats, step):
+        """True when step `step` (0-based) must be skipped, from all_reduce_step's statistics."""
+        self.skipped = stats["nonfinite"] > 0
+        self.bad_steps = self.bad_steps + 1 if self.skipped else 0
+        if self.skipped:
+            log(f"step {step + 1}: non-finite loss, step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= 3:
+            raise UsageError("3 steps in a row had a non-finite loss; lower --lr or check the rewards")
+        return self.skipped
+
+    def check_weights(self, params, step, lr):
+        """Stop if the update of step `step` made any of `params` non-finite."""
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise UsageError(f"step {step + 1} made the LoRA weights non-finite (--lr {lr:g} too high?); "
+                             f"stopped before saving them (the checkpoints on disk are intact)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory probes: allocated bytes on a GPU, resident memory (RSS) on a CPU
 
@@ -128,8 +170,48 @@ def peak_growth(device, base):
     return rss_mb("VmHWM") - base
 
 
+def memory_in_use(device):
+    """Memory this process holds now (MiB): allocated on a GPU, resident (RSS) on a CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.memory_allocated() / 2 ** 20
+    return rss_mb()
+
+
+class StepClock:
+    """Wall time of the parts of one RL step (lap after each) and its peak memory, for the metrics row."""
+
+    def __init__(self, device):
+        self.device, self.laps = device, {}
+        self.start = self.last = time.time()
+        self.mem0 = reset_peak(device)  # the step's baseline; its peak is measured from here
+
+    def lap(self, name):
+        now = time.time()
+        self.laps[name], self.last = now - self.last, now
+
+    def row(self, mem_start):
+        """time/<part>_s, time/step_s, mem/peak_mb (above the step's start) and mem/total_mb (above
+        `mem_start`, the process before anything loaded)."""
+        row = {f"time/{name}_s": seconds for name, seconds in self.laps.items()}
+        row["time/step_s"] = time.time() - self.start
+        row["mem/peak_mb"] = peak_growth(self.device, self.mem0)
+        row["mem/total_mb"] = row["mem/peak_mb"] + self.mem0 - mem_start
+        return row
+
+
 # ----------------------------------------------------------------------------------------------
-# PNG figures drawn with PIL (no plotting library needed)
+# Video files, and PNG figures drawn with PIL (no plotting library needed)
+
+def save_video(path, video, fps=16):
+    """Write (F, 3, H, W) floats in [0, 1] as an H.264 mp4 (imageio + its bundled ffmpeg).
+    Written to a temporary file first and renamed, so a crash never leaves half a video."""
+    import imageio.v2 as imageio  # its ffmpeg starts only when a video is written
+    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (F, H, W, 3)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # yuv420p: plays in every player; macro_block_size=1: imageio never resizes the frames
+    write_atomic(path, lambda tmp: imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8,
+                                                    pixelformat="yuv420p", macro_block_size=1))
+
 
 def save_strip(path, videos, labels=None, frames=8, scale=2):
     """A PNG of frame strips, one row per video ((F, 3, H, W) in [0, 1]): `frames` evenly spaced
@@ -196,17 +278,16 @@ def use_bf16(args, device):
 
 
 def init_distributed():
-    """(ddp, rank, world, device): torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain
+    """(rank, world, device): torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain
     `python train.py` is rank 0 of 1. NCCL between GPUs, gloo between CPU processes."""
-    ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available()
-    if not ddp:
-        return False, 0, 1, "cuda" if cuda else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 1, "cuda" if cuda else "cpu"
     dist.init_process_group("nccl" if cuda else "gloo")
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def set_threads(threads=0):

@@ -1,13 +1,12 @@
 """
-The frozen ends of the pipeline and what a run shows people: text embeddings and decoding
-(FrozenParts), the rewards of a batch of latent videos (score_videos), the fixed-prompt eval
-videos and their metrics rows, and the end-of-run before/after figure and reward curve.
-train.py calls these; nothing here changes the weights.
+What a run shows people, and nothing of the algorithm: the metrics log (RunLog: metrics.jsonl, the
+progress bar, Weights & Biases), the fixed-prompt eval videos and their rows (evaluate), and the
+end-of-run before/after figure and reward curve (save_before_after). train.py calls these from its
+bookkeeping lines; nothing here changes the weights. Keys of metrics.jsonl: docs/metrics.md.
 
-Test:  python -m pytest tests/test_train.py tests/test_presets.py -q
+Test:  python -m pytest tests/test_train.py tests/test_worst_day.py -q
 
-Shape legend: B videos, F latent frames, Fp their decoded frames, C latent channels, h, w latent
-height and width, Hp, Wp pixels, Lt, Dt text tokens and width, E eval videos.
+Shape legend: E eval videos, F latent frames, Fp decoded frames, Hp, Wp pixels.
 """
 import dataclasses
 import json
@@ -15,79 +14,93 @@ import math
 import os
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-import tiny_world
-from common import log, save_curve, save_strip, seed_of, use_bf16, write_atomic
-from frozen import TextEncoder, WanVAE
-from model import CONFIGS
-from sample import save_video, to_pixels
+import checks
+from common import log, save_curve, save_strip, save_video, seed_of, use_bf16, write_atomic
+from lora import use_adapter
 from streaming import rollout
 
 
-class FrozenParts:
-    """The frozen ends of the pipeline: embed(prompts) -> (B, Lt, Dt) text embeddings and
-    decode(latents) -> videos (B, Fp, 3, Hp, Wp) in [0, 1].
+class RunLog:
+    """Rank 0's record of a run: one metrics.jsonl row per step and per eval (strict JSON; Weights &
+    Biases too with --track), the tqdm bar and one print line per step. Other ranks keep quiet.
+    A resumed run first drops the rows a crash left after its checkpoint."""
 
-    tiny: the toy word embeddings, and latents are already pixels. Real models: umT5 embeds every
-    training prompt once (on the GPU, then it is freed before the DiT loads; the embeddings wait
-    on the CPU) and the Wan VAE decodes --decode-batch videos at a time.
-    """
-    def __init__(self, args, prompts, device):
-        self.args, self.device, self.vae, self.table = args, device, None, {}
-        if args.model == "tiny":
+    def __init__(self, args, rank, world, device, start, mem_start):
+        self.args, self.master, self.world, self.mem_start = args, rank == 0, world, mem_start
+        self.path = os.path.join(args.out_dir, "metrics.jsonl")
+        self.flat_steps = 0  # steps in a row whose rewards told no two videos of a prompt apart
+        if start and self.master:  # keep the rows up to the checkpoint; a crash may have left more
+            kept, dropped = checks.metrics_rows(self.path, start)
+            write_atomic(self.path, lambda tmp: _write_lines(tmp, kept))
+            if dropped:
+                log(f"warning: {self.path}: dropped {dropped} row(s) written after step {start} or damaged")
+        self.wandb = start_tracking(args) if args.track and self.master else None
+        self.bar = tqdm(total=args.steps, initial=start, disable=not (self.master and args.progress),
+                        dynamic_ncols=True, desc="RL")
+        N = args.prompts_per_step * args.group_size
+        dtype = torch.bfloat16 if use_bf16(args, device) else torch.float32
+        log(f"{world} rank(s) on {device} ({dtype}); global batch {args.prompts_per_step} prompts x "
+            f"{args.group_size} videos = {N} per step, micro-batch {args.micro_batch} per rank; rewards {args.rewards}")
+        cache = "global" if args.local_attn < 0 else args.local_attn
+        log(f"memory levers: bf16 {use_bf16(args, device)}, grad checkpointing {args.grad_checkpointing}, window "
+            f"{args.window or args.num_frames} of {args.num_frames} frames, cache {cache} (sink {args.sink}), "
+            f"decode batch {args.decode_batch}")
+
+    def write(self, row):
+        """One row of metrics.jsonl (rank 0). Non-finite numbers become null: strict JSON has no NaN."""
+        if not self.master:
             return
-        missing = [f"--{f.replace('_', '-')}" for f in ("vae", "text_encoder") if not getattr(args, f)]
-        if missing:
-            raise SystemExit(f"--model {args.model} needs {' and '.join(missing)} (README, Real models)")
-        half = torch.bfloat16 if use_bf16(args, device) else torch.float32
-        te = TextEncoder.load(args.text_encoder, args.tokenizer, device=device, dtype=half)
-        for i in range(0, len(prompts), 8):  # rows are (512, 4096) each: keep them on the CPU
-            self.table.update(zip(prompts[i:i + 8], te(prompts[i:i + 8]).to("cpu", half)))
-        del te
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # umT5-XXL's 11 GB leave the GPU before the DiT arrives
-        self.vae = WanVAE.load(args.vae, device=device)  # float32, as diffusers recommends for it
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
+        if self.wandb:
+            self.wandb.log(row, step=row["step"])
 
-    def embed(self, prompts):
-        if self.vae is None:  # tiny: fixed per-word vectors
-            cfg = CONFIGS["tiny"]
-            return tiny_world.toy_text_embed(prompts, cfg.text_len, cfg.text_dim).to(self.device)
-        return torch.stack([self.table[p] for p in prompts]).to(self.device)
+    def warn_if_flat(self, adv, step):
+        """Warn once three steps in a row had no sample better than another: r = 1/2, nothing learned."""
+        self.flat_steps = self.flat_steps + 1 if bool((adv == 0).all()) else 0
+        if self.flat_steps == 3:
+            log(f"warning: steps {step - 1}-{step + 1} had the same reward for every video of a prompt: "
+                f"r = 0.5 everywhere, nothing is learned (a reward that ignores the videos?)")
 
-    def decode(self, lat):
-        if self.vae is None:  # tiny: pixel space already
-            return to_pixels(lat)
-        b = self.args.decode_batch
-        # (B, F, 16, h, w) -> (B, Fp = 1 + 4 (F - 1), 3, Hp = 8h, Wp = 8w), b videos per VAE call
-        return torch.cat([to_pixels(self.vae.decode(lat[i:i + b].float())) for i in range(0, len(lat), b)])
+    def step(self, n, multi, scores, r, kl_mask, stats, grad_norm, opt, s, clock, skipped):
+        """The row of step n (1-based), the bar and the print line."""
+        # the raw total R = Σ_j w_j R_j (with --reward-norm per-reward the advantage used normalised terms)
+        total = multi.total(scores)  # (N,)
+        row = {"step": n, "reward_mean": total.mean().item(), "reward_std": total.std().item()}
+        for name in multi.names:
+            row[f"rewards/{name}/mean"] = scores[name].mean().item()
+        row.update({"window_start": s, "r_mean": r.mean().item(), "loss": stats["loss"], "kl": stats["kl"],
+                    "kl_all": stats["kl_all"], "mask_frac": kl_mask.float().mean().item(), "grad_norm": grad_norm,
+                    "lr": opt.param_groups[0]["lr"], "skipped": skipped})
+        row.update(clock.row(self.mem_start))
+        self.write(row)
+        self.bar.update(1)
+        if not self.master:
+            return
+        self.bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.2e}")
+        msg = (f"step {n}/{self.args.steps} | reward {row['reward_mean']:.4f} | loss {row['loss']:.5f} | kl "
+               f"{row['kl']:.2e} | r {row['r_mean']:.3f} | grad {grad_norm:.2e} | {row['time/step_s']:.1f}s")
+        if self.args.progress:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self):
+        """The end of the run: the bar, the out-dir's lock (rank 0), the process group (torchrun)."""
+        self.bar.close()
+        if self.master:
+            checks.release_lock(self.args.out_dir)
+        if self.world > 1:
+            dist.destroy_process_group()
 
 
-@torch.no_grad()
-def score_videos(frozen, multi, lat, prompts, chunk):
-    """Rewards of latent videos (B, T, C, H, W), decoded `chunk` videos at a time, so that only one
-    chunk is ever held in pixels (at 480x832 one 81-frame video is 0.4 GB in float32). Returns
-    (total (B,), {name: (B,)}); each reward scores every video on its own, so chunks change no
-    number."""
-    totals, per = [], {}
-    for i in range(0, len(lat), chunk):
-        total, scores = multi(frozen.decode(lat[i:i + chunk]), prompts[i:i + chunk])  # pixels in [0, 1]
-        totals.append(total)
-        for name, value in scores.items():
-            per.setdefault(name, []).append(value)
-    return torch.cat(totals), {name: torch.cat(values) for name, values in per.items()}
-
-
-@torch.no_grad()
-def eval_videos(model, frozen, prompts, args, adapter):
-    """The whole video for fixed prompts and seeds with `adapter` (None = base): (E, F, 3, Hp, Wp),
-    --rollout-batch videos per rollout (one KV cache for the whole video each)."""
-    seeds = [seed_of(args.seed, "eval", i) for i in range(len(prompts))]
-    videos, m = [], args.rollout_batch or args.micro_batch
-    for i in range(0, len(prompts), m):
-        ctx = frozen.embed(prompts[i:i + m])
-        lat = rollout(model, ctx, seeds[i:i + m], args.num_frames, args, adapter)
-        videos.append(frozen.decode(lat))
-    return torch.cat(videos)
+def _write_lines(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
 
 
 def start_tracking(args):
@@ -97,43 +110,42 @@ def start_tracking(args):
     return wandb
 
 
-def write_row(path, row, wandb=None):
-    """One JSON line of metrics.jsonl (and wandb with --track). Non-finite numbers become null:
-    strict JSON has no NaN or Infinity."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-    with open(path, "a") as f:
-        f.write(json.dumps(clean, allow_nan=False) + "\n")
-    if wandb:
-        wandb.log(row, step=row["step"])
+@torch.no_grad()
+def eval_videos(model, frozen, prompts, args, adapter):
+    """The whole video for fixed prompts and seeds with `adapter` (None = base): (E, Fp, 3, Hp, Wp),
+    --rollout-batch videos per rollout (one KV cache for the whole video each)."""
+    seeds = [seed_of(args.seed, "eval", i) for i in range(len(prompts))]
+    videos, m = [], args.rollout_batch or args.micro_batch
+    for i in range(0, len(prompts), m):
+        ctx = frozen.embed(prompts[i:i + m])
+        with use_adapter(model, adapter):
+            lat = rollout(model, ctx, seeds[i:i + m], args.num_frames, args)
+        videos.append(frozen.decode(lat))
+    return torch.cat(videos)
 
 
-def write_rows(path, rows):
-    """metrics.jsonl with exactly these rows (written to a temporary file, then renamed)."""
-    write_atomic(path, lambda tmp: _write_lines(tmp, rows))
-
-
-def _write_lines(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
-
-
-def evaluate(model, frozen, multi, prompts, args, adapter, n, metrics_path, wandb=None):
-    """The EMA (or current) policy on the eval prompts: an mp4 and an eval row. Returns the videos."""
+def evaluate(model, frozen, multi, prompts, args, adapter, n, runlog):
+    """The policy `adapter` on the eval prompts (rank 0): an mp4 and an eval row. Returns the videos."""
+    if not runlog.master:
+        return None
     videos = eval_videos(model, frozen, prompts, args, adapter)
-    total, per = multi(videos, prompts)
+    scores = multi.score(videos, prompts)
+    total = multi.total(scores)  # R = Σ_j w_j R_j
     save_video(os.path.join(args.out_dir, "eval", f"step_{n:06d}.mp4"),
                torch.cat(list(videos), dim=-1))  # the eval prompts side by side
     row = {"step": n, "eval/reward_mean": total.mean().item()}
-    for k, v in per.items():
-        row[f"eval/rewards/{k}/mean"] = v.mean().item()
-    write_row(metrics_path, row, wandb)
+    for name, value in scores.items():
+        row[f"eval/rewards/{name}/mean"] = value.mean().item()
+    runlog.write(row)
     log(f"eval step {n}: reward {row['eval/reward_mean']:.4f}")
     return videos
 
 
-def save_before_after(model, frozen, prompts, args, policy, after, metrics_path, n_train_prompts):
-    """What RL changed, for people: before/after videos and labelled frames, and the reward
+def save_before_after(model, frozen, prompts, args, policy, after, runlog, n_train_prompts):
+    """What RL changed, for people (rank 0): before/after videos and labelled frames, and the reward
     curve (per-epoch means of the training reward, and the eval reward)."""
+    if not runlog.master:
+        return
     before = eval_videos(model, frozen, prompts, args, None)  # None = adapters off = the base
     if after is None:
         after = eval_videos(model, frozen, prompts, args, policy)
@@ -146,11 +158,11 @@ def save_before_after(model, frozen, prompts, args, policy, after, metrics_path,
         pairs += [b, a]
         labels += [f"base: {prompt}", f"after RL: {prompt}"]
     save_strip(os.path.join(out, "before_after.png"), pairs, labels=labels)
-    with open(metrics_path) as f:
+    with open(runlog.path) as f:
         rows = [json.loads(line) for line in f]
     series = {}
-    # an epoch = the steps that draw every training prompt once (--prompt-draw epoch-walk), so
-    # its mean reward compares across epochs; a single step's mean mostly says which prompts came
+    # an epoch = the steps that draw every training prompt once (--released.prompt-draw epoch-walk),
+    # so its mean reward compares across epochs; a single step's mean mostly says which prompts came
     by_epoch = {}
     for r in rows:
         if "reward_mean" in r and r["reward_mean"] is not None:

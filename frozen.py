@@ -16,6 +16,9 @@ or the Diffusers layout (`Wan-AI/Wan2.1-T2V-1.3B-Diffusers`): vae/, text_encoder
     ctx = text(["a fox in the snow"])              # [1, 512, 4096]
     video = vae.decode(latents)                    # [B, 21, 16, 60, 104] -> [B, 81, 3, 480, 832]
 
+FrozenParts is what train.py uses: embed(prompts) and decode(latents) for any model size, the tiny
+shapes world's toy text encoder and pixel space included.
+
 diffusers / transformers are imported inside functions, so `import frozen` is cheap and
 `python train.py --help` never loads them.
 Test: python -m pytest tests/test_frozen.py -q      (tiny random models, CPU, no downloads)
@@ -31,7 +34,10 @@ import re
 
 import torch
 
+import tiny_world
 from checkpoints import check_keys, read_tensors
+from common import UsageError, use_bf16
+from model import CONFIGS
 
 VAE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "wan_vae")
 # ^ holds vae/config.json = `AutoencoderKLWan().save_config(...)` (the Wan2.1 VAE). Shipped so that
@@ -328,3 +334,54 @@ class TextEncoder:
         # rows >= n: exact zeros (Wan trims to u[:n] and zero-pads back to L; the DiT then attends
         # to all L rows unmasked, so these zeros are part of the conditioning, not padding to skip)
         return u[0].masked_fill(mask[0, :, None] == 0, 0).cpu()                    # [L, D]
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- The frozen ends of train.py's pipeline
+
+class FrozenParts:
+    """embed(prompts) -> (B, Lt, Dt) text embeddings and decode(latents) -> videos (B, Fp, 3, Hp, Wp)
+    in [0, 1], for any --model.
+
+    tiny: the shapes world's toy word embeddings, and its latents are already pixels. Real models:
+    umT5 embeds every training prompt once (on the GPU, then it is freed before the DiT loads; the
+    embeddings wait on the CPU) and the Wan VAE decodes --decode-batch videos at a time.
+    A file that exists but holds the wrong thing is a UsageError: the user's to fix.
+    """
+    def __init__(self, args, prompts, device):
+        self.args, self.device, self.vae, self.table = args, device, None, {}
+        if args.model == "tiny":
+            return
+        missing = [f"--{f.replace('_', '-')}" for f in ("vae", "text_encoder") if not getattr(args, f)]
+        if missing:
+            raise UsageError(f"--model {args.model} needs {' and '.join(missing)} (README, Real models)")
+        half = torch.bfloat16 if use_bf16(args, device) else torch.float32
+        try:
+            te = TextEncoder.load(args.text_encoder, args.tokenizer, device=device, dtype=half)
+            for i in range(0, len(prompts), 8):  # rows are (512, 4096) each: keep them on the CPU
+                self.table.update(zip(prompts[i:i + 8], te(prompts[i:i + 8]).to("cpu", half)))
+            del te
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # umT5-XXL's 11 GB leave the GPU before the DiT arrives
+            self.vae = WanVAE.load(args.vae, device=device)  # float32, as diffusers recommends for it
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e)) from None
+
+    def embed(self, prompts):
+        if self.vae is None:  # tiny: fixed per-word vectors
+            cfg = CONFIGS["tiny"]
+            return tiny_world.toy_text_embed(prompts, cfg.text_len, cfg.text_dim).to(self.device)
+        return torch.stack([self.table[p] for p in prompts]).to(self.device)
+
+    def decode(self, lat):
+        if self.vae is None:  # tiny: pixel space already
+            return to_pixels(lat)
+        b = self.args.decode_batch
+        # (B, F, 16, h, w) -> (B, Fp = 1 + 4 (F - 1), 3, Hp = 8h, Wp = 8w), b videos per VAE call
+        return torch.cat([to_pixels(self.vae.decode(lat[i:i + b].float())) for i in range(0, len(lat), b)])
+
+
+def to_pixels(x):
+    """A decoder's (or the pixel-space tiny model's) output in [-1, 1] -> video in [0, 1], what the
+    rewards and the video writers take."""
+    return ((x.float() + 1) / 2).clamp(0, 1)

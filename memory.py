@@ -1,7 +1,7 @@
 """
 The memory model: what one RL step of train.py holds at its peak, predicted from the run's
-config before anything loads (train.py prints it at start; bench.py memory measures it); and
-train_flops, the FLOPs of one training forward and backward (bench.py gpu's MFU).
+config before anything loads (train.py prints it at start; tools/bench.py memory measures it); and
+train_flops, the FLOPs of one training forward and backward (tools/bench.py gpu's MFU).
 
     static      frozen base weights, every LoRA adapter (float32)
     optimizer   theta's gradients and AdamW's two moments (float32), from the first update on
@@ -21,7 +21,7 @@ stores a score matrix (SDPA's flash / memory-efficient kernels), but a query blo
 are two runs (sink + window, clean prefix + own block) attends to a concatenated copy.
 
 Test:  python -m pytest tests/test_scale.py -q
-Run:   python bench.py memory      (measured next to predicted, and every preset at real size)
+Run:   python tools/bench.py memory      (measured next to predicted, and every preset at real size)
 
 Shape legend: L layers, D model dim, Df FFN dim, r LoRA rank, P tokens per latent frame, h, w
 latent (tiny: pixel) height/width, F latent frames of the whole video, T of the window, m
@@ -119,7 +119,7 @@ def merged_weights(cfg, first_block):
 def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
     """Peak memory of one RL step of train.py with `args` on a model of config `cfg`, per rank,
     in bytes: {term: bytes, ..., "peak": bytes}. start: the largest window start the run draws
-    (train.window_starts; histories exist when it is > 0). decode=False leaves out the VAE (dry
+    (streaming.window_starts; histories exist when it is > 0). decode=False leaves out the VAE (dry
     runs with latents standing in for pixels); bf16: base and autocast in bf16 (train.use_bf16)."""
     act = torch.bfloat16 if bf16 else torch.float32
     b = 2 if bf16 else 4  # bytes of the base, its activations and the KV caches
@@ -153,14 +153,14 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
 
     # ---- the update: the x_theta forward's saved activations for one micro-batch
     clean = args.window_context == "clean"
-    mask_block = 1 if args.train_mask == "frame" else block
+    mask_block = 1 if args.released.train_mask == "frame" else block
     # teacher forcing: the clean frames some noisy block reads, before the noisy ones
     nc = clean_context_frames(T, mask_block) if clean else 0
     tokens = m * (nc + T) * P
     past = list(range(start))  # the history's frames: all of them, or the rolling cache's
     if args.local_attn >= 0:
         past = [f for f in past if f < args.sink or f >= start - (cap - args.sink)]
-    sink = args.sink if args.train_sink else 0
+    sink = args.sink if args.released.train_sink else 0
     plan = attention_plan(T, P, mask_block, start, args.local_attn, sink, past, clean)
     hist_tokens = len(past) * P if streaming else 0
     # every block but the last computes every token; the last one only the noisy frames (clean)
@@ -183,7 +183,7 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
         pixels = n * T * 3 * h * w * 4
         out["decode"] = 0
     else:  # the VAE's working set, and 1 + 4 (T - 1) frames at 8x the latent size per video of
-        # the --decode-batch the rewards score at once (train.score_videos)
+        # the --decode-batch the rewards score at once (train.py's reward step)
         out["decode"] = VAE_WEIGHTS + args.decode_batch * VAE_BYTES_PER_PIXEL * args.height * args.width
         pixels = args.decode_batch * (1 + 4 * (T - 1)) * 3 * args.height * args.width * 4  # float32
     learned = [spec.split("=")[0] for spec in args.rewards if spec.split("=")[0] in REWARD_PARAMS]

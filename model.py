@@ -340,7 +340,7 @@ class CausalWanModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Wan's initialisation (matters only when training from scratch, e.g. pretrain_tiny.py)."""
+        """Wan's initialisation (matters only when training from scratch, e.g. tools/pretrain_tiny.py)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)

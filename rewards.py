@@ -14,7 +14,7 @@ What is here (definitions and sources: docs/rewards.md):
   helpers       grayscale (Astrolabe's trick against colour hacking of motion scores),
                 top_fraction (Astrolabe's top-30% frame aggregation).
   plumbing      REWARDS registry, get_reward("name" | "file.py:fn"), parse_rewards(["NAME=W"]),
-                MultiReward: calls, validates, and sums R = sum_j w_j R_j on raw scores.
+                MultiReward: score() calls and validates, total() sums R = sum_j w_j R_j on raw scores.
 Astrolabe's own HPSv3 and VideoAlign are 2-8 B Qwen2-VL scorers that need their own environment;
 they plug in as `file.py:function` rewards through the same signature. Imports nothing of this
 repository: copy it alone.
@@ -245,23 +245,21 @@ def parse_rewards(items, registry=REWARDS, frames=None):
 
 # ----------------------------------------------------------------------------------------------
 # combining rewards
-def weighted_total(scores, weights):
-    """R = sum_j w_j R_j over a dict of [B] raw scores (Astrolabe). For --reward-norm
-    per-reward, train.py normalises each reward within its group first (nft_loss.group_normalize).
 
-    >>> weighted_total({"a": torch.tensor([1., 2.]), "b": torch.tensor([4., 0.])}, {"a": 1.0, "b": 0.5})
-    tensor([3., 2.])
-    """
-    return torch.stack([w * scores[n] for n, w in weights.items()]).sum(0)  # [B]
+class RewardError(ValueError):
+    """A reward returned something that is not one finite score per video, or was handed videos
+    that are not finite pixels: the user's reward (or the model that made the videos) to fix."""
 
 
 class MultiReward:
-    """Calls each reward, checks what it returns, and sums them with their weights.
+    """The rewards of a run: score() calls each and checks what it returns, total() sums them with
+    their weights on raw scores, R = sum_j w_j R_j (Astrolabe). For --reward-norm per-reward,
+    train.py normalises each reward within its group first (nft_loss.group_normalize).
 
     >>> mr = MultiReward(["flicker=2", "motion"])  # or MultiReward(parse_rewards([...]))
-    >>> total, scores = mr(torch.zeros(2, 3, 3, 8, 8), ["a", "b"])
-    >>> total, sorted(scores)
-    (tensor([2., 2.]), ['flicker', 'motion'])
+    >>> scores = mr.score(torch.zeros(2, 3, 3, 8, 8), ["a", "b"])
+    >>> sorted(scores), mr.total(scores)
+    (['flicker', 'motion'], tensor([2., 2.]))
     """
 
     def __init__(self, specs, registry=REWARDS, frames=None):
@@ -274,19 +272,27 @@ class MultiReward:
         self.names, self.fns, self.weights = map(list, zip(*specs))  # in --rewards order
 
     @torch.no_grad()
-    def __call__(self, videos, prompts):
-        """-> (total [B] on raw scores, {name: scores [B]}), float32 on the videos' device."""
+    def score(self, videos, prompts):
+        """{name: scores [B]} of videos [B, F, 3, H, W] in [0, 1], float32 on the videos' device."""
         if videos.dim() != 5 or videos.shape[2] != 3 or not videos.is_floating_point():
-            raise ValueError(f"videos must be float [B, F, 3, H, W] in [0, 1], got "
-                             f"{videos.dtype} {tuple(videos.shape)}")
+            raise RewardError(f"videos must be float [B, F, 3, H, W] in [0, 1], got "
+                              f"{videos.dtype} {tuple(videos.shape)}")
         if len(prompts) != len(videos):
-            raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts")
+            raise RewardError(f"{len(videos)} videos but {len(prompts)} prompts")
         if not torch.isfinite(videos).all():  # a detector would score NaN pixels as background
-            raise ValueError("the videos hold non-finite pixels (NaN or inf): the model that made "
-                             "them diverged; no reward can score them")
-        scores = {n: self._check(n, fn(videos, prompts), len(videos), videos.device)
-                  for n, fn in zip(self.names, self.fns)}
-        return weighted_total(scores, dict(zip(self.names, self.weights))), scores
+            raise RewardError("the videos hold non-finite pixels (NaN or inf): the model that made "
+                              "them diverged; no reward can score them")
+        return {n: self._check(n, fn(videos, prompts), len(videos), videos.device)
+                for n, fn in zip(self.names, self.fns)}
+
+    def total(self, scores):
+        """R = sum_j w_j R_j over score()'s dict (or any dict of [B] terms with the same names).
+
+        >>> MultiReward(["flicker=1", "motion=0.5"]).total({"flicker": torch.tensor([1., 2.]),
+        ...                                                 "motion": torch.tensor([4., 0.])})
+        tensor([3., 2.])
+        """
+        return sum(w * scores[n] for n, w in zip(self.names, self.weights))  # [B]
 
     @staticmethod
     def _check(name, out, B, device):
@@ -294,12 +300,12 @@ class MultiReward:
         try:
             t = torch.as_tensor(out, dtype=torch.float32, device=device).detach()
         except Exception as e:
-            raise ValueError(f"reward '{name}' returned {type(out).__name__}, which is not "
-                             f"convertible to a tensor ({e}); return Tensor[B]") from None
+            raise RewardError(f"reward '{name}' returned {type(out).__name__}, which is not "
+                              f"convertible to a tensor ({e}); return Tensor[B]") from None
         t = t[:, 0] if t.dim() == 2 and t.shape[1] == 1 else t
         if t.shape != (B,):
-            raise ValueError(f"reward '{name}' returned shape {tuple(t.shape)}, expected ({B},): "
-                             f"one score per video")
+            raise RewardError(f"reward '{name}' returned shape {tuple(t.shape)}, expected ({B},): "
+                              f"one score per video")
         if not torch.isfinite(t).all():
-            raise ValueError(f"reward '{name}' returned non-finite scores {t.tolist()}")
+            raise RewardError(f"reward '{name}' returned non-finite scores {t.tolist()}")
         return t

@@ -31,18 +31,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-import imageio.v2 as imageio
 import torch
-import tyro
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint
-from common import UsageError, find_file, missing_files, write_atomic
-from frozen import TextEncoder, WanVAE
 from kvcache import KVCache, check_window
-from lora import set_adapter
-from model import CONFIGS, CausalWanModel, randomize_head
-from tiny_world import toy_text_embed
+from model import CONFIGS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,11 +75,6 @@ def flow_to_x0(x_t, flow, t, shift=5.0):
     sig = sigma_of(t.reshape(-1), shift).double().to(x_t.device).view(*t.shape, 1, 1, 1)  # (B, F, 1, 1, 1)
     # x0 = x_t - sigma v, in float64 like the released wrapper (utils/wan_wrapper.py:254-278)
     return (x_t.double() - sig * flow.double()).to(flow.dtype)
-
-
-def to_pixels(x):
-    """A pixel-space model's output [-1, 1] -> video in [0, 1] (what rewards and save_video take)."""
-    return ((x.float() + 1) / 2).clamp(0, 1)
 
 
 def add_noise(x0, noise, sigma):
@@ -237,22 +225,9 @@ class _Offset:
 
 
 # ----------------------------------------------------------------------------------------------
-# Video files
-
-def save_video(path, video, fps=16):
-    """Write (F, 3, H, W) floats in [0, 1] as an H.264 mp4 (imageio + its bundled ffmpeg).
-
-    Written to a temporary file first and renamed, so a crash never leaves half a video.
-    """
-    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (F, H, W, 3)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    # yuv420p: plays in every player; macro_block_size=1: imageio never resizes the frames
-    write_atomic(path, lambda tmp: imageio.mimwrite(tmp, list(frames), fps=fps, codec="libx264", quality=8,
-                                                    pixelformat="yuv420p", macro_block_size=1))
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
+# CLI: `python sample.py`. Its own needs (checkpoint files, the VAE and umT5, video files, the
+# shapes world's toy text encoder) are imported inside main(): the sampler above runs with
+# model.py, kvcache.py and lora.py alone (tests/test_copy_alone.py)
 
 @dataclass
 class Args:
@@ -295,11 +270,14 @@ def write_decoded(path, vae, lat, block, fps=16):
     """Decode one video's latents (1, F, C, H, W) `block` latent frames at a time with the VAE's
     streaming decoder and append the frames to the mp4 as they come: a long video is never held
     in pixels. Returns the number of frames written."""
+    from common import write_atomic
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return write_atomic(path, lambda tmp: _stream_to_mp4(tmp, vae, lat, block, fps))
 
 
 def _stream_to_mp4(path, vae, lat, block, fps):
+    import imageio.v2 as imageio
+    from frozen import to_pixels
     stream, n = vae.stream(), 0  # a fresh causal-conv cache for this video
     with imageio.get_writer(path, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p",
                             macro_block_size=1) as w:
@@ -313,6 +291,7 @@ def _stream_to_mp4(path, vae, lat, block, fps):
 
 def check_sample_args(args):
     """Every problem with the flags, one line each, before anything loads."""
+    from common import missing_files
     err = []
     n = CONFIGS[args.model].frames_per_block
     tiny = args.model == "tiny"
@@ -358,6 +337,12 @@ def check_sample_args(args):
 
 
 def main(args: Args):
+    from checkpoints import load_checkpoint
+    from common import UsageError, find_file, save_video
+    from frozen import TextEncoder, WanVAE, to_pixels
+    from lora import set_adapter
+    from model import CausalWanModel, randomize_head
+    from tiny_world import toy_text_embed
     errors = check_sample_args(args)
     if errors:
         raise UsageError("\n".join(errors))
@@ -416,6 +401,8 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
+    import tyro
+    from common import UsageError
     try:
         main(tyro.cli(Args))
     except (UsageError, ValueError, OSError) as e:  # flags, files, folders: one line each

@@ -6,13 +6,14 @@ candidates branch from copies of that cache and generate the window with their o
 (clip-level group-wise sampling), so reward differences come from the window alone. The cache
 holds sink + recent frames only: memory never depends on s. Short clips are s = 0, T = F.
 
-    starts = window_starts(args); s = window_start(args, step)
-    hist = rollout_histories(model, ctx, js, K, step, s, args)   # (KVCache at s, {key: row}); None if s = 0
-    lat  = rollout_windows(model, ctx, js, K, step, s, hist, args)        # (n, T, C, H, W)
-    h    = stack_history(hist, rows, K, args)   # the update attends to these detached histories
+    s = window_start(args, step)                                       # block-aligned, same on every rank
+    with use_adapter(model, "old"):                                    # the rollout policy
+        history = rollout_histories(model, ctx, js, K, step, s, args)  # History at frame s; None if s = 0
+        x0 = rollout_windows(model, ctx, js, K, step, s, history, args) # (n, T, C, H, W) clean latents
+    cache = history.for_samples(i, j)   # the update attends to copies of samples [i, j)'s histories
 
 All noise comes from generators seeded by (seed, step, prompt, candidate): the same whatever the
-batch layout or number of ranks.
+batch layout or number of ranks. The policy is whichever LoRA adapter the caller made active.
 
 Test:  python -m pytest tests/test_streaming.py -q
 
@@ -21,12 +22,12 @@ of this rank (indices js; sample j is prompt j // K, candidate j % K), K videos 
 videos of one sampler call, C channels, H, W latent (tiny: pixel) size, Lt, Dt text tokens, width.
 """
 import random
+from dataclasses import dataclass
 
 import torch
 
 from common import seed_of
 from kvcache import KVCache
-from lora import use_adapter
 from model import CONFIGS
 from sample import GeneratorNoise, generate, make_generators
 
@@ -47,19 +48,18 @@ def new_cache(model, batch, args, dtype, device):
 
 
 @torch.no_grad()
-def rollout(model, ctx, seeds, frames, args, adapter="old", cache=None, start=0, keep=True):
-    """`frames` latent frames per seed with `adapter`, no grad, continuing `cache` (a new one if
-    None) from frame `start`. Returns (B, frames, C, H, W) clean latents (None if keep=False:
+def rollout(model, ctx, seeds, frames, args, cache=None, start=0, keep=True):
+    """`frames` latent frames per seed with the active adapter, no grad, continuing `cache` (a new
+    one if None) from frame `start`. Returns (B, frames, C, H, W) clean latents (None if keep=False:
     only the cache advances, and its last block is written, for the window that follows)."""
     dtype, dev = next(model.parameters()).dtype, ctx.device  # cache and noise in the base's dtype
     if cache is None:
         cache = new_cache(model, len(seeds), args, dtype, dev)
     # one generator per seed: a video's noise depends on its seed alone, not on the batch
     noise = GeneratorNoise(make_generators(seeds), (model.cfg.in_dim, *latent_hw(args)), dev, dtype)
-    with use_adapter(model, adapter):  # "old": the released trainer rolls out with the old policy
-        # the videos' caches are dropped after the rollout: their last block's K/V is never read
-        lat = generate(model, ctx.to(dtype), cache, frames, noise, start_frame=start, keep=keep,
-                       last_cache_pass=not keep)
+    # the videos' caches are dropped after the rollout: their last block's K/V is never read
+    lat = generate(model, ctx.to(dtype), cache, frames, noise, start_frame=start, keep=keep,
+                   last_cache_pass=not keep)
     return None if lat is None else lat.float()  # float32 for the rewards and the loss
 
 
@@ -85,27 +85,38 @@ def window_start(args, step):
     return random.Random(seed_of(args.seed, cycle, "window")).sample(starts, len(starts))[i]
 
 
-def history_key(j, K, args):
-    """Which history sample j continues: its prompt's (shared-prefix) or its own (independent)."""
-    return j // K if args.group_mode == "shared-prefix" else j
+@dataclass
+class History:
+    """The rollout before this step's window, [0, s): a KV cache at frame s with one row per distinct
+    history (a prompt's, shared by its K candidates; or each sample's own with --group-mode
+    independent), and the row each of this rank's n samples continues. The cache holds sink + recent
+    frames only, so its size never depends on s; it is detached (no grad) for the update."""
+    cache: KVCache
+    row_of_sample: list  # (n,): row_of_sample[i] is the cache row of this rank's sample i
+
+    def for_samples(self, lo, hi):
+        """A fresh cache with the histories of samples [lo, hi), one row each: copies, so branching
+        from them never alters the shared history."""
+        return self.cache.select(self.row_of_sample[lo:hi])
 
 
 @torch.no_grad()
 def rollout_histories(model, ctx, js, K, step, s, args):
-    """The history [0, s) before this step's window, generated once per prompt (shared-prefix)
-    or per sample (independent) of this rank, all in one batch: (KVCache at frame s with one row
-    per history, {history_key: row}), or None for s = 0 (no cache at all).
-
-    The cache is a rolling-cache state (sink + recent frames), so its size never depends on s;
-    the prefix latents themselves are not kept (keep=False)."""
+    """The history [0, s) before this step's window, generated once per prompt (shared-prefix) or
+    per sample (independent) of this rank, all in one batch: a History, or None for s = 0 (no
+    cache at all). The prefix latents themselves are not kept (keep=False)."""
     if s == 0:
         return None
     rows, seeds, ctx_rows = {}, [], []  # history key -> cache row; per row its seed, its prompt
+    row_of_sample = []
     for i, j in enumerate(js):
-        key = history_key(j, K, args)
+        # the history sample j continues: its prompt's (shared-prefix) or its own (independent)
+        key = j // K if args.group_mode == "shared-prefix" else j
         if key in rows:  # shared-prefix: this prompt's history already has a row
+            row_of_sample.append(rows[key])
             continue
         rows[key] = len(rows)
+        row_of_sample.append(rows[key])
         # prefix noise from (seed, step, prompt[, candidate]): the same on every rank
         if args.group_mode == "shared-prefix":
             seeds.append(seed_of(args.seed, step, j // K))
@@ -115,28 +126,19 @@ def rollout_histories(model, ctx, js, K, step, s, args):
     cache = new_cache(model, len(rows), args, next(model.parameters()).dtype, ctx.device)  # one batch
     # keep=False: only the cache advances to frame s, its last block written for the window
     rollout(model, ctx[ctx_rows], seeds, s, args, cache=cache, keep=False)
-    return cache, rows
-
-
-def stack_history(hist, rows, K, args):
-    """A fresh batch cache holding the histories of samples `rows` (None when there is none)."""
-    if hist is None:
-        return None
-    cache, row_of = hist
-    # copies, one row per sample: branching from them never alters the shared history
-    return cache.select([row_of[history_key(j, K, args)] for j in rows])
+    return History(cache, row_of_sample)
 
 
 @torch.no_grad()
-def rollout_windows(model, ctx, js, K, step, s, hist, args):
+def rollout_windows(model, ctx, js, K, step, s, history, args):
     """The window [s, s + T) of every sample j in js (prompt j // K, candidate j % K), each
     branching from a copy of its history, --rollout-batch videos per sampler call. Returns
     (n, T, C, H, W) clean latents."""
-    T, m = args.window or args.num_frames, args.rollout_batch or args.micro_batch  # m: videos per call
+    T, b = args.window or args.num_frames, args.rollout_batch or args.micro_batch  # b: videos per call
     out = []
-    for i in range(0, len(js), m):
-        rows = js[i:i + m]
-        seeds = [seed_of(args.seed, step, j // K, j % K) for j in rows]  # candidate k's own noise
+    for i in range(0, len(js), b):
+        seeds = [seed_of(args.seed, step, j // K, j % K) for j in js[i:i + b]]  # candidate k's own noise
         # each call continues fresh copies of its samples' histories from frame s
-        out.append(rollout(model, ctx[i:i + m], seeds, T, args, cache=stack_history(hist, rows, K, args), start=s))
+        cache = history.for_samples(i, i + b) if history else None
+        out.append(rollout(model, ctx[i:i + b], seeds, T, args, cache=cache, start=s))
     return torch.cat(out)  # (n, T, C, H, W)

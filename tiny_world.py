@@ -1,6 +1,6 @@
 """
 The tiny shapes world: procedural videos of one coloured shape moving in a named direction, its
-reward detectors and its toy text encoder. pretrain_tiny.py turns CausalWanModel(CONFIGS["tiny"])
+reward detectors and its toy text encoder. tools/pretrain_tiny.py turns CausalWanModel(CONFIGS["tiny"])
 into a 4-step AR sampler of these videos.
 
 This is the world of the default run: `python train.py` with no arguments RL-fine-tunes the

@@ -33,7 +33,7 @@ def test_compare_needs_a_clear_gap():
 
 def test_quick_run_writes_every_output(tmp_path):
     out = tmp_path / "claims"
-    r = subprocess.run([sys.executable, "claims.py", "--quick", "--out", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "tools/claims.py", "--quick", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     report = json.loads((out / "claims.json").read_text())

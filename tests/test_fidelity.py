@@ -24,29 +24,46 @@ CFG = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=3, out_d
 
 def test_exact_reference_sets_every_released_behaviour():
     default, exact = train.Args(), train.released_behaviour(train.Args())
-    for key, value in train.RELEASED.items():
-        assert getattr(exact, key) == value, key
-    # the flags whose default is ours, not the release's: --exact-reference changes each one
-    ours = ["train_mask", "train_sink", "uncertainty_sign", "aux_rewards", "rank_ties", "ref_thres_cap",
-            "prompt_draw", "reward_frames", "train_timesteps", "window_context", "global_std"]
-    for key in ours:
-        assert getattr(default, key) != getattr(exact, key), key
-    # ... and nothing that is not a released behaviour
-    changed = {k for k, v in dataclasses.asdict(exact).items() if v != getattr(default, k)}
-    assert changed == set(ours)
-    assert set(train.RELEASED) - set(ours) == {"ema_start", "reward_norm", "adaptive_weight",
-                                                "old_decay"}  # released = our default already
+    released = train.RELEASED["released"]
+    group = [f.name for f in dataclasses.fields(train.Released)]
+    assert exact.released == released
+    # every --released.* flag's default is ours, not the release's (ema_start: the release's already)
+    ours = [name for name in group if getattr(default.released, name) != getattr(released, name)]
+    assert set(group) - set(ours) == {"ema_start"}
+    # outside the group --exact-reference changes the window context and the advantage std, and
+    # pins the objective's options the release has (our defaults already)
+    changed = {k for k, v in checks.flat_args(exact).items() if v != checks.flat_args(default)[k]}
+    assert changed == {f"released.{name}" for name in ours} | {"window_context", "global_std"}
+    assert set(train.RELEASED) - {"released"} == {"window_context", "global_std", "reward_norm",
+                                                  "adaptive_weight", "old_decay"}
 
 
-def test_exact_reference_run(tmp_path):
-    """One step with every released behaviour (selective: sign, aux count, ties, threshold cap)."""
-    out = tmp_path / "run"
-    r = run(["--steps", "1", "--eval-every", "0", "--exact-reference", "--selective", "--num-frames", "6",
-             "--rewards", "colorfulness=1", "sharpness=1", "flicker=1"], out)
-    assert "--exact-reference: train_mask frame" in r.stdout
-    state = json.loads((out / "ckpt_000001" / "state.json").read_text())
-    assert state["args"]["uncertainty_sign"] == "released" and state["args"]["train_mask"] == "frame"
-    assert torch.isfinite(torch.tensor(rows(out)[0]["loss"]))
+# every released behaviour spelled out flag by flag: what --exact-reference must amount to
+SPELLED_OUT = ["--released.train-mask", "frame", "--released.no-train-sink", "--released.train-timesteps", "raw",
+               "--released.uncertainty-sign", "released", "--released.aux-rewards", "2", "--released.rank-ties",
+               "ordinal", "--released.ref-thres-cap", "0.05", "--released.ema-start", "sync",
+               "--released.prompt-draw", "released", "--released.reward-frames", "0", "--window-context", "noisy",
+               "--global-std", "--reward-norm", "none", "--no-adaptive-weight", "--old-decay", "linear"]
+
+
+def test_exact_reference_run_is_every_released_flag(tmp_path):
+    """A run with --exact-reference (selective mode: sign, auxiliaries, ties, threshold cap) is the
+    run with every released flag given by hand, step for step, and not the default run: the
+    released behaviours happened (each flag's own effect is tested below)."""
+    common = ["--steps", "2", "--eval-every", "0", "--ckpt-every", "0", "--selective", "--num-frames", "6",
+              "--rewards", "colorfulness=1", "sharpness=1", "flicker=1"]
+    out, stdout = {}, {}
+    for name, flags in [("exact", ["--exact-reference"]), ("spelled", SPELLED_OUT), ("default", [])]:
+        stdout[name] = run(common + flags, tmp_path / name).stdout
+        out[name] = [{k: v for k, v in row.items() if not k.startswith(("time/", "mem/"))}
+                     for row in rows(tmp_path / name)]
+        assert len(out[name]) == 2, name
+    said = next(line for line in stdout["exact"].splitlines() if line.startswith("--exact-reference:"))
+    assert "--released.train-mask frame" in said and "--window-context noisy" in said
+    assert out["exact"] == out["spelled"]
+    assert [row["loss"] for row in out["exact"]] != [row["loss"] for row in out["default"]]
+    state = json.loads((tmp_path / "exact" / "ckpt_000002" / "state.json").read_text())
+    assert state["args"]["released"]["uncertainty_sign"] == "released" and state["args"]["window_context"] == "noisy"
 
 
 def test_objective_positive_only(tmp_path):
@@ -64,26 +81,26 @@ def test_objective_positive_only(tmp_path):
     assert 0.3 < out["positive-only"]["loss"] / out["nft"]["loss"] < 0.7
 
 
-def model_and_args(**kw):
+def model_and_args(released=None, **kw):
     torch.manual_seed(0)
     m = CausalWanModel(CFG).eval()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.1)
     base = dict(height=8, width=8, num_frames=12, window=0, window_context="noisy")
-    return m, train.Args(**{**base, **kw})
+    return m, train.Args(**{**base, **kw}, released=train.Released(**(released or {})))
 
 
 def predict(m, args, x):
     t = torch.full(x.shape[:2], 500.0)
     ctx = torch.randn(1, 4, CFG.text_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return train.predict_x0(m, None, x, t, torch.full((1,), 0.5), ctx, args)
+        return train.predict_x0(m, None, x, t, torch.full((1,), 0.5), ctx, args, clean_x0=x, start=0, history=None)
 
 
 @pytest.mark.parametrize("mask", ["block", "frame"])
 def test_train_mask(mask):
     """frame: a frame never sees the later frames of its own block (released); block: it does."""
-    m, args = model_and_args(train_mask=mask)
+    m, args = model_and_args(released=dict(train_mask=mask))
     x = torch.randn(1, 12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     y = x.clone()
     y[:, 1] += 1.0  # change frame 1 (block 0)
@@ -96,7 +113,7 @@ def test_train_mask(mask):
 @pytest.mark.parametrize("train_sink", [True, False])
 def test_train_sink(train_sink):
     """Rolling window 6, sink 3: the last block sees frames 0-2 only through the sink."""
-    m, args = model_and_args(local_attn=6, sink=3, train_sink=train_sink)
+    m, args = model_and_args(local_attn=6, sink=3, released=dict(train_sink=train_sink))
     x = torch.randn(1, 12, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     y = x.clone()
     y[:, 0] += 1.0  # a sink frame
@@ -119,7 +136,7 @@ def test_selective_flags_choose_auxiliaries_sign_and_ties():
 
     def u_of(**kw):  # the u the mask is cut from, through the flags
         comp = Capture()
-        train.selective_kl_mask(scores, names, comp, train.Args(selective=True, **kw))
+        train.selective_kl_mask(scores, names, comp, train.Args(selective=True, released=train.Released(**kw)))
         return comp.u
     paper = nft.uncertainty(scores["main"], [scores[n] for n in "abc"])
     assert torch.equal(u_of(), paper)  # default: every other reward, paper sign
@@ -155,9 +172,10 @@ def test_reward_frames():
     (_, fn, _), = rewards.parse_rewards(["flicker"], frames=0)
     assert fn is rewards.flicker  # video rewards take no frame count
     # on rewards that take no frame count the flag is inert, and the warning names those that do
-    _, warnings = checks.check_args(dataclasses.replace(train.Args(), reward_frames=4), 1, train.REGISTRY)
-    assert "--reward-frames: used only by rewards with a `frames` keyword (aesthetic, clip_score, hpsv2)" in \
-        " ".join(warnings)
+    args = dataclasses.replace(train.Args(), released=train.Released(reward_frames=4))
+    _, warnings = checks.check_args(args, 1, train.REGISTRY)
+    assert "--released.reward-frames: used only by rewards with a `frames` keyword (aesthetic, clip_score, " \
+        "hpsv2)" in " ".join(warnings)
     v = torch.rand(1, 81, 3, 4, 4)
     assert reward_models._subsample(v, 0).shape[1] == 81 and reward_models._subsample(v, 8).shape[1] == 8
 
@@ -167,7 +185,7 @@ def test_ema_start(tmp_path, start):
     """sync (released): the EMA is theta after the first step; base: 0.1 theta_0 + 0.9 theta_1.
     The training itself is the same either way."""
     out = tmp_path / start
-    run(["--steps", "1", "--eval-every", "0", "--num-frames", "3", "--ema-start", start], out)
+    run(["--steps", "1", "--eval-every", "0", "--num-frames", "3", "--released.ema-start", start], out)
     ad = load_file(out / "ckpt_000001" / "adapters.safetensors")
     key = next(k for k in ad if k.startswith("default/") and "lora_B" in k)  # theta_0's B is 0
     ema, theta = ad[key.replace("default/", "ema/")], ad[key]
@@ -178,6 +196,6 @@ def test_ema_start(tmp_path, start):
         torch.testing.assert_close(ema, 0.9 * theta)
     other = tmp_path / "other"
     run(["--steps", "1", "--eval-every", "0", "--num-frames", "3",
-         "--ema-start", "base" if start == "sync" else "sync"], other)
+         "--released.ema-start", "base" if start == "sync" else "sync"], other)
     strip = [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))} for r in rows(out) + rows(other)]
     assert strip[0] == strip[1]

@@ -260,7 +260,7 @@ def test_dynamic_degree_thresholds_top5_flow(monkeypatch):
 def test_missing_weight_file_says_what_to_get(tmp_path, monkeypatch, name, missing):
     monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError) as e:
-        MultiReward([f"{name}=1"], registry=REWARDS)(video(), PROMPTS)  # through --rewards, before any model build
+        MultiReward([f"{name}=1"], registry=REWARDS).score(video(), PROMPTS)  # through --rewards, before any model build
     msg = str(e.value)
     assert f"'{name}'" in msg and missing in msg and str(tmp_path) in msg
     assert "ASTRO_WEIGHTS" in msg and "https://" in msg

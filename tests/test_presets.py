@@ -1,7 +1,7 @@
 """
 The real-model presets: each parses, builds at its real size on the meta device, and its loading
-path (train.build_model) accepts a synthetic checkpoint in that family's real file layout at tiny
-size; missing files fail with one clear message.
+path (checkpoints.load_base, then train.add_policies) accepts a synthetic checkpoint in that family's
+real file layout at tiny size; missing files fail with one clear message.
 
 Test: python -m pytest tests/test_presets.py -q
 """
@@ -14,6 +14,9 @@ from safetensors.torch import save_file
 
 import streaming
 import train
+from checkpoints import load_base
+from common import UsageError
+from frozen import FrozenParts
 from model import CONFIGS, CausalWanModel
 from lora import adapter_names, adapter_params, adapter_state_dict, add_adapter, set_adapter, use_adapter
 
@@ -38,7 +41,7 @@ def test_presets_parse_and_are_distinct():
     assert len(seen) == 1 + len(REAL)
     over = train.parse_args(["longlive", "--lr", "3e-5", "--window", "9"])
     assert (over.lr, over.window, over.sink, over.local_attn) == (3e-5, 9, 3, 12)  # flags win
-    with pytest.raises(SystemExit, match="unknown preset 'selfforcing'"):
+    with pytest.raises(UsageError, match="unknown preset 'selfforcing'"):
         train.parse_args(["selfforcing"])
 
 
@@ -90,7 +93,8 @@ def test_preset_loader_takes_its_family_layout(name, tmp_path):
         args = dataclasses.replace(args, lora_init=str(tmp_path / "lora.pt"))
         set_adapter(src, "default")
     args = dataclasses.replace(args, selective=True)  # every adapter a run can have
-    m = train.build_model(args, cfg=TINY)
+    m = load_base(args, cfg=TINY)
+    train.add_policies(m, args)
     assert adapter_names(m) == ["default", "old", "ref", "ema"]
     with torch.no_grad():
         with use_adapter(m, "default" if args.lora_init else None):
@@ -104,12 +108,12 @@ def test_preset_loader_takes_its_family_layout(name, tmp_path):
 
 def test_real_model_needs_its_files(tmp_path):
     args = dataclasses.replace(train.PRESETS["self-forcing"], ckpt=None)
-    with pytest.raises(SystemExit, match="needs --ckpt"):
-        train.build_model(args, cfg=TINY)
-    with pytest.raises(SystemExit, match="needs --vae and --text-encoder"):
-        train.FrozenParts(dataclasses.replace(args, vae=None, text_encoder=None), ["a cat"], "cpu")
-    with pytest.raises(FileNotFoundError, match="nowhere/self_forcing_dmd.pt"):
-        train.build_model(dataclasses.replace(args, ckpt=str(tmp_path / "nowhere/self_forcing_dmd.pt")), cfg=TINY)
+    with pytest.raises(UsageError, match="needs --ckpt"):
+        load_base(args, cfg=TINY)
+    with pytest.raises(UsageError, match="needs --vae and --text-encoder"):
+        FrozenParts(dataclasses.replace(args, vae=None, text_encoder=None), ["a cat"], "cpu")
+    with pytest.raises(UsageError, match="not found: .*nowhere/self_forcing_dmd.pt"):
+        load_base(dataclasses.replace(args, ckpt=str(tmp_path / "nowhere/self_forcing_dmd.pt")), cfg=TINY)
 
 
 def test_missing_files_are_listed_before_anything_loads(tmp_path):

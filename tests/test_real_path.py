@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 import model as model_lib
 import sample
 import train
+from common import UsageError
 from test_frozen import TINY_T5, TINY_VAE, randomise, tiny_tokenizer
 
 TOY = model_lib.ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=TINY_T5["d_model"])
@@ -69,9 +70,9 @@ def test_sample_wan_streams_the_decode(files, tmp_path, monkeypatch):
     frames = imageio.mimread(str(out))
     assert len(frames) == 21 and frames[0].shape == (32, 48, 3)
     assert max(f.std() for f in frames) > 0  # not a blank video
-    with pytest.raises(sample.UsageError, match=r"not found: --ckpt .*nowhere.pt, --vae .*no_vae \(README"):
+    with pytest.raises(UsageError, match=r"not found: --ckpt .*nowhere.pt, --vae .*no_vae \(README"):
         sample.main(sample.Args(model="wan-1.3b", ckpt=str(files / "nowhere.pt"), vae=str(files / "no_vae"),
                                 text_encoder=wan, out=str(out)))
-    with pytest.raises(sample.UsageError, match="multiples of 16"):
+    with pytest.raises(UsageError, match="multiples of 16"):
         sample.main(sample.Args(model="wan-1.3b", ckpt=str(files / "sf.pt"), vae=wan, text_encoder=wan,
                                 height=40, out=str(out)))

@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import reward_models
 import rewards
 import tiny_world
-from rewards import (REWARDS, MultiReward, get_reward, grayscale,
-                     parse_rewards, top_fraction, weighted_total)
+from rewards import (REWARDS, MultiReward, RewardError, get_reward, grayscale,
+                     parse_rewards, top_fraction)
 from tiny_world import color_match, direction_match, direction_progress, size_constancy
 
 ALL = {**REWARDS, **tiny_world.REWARDS}  # the generic rewards and the shapes world's detectors
@@ -252,7 +252,9 @@ def test_multireward_total_is_the_weighted_sum():
     specs = parse_rewards(["sharpness=0.5", "flicker=2", "motion_gray=-1", "colorfulness=0"])
     specs.append(("np_col", lambda v, p: np.arange(v.shape[0], dtype=np.float64)[:, None], 3.0))
     v = torch.rand(4, F, 3, H, W)
-    total, scores = MultiReward(specs)(v, list("abcd"))
+    mr = MultiReward(specs)
+    scores = mr.score(v, list("abcd"))
+    total = mr.total(scores)
     assert list(scores) == ["sharpness", "flicker", "motion_gray", "colorfulness", "np_col"]
     expected = sum(w * torch.as_tensor(fn(v, list("abcd")), dtype=torch.float32).view(4)
                    for _, fn, w in specs)
@@ -260,7 +262,7 @@ def test_multireward_total_is_the_weighted_sum():
     assert all(s.shape == (4,) and s.dtype == torch.float32 for s in scores.values())
     mr = MultiReward(["sharpness=0.5", "flicker=2"])  # the --rewards strings directly
     assert mr.names == ["sharpness", "flicker"] and mr.weights == [0.5, 2.0]
-    assert torch.allclose(mr(v, list("abcd"))[0], 0.5 * scores["sharpness"] + 2 * scores["flicker"])
+    assert torch.allclose(mr.total(mr.score(v, list("abcd"))), 0.5 * scores["sharpness"] + 2 * scores["flicker"])
 
 
 @pytest.mark.parametrize("out,msg", [
@@ -273,25 +275,26 @@ def test_multireward_total_is_the_weighted_sum():
 ])
 def test_multireward_rejects_bad_outputs(out, msg):
     mr = MultiReward(parse_rewards(["flicker"]) + [("bad", out, 1.0)])
-    with pytest.raises(ValueError, match=msg):
-        mr(torch.rand(2, F, 3, H, W), ["a", "b"])
+    with pytest.raises(RewardError, match=msg):
+        mr.score(torch.rand(2, F, 3, H, W), ["a", "b"])
 
 
 def test_multireward_rejects_bad_inputs():
     mr = MultiReward(parse_rewards(["flicker"]))
-    with pytest.raises(ValueError, match="float"):
-        mr(torch.zeros(2, F, 3, H, W, dtype=torch.uint8), ["a", "b"])
-    with pytest.raises(ValueError, match=r"\[B, F, 3, H, W\]"):
-        mr(torch.rand(2, 3, H, W), ["a", "b"])
-    with pytest.raises(ValueError, match="2 videos but 1 prompts"):
-        mr(torch.rand(2, F, 3, H, W), ["a"])
+    with pytest.raises(RewardError, match="float"):
+        mr.score(torch.zeros(2, F, 3, H, W, dtype=torch.uint8), ["a", "b"])
+    with pytest.raises(RewardError, match=r"\[B, F, 3, H, W\]"):
+        mr.score(torch.rand(2, 3, H, W), ["a", "b"])
+    with pytest.raises(RewardError, match="2 videos but 1 prompts"):
+        mr.score(torch.rand(2, F, 3, H, W), ["a"])
     with pytest.raises(ValueError, match="no rewards"):
         MultiReward([])
 
 
-def test_weighted_total_on_raw_scores():
+def test_total_is_the_weighted_sum_of_raw_scores():
     scores = {"a": torch.tensor([1., 2., 10., 30.]), "b": torch.tensor([5., 5., 0., 1.])}
-    assert weighted_total(scores, {"a": 1.0, "b": 0.5}).tolist() == [3.5, 4.5, 10.0, 30.5]
+    mr = MultiReward([("a", None, 1.0), ("b", None, 0.5)])
+    assert mr.total(scores).tolist() == [3.5, 4.5, 10.0, 30.5]
 
 
 # ---- the examples in the docstrings are true

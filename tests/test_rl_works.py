@@ -24,7 +24,8 @@ from checkpoints import load_adapter_file, load_checkpoint
 from kvcache import KVCache
 from lora import set_adapter
 from model import CONFIGS, CausalWanModel
-from sample import GeneratorNoise, generate, make_generators, to_pixels
+from frozen import to_pixels
+from sample import GeneratorNoise, generate, make_generators
 from tiny_world import PROMPTS, toy_text_embed
 
 REWARD = "def brightness(videos, prompts):\n    return videos.mean(dim=(1, 2, 3, 4))\n"

@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from kvcache import KVCache
 from model import CausalWanModel, ModelConfig
 from sample import (GeneratorNoise, generate, generate_multi_prompt, make_generators,
-                    sampler_timesteps, save_video, sigma_of)
+                    sampler_timesteps, sigma_of)
+from common import save_video
 from tiny_world import toy_text_embed
 
 CFG = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, text_len=8)

@@ -40,10 +40,10 @@ def test_candidates_branch_from_one_history(mode):
     m, args, ctx = setup(group_mode=mode, micro_batch=3)
     js, K, step, s = range(6), 3, 7, 9
     hist = streaming.rollout_histories(m, ctx, js, K, step, s, args)
-    assert len(hist[1]) == (2 if mode == "shared-prefix" else 6)  # one per prompt, or per sample
+    assert len(set(hist.row_of_sample)) == hist.cache.k.shape[1] == (2 if mode == "shared-prefix" else 6)  # per prompt, or sample
     lat = streaming.rollout_windows(m, ctx, js, K, step, s, hist, args)
     assert lat.shape == (6, 6, 3, 8, 8)
-    h = streaming.stack_history(hist, js, K, args)
+    h = hist.for_samples(0, 6)
     assert h.frames == [0, 1, 2, 6, 7, 8] and h.k.shape[1] == 6  # sink + recent, at frame 9
     same = [torch.equal(h.k[:, 0], h.k[:, i]) for i in (1, 2)]
     assert all(same) if mode == "shared-prefix" else not any(same)

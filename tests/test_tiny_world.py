@@ -1,7 +1,7 @@
 """
 The tiny shapes world: the procedural videos, the reward detectors on them, the committed
 pre-trained asset (loads strictly, its samples follow their prompts), and a 2-step smoke run of
-the pre-training loop (pretrain_tiny.py). Never retrains for real.
+the pre-training loop (tools/pretrain_tiny.py). Never retrains for real.
 
 Run:  python -m pytest tests/test_tiny_world.py -q
 """
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from model import CONFIGS, CausalWanModel
 import pretrain_tiny
 import tiny_world as tw
-from sample import to_pixels
+from frozen import to_pixels
 from tiny_world import color_match, direction_match
 
 ASSET = os.path.join(ROOT, "assets", "tiny_world.safetensors")
@@ -79,7 +79,7 @@ def pretrained_eval(pretrained):
 
 @pytest.fixture(scope="module")
 def pretrained():
-    assert os.path.exists(ASSET), "assets/tiny_world.safetensors missing: run python pretrain_tiny.py"
+    assert os.path.exists(ASSET), "assets/tiny_world.safetensors missing: run python tools/pretrain_tiny.py"
     model = CausalWanModel(CONFIGS["tiny"])
     model.load_state_dict(load_file(ASSET), strict=True)  # base weights only, names match
     return model.eval()

@@ -130,7 +130,7 @@ def test_user_reward_file_selective_mode_and_the_other_options(tmp_path):
     f.write_text("def score(videos, prompts):\n    return videos.mean(dim=(1, 2, 3, 4))\n")
     out = tmp_path / "run"
     run(["--steps", "2", "--ckpt-every", "0", "--eval-every", "0", "--selective", "--prompts-per-step", "4",
-         "--rewards", f"{f}:score=1", "colorfulness=1", "--train-timesteps", "raw", "--window-context", "noisy",
+         "--rewards", f"{f}:score=1", "colorfulness=1", "--released.train-timesteps", "raw", "--window-context", "noisy",
          "--ckpt", "None",
          "--adaptive-weight", "--reward-norm", "per-reward", "--old-decay", "delayed", "--no-global-std"], out)
     rs = rows(out)
@@ -145,7 +145,7 @@ def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
                                      "--out-dir", str(tmp_path)])
     import nft_loss
     monkeypatch.setattr(nft_loss, "nft_policy_loss", lambda *a, **k: torch.tensor(float("nan")))
-    with pytest.raises(SystemExit, match="non-finite loss"):
+    with pytest.raises(train.UsageError, match="non-finite loss"):
         train.main(args)
     rs = rows(tmp_path)
     assert [r["skipped"] for r in rs] == [True, True]  # the third raises before logging

@@ -29,7 +29,7 @@ from test_train import ENV, ROOT, SMALL, rows, run, strip_times
 def problems(tmp_path, *flags, monkeypatch=None):
     """The lines of the UsageError train.main raises for these flags (nothing may load first)."""
     if monkeypatch is not None:  # loading anything before the checks is a failure of its own
-        monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("the model loaded first"))
+        monkeypatch.setattr(train, "load_base", lambda *a, **k: pytest.fail("the model loaded first"))
         monkeypatch.setattr(train, "FrozenParts", lambda *a, **k: pytest.fail("umT5 / the VAE loaded first"))
     out = ["--out-dir", str(tmp_path / "run")] if "--out-dir" not in flags else []
     with pytest.raises(UsageError) as e:
@@ -94,12 +94,12 @@ def test_settings_that_cannot_learn_warn(tmp_path):
     const = tmp_path / "const.py"
     const.write_text("import torch\ndef one(videos, prompts):\n    return torch.ones(len(videos))\n")
     r = run(["--steps", "3", "--eval-every", "0", "--group-size", "1", "--micro-batch", "2", "--prompts-per-step", "2",
-             "--window-starts", "0", "--aux-rewards", "2", "--prompts", "a purple cat",
+             "--window-starts", "0", "--released.aux-rewards", "2", "--prompts", "a purple cat",
              "--rewards", f"{const}:one=1"], tmp_path / "run")
     out = r.stdout
     assert "--group-size 1: every advantage is 0" in out
     assert "--window-starts is used only by --window-select random_choice" in out
-    assert "--aux-rewards: used only with --selective" in out
+    assert "--released.aux-rewards: used only with --selective" in out
     assert "prompt(s) the tiny model cannot read" in out and "a purple cat" in out
     assert "had the same reward for every video of a prompt" in out
     assert "threads: " in out
@@ -216,7 +216,7 @@ def test_non_finite_weights_stop_before_saving(tmp_path, monkeypatch):
                     p.fill_(float("nan"))
     monkeypatch.setattr(torch.optim.AdamW, "step", blow_up)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match="made the LoRA weights non-finite"):
+    with pytest.raises(UsageError, match="made the LoRA weights non-finite"):
         train.main(train.parse_args(SMALL + ["--steps", "2", "--ckpt-every", "1", "--eval-every", "0",
                                              "--out-dir", str(out)]))
     assert not list(out.glob("ckpt_*")) and not (out / "lora").exists()
@@ -226,13 +226,13 @@ def test_rewards_refuse_non_finite_pixels():
     v = torch.rand(2, 3, 3, 8, 8)
     v[1, 0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite pixels"):
-        rewards.MultiReward(["flicker=1"])(v, ["a", "b"])
+        rewards.MultiReward(["flicker=1"]).score(v, ["a", "b"])
 
 
 def test_metrics_are_strict_json(tmp_path, monkeypatch):
     import nft_loss
     monkeypatch.setattr(nft_loss, "nft_policy_loss", lambda *a, **k: torch.tensor(float("nan")))
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError):
         train.main(train.parse_args(SMALL + ["--steps", "5", "--eval-every", "0", "--out-dir", str(tmp_path / "r")]))
 
     def no_constants(name):

@@ -8,7 +8,7 @@ sampler's t = 0 cache pass provides at inference); x_t = (1 - s) x0 + s eps per 
 block-causal forward predicts the velocity v; loss = MSE(v, eps - x0) on the noisy blocks only.
 Training on exactly the sampler's timesteps is what makes 4 steps enough.
 
-Run:   python pretrain_tiny.py                    (~23 min on 2 CPU cores; writes assets/)
+Run:   python tools/pretrain_tiny.py                 (~23 min on 2 CPU cores; writes assets/)
        python pretrain_tiny.py --steps 2 --batch 4 --out /tmp/tw.safetensors   (smoke test)
 Test:  python -m pytest tests/test_tiny_world.py -q
 
@@ -18,6 +18,7 @@ H, W pixels, n frames per block (3), K blocks (F / n), P prompts, Lt, Dt text to
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -26,9 +27,15 @@ import tyro
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+# a tool, not part of the algorithm: the repository root on the import path, so that
+# `python tools/pretrain_tiny.py` (from anywhere) finds train.py, model.py and the rest
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from frozen import to_pixels
 from kvcache import KVCache
 from model import CONFIGS, CausalWanModel
-from sample import GeneratorNoise, generate, make_generators, sampler_timesteps, sigma_of, to_pixels
+from sample import GeneratorNoise, generate, make_generators, sampler_timesteps, sigma_of
 from tiny_world import PROMPTS, RADIUS, SPEED, color_match, direction_match, parse_prompt, render, toy_text_embed
 
 

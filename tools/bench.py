@@ -4,20 +4,20 @@ training forward (+ backward). Numbers here, never in tests. The "bench" size (S
 4 layers, a 30x52 latent) is a Wan-shaped model a 2-core CPU can run, so the numbers can be set
 beside those of the released code run the same way (float32, B = 1, 2 threads).
 
-    python bench.py rollout              tiny + bench sizes, global and rolling cache
-    python bench.py train                bench size, forward and forward+backward, 21 frames
-    python bench.py update               one NFT update (3 forwards, 1 backward) vs one plain
+    python tools/bench.py rollout              tiny + bench sizes, global and rolling cache
+    python tools/bench.py train                bench size, forward and forward+backward, 21 frames
+    python tools/bench.py update               one NFT update (3 forwards, 1 backward) vs one plain
                                          flow-matching step on the same batch (LoRA rank 64)
-    python bench.py streaming --json s.json   one streaming RL step (window 21, last) per video
+    python tools/bench.py streaming --json s.json   one streaming RL step (window 21, last) per video
                                          length, tiny model, 32x32, rolling cache 12 / sink 3,
                                          vs back-propagating through the whole video
-    python bench.py rollout --sizes wan-1.3b --device cuda     (the real size, on a GPU)
-    python bench.py gpu                  the real 1.3B (--size wan-14b) at 480x832, 21 latent
+    python tools/bench.py rollout --sizes wan-1.3b --device cuda     (the real size, on a GPU)
+    python tools/bench.py gpu                  the real 1.3B (--size wan-14b) at 480x832, 21 latent
                                          frames, random bf16 weights: rollout frames/s, one NFT
                                          update (LoRA r 256) with and without activation
                                          checkpointing: time, peak memory, MFU (skipped
                                          without CUDA; --device cpu --size tiny: a smoke run)
-    python bench.py memory / realsize    the memory model against measured peaks (bench_memory.py)
+    python tools/bench.py memory / realsize    the memory model against measured peaks (tools/bench_memory.py)
 
 Every case runs in a fresh subprocess; peak memory is the RSS growth over the value just before
 the measured call (CPU), or torch.cuda.max_memory_allocated growth (GPU).
@@ -35,6 +35,11 @@ from typing import Literal
 
 import torch
 import tyro
+
+# a tool, not part of the algorithm: the repository root on the import path, so that
+# `python tools/bench.py` (from anywhere) finds train.py, model.py and the rest
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import train
 # the memory and realsize harnesses, and the bench sizes and helpers they share with this file
@@ -171,8 +176,8 @@ def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0, rank=64, B=
     base = reset_peak(dev)
     t0 = time.perf_counter()
     if mode == "nft":
-        loss, _ = train.nft_microbatch(model, args, x0=x0, ctx=c, r=r, kl_mask=torch.ones(B, dtype=torch.bool),
-                                       step=0, j0=0, start=0, history=None, autocast=autocast)
+        loss, _, _ = train.nft_microbatch(model, args, x0=x0, ctx=c, r=r, kl_mask=torch.ones(B, dtype=torch.bool),
+                                          history=None, step=0, first_sample=0, start=0, autocast=autocast)
     else:  # flow matching: || v_theta(x_t, t) - (eps - x0) ||^2 at one noise level
         eps = torch.randn(x0.shape, generator=g, device=dev)
         x_t = (1 - 0.625) * x0 + 0.625 * eps

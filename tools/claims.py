@@ -13,9 +13,9 @@ on prompts and seeds it never trained on.
              arms: base, single-reward, multi-reward, multi+selective (held-out detectors)
   memory     streaming peak memory does not grow with the video length.  arms: 12 / 24 / 48 frames
 
-Run:   python claims.py                          (every claim, 3 training seeds; ~1 h on 2 cores)
-       python claims.py --only nft --seeds 3 --seed0 100 --out /tmp/claims
-       python claims.py --quick --out /tmp/q    (plumbing smoke test: tiny budgets, no verdicts)
+Run:   python tools/claims.py                    (every claim, 3 training seeds; ~1 h on 2 cores)
+       python tools/claims.py --only nft --seeds 3 --seed0 100 --out /tmp/claims
+       python tools/claims.py --quick --out /tmp/q    (plumbing smoke test: tiny budgets, no verdicts)
 Test:  python -m pytest tests/test_claims.py -q
 Writes OUT/claims.json, OUT/claims.md, OUT/<claim>.png and OUT/runs/<claim>/<arm>/seed<S>/ (the
 train.py runs). The committed results are in assets/claims/.
@@ -42,21 +42,26 @@ import tyro
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+# a tool, not part of the algorithm: the repository root on the import path, so that
+# `python tools/claims.py` (from anywhere) finds train.py, model.py and the rest
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
 import tiny_world
 import train
-from checkpoints import load_adapter_file
+from checkpoints import load_adapter_file, load_base
 from common import log, save_strip, seed_of, write_atomic
+from frozen import to_pixels
+from lora import use_adapter
 from rewards import MultiReward
-from sample import to_pixels
 from streaming import rollout
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("nft", "streaming", "hacking", "memory")
 
 
 @dataclass
 class Args:
-    """The paper's claims in miniature: `python claims.py [--only NAME] [--seeds N]`."""
+    """The paper's claims in miniature: `python tools/claims.py [--only NAME] [--seeds N]`."""
     only: Optional[Literal["nft", "streaming", "hacking", "memory"]] = None
     """run one claim (default: all four)"""
     seeds: int = 3
@@ -174,11 +179,12 @@ def load_policy(run_dir):
     """The tiny base model with the run's exported policy (its final lora/, the EMA) as 'default'."""
     ckpts = sorted(d for d in os.listdir(run_dir) if d.startswith("ckpt_"))
     path = os.path.join(run_dir, ckpts[-1])
-    # the run's own flags rebuild the same base and adapter shapes (rank, alpha)
+    # the run's own flags rebuild the same base
     with open(os.path.join(path, "state.json")) as f:
-        saved = train.Args(**json.load(f)["args"])
-    model = train.build_model(saved)
-    # lora/ is what a user would ship: the EMA policy (or theta with --no-ema)
+        saved = json.load(f)["args"]
+    saved = train.Args(**{**saved, "released": train.Released(**saved["released"])})
+    model = load_base(saved)
+    # lora/ is what a user would ship: the EMA policy (or theta with --no-ema); rank and alpha from its files
     load_adapter_file(model, "default", os.path.join(path, "lora"))
     return model.eval()
 
@@ -193,7 +199,8 @@ def eval_videos(model, adapter, prompts, frames, n_seeds):
     for k in range(n_seeds):
         # a seed stream of its own: no training rollout (seeded by (seed, step, sample)) shares it
         seeds = [seed_of("claims-eval", k, i) for i in range(len(prompts))]
-        lat = rollout(model, ctx, seeds, frames, args, adapter)  # pixel space: latents are frames
+        with use_adapter(model, adapter):
+            lat = rollout(model, ctx, seeds, frames, args)  # pixel space: latents are frames
         videos.append(to_pixels(lat))  # [-1, 1] -> [0, 1]
     return torch.cat(videos)
 
@@ -203,7 +210,7 @@ def scores_of(videos, prompts, n_seeds):
     # every detector on every eval video, trained on or not; the claim picks what it reports
     names = DEFAULT_REWARDS + [f"{h}=1" for h in HELD_OUT]
     multi = MultiReward(names, registry=train.REGISTRY, frames=None)
-    _, per = multi(videos, prompts * n_seeds)
+    per = multi.score(videos, prompts * n_seeds)
     return {name: value.mean().item() for name, value in per.items()}
 
 
@@ -265,7 +272,7 @@ def run_claim(name, args, train_p, eval_p, done):
         values[arm] = []
         for seed in ([None] if flags is None else seeds):
             if flags is None:  # the base model: adapters off, evaluated once
-                base = base or load_base()
+                base = base or base_model()
                 model, adapter = base, None
             else:
                 run_flags = (QUICK_BUDGET if args.quick else BUDGET) + flags
@@ -307,9 +314,9 @@ def run_claim(name, args, train_p, eval_p, done):
     return result
 
 
-def load_base():
-    """The base model itself (assets/tiny_world.safetensors), with an unused LoRA adapter."""
-    return train.build_model(train.Args()).eval()
+def base_model():
+    """The base model itself (assets/tiny_world.safetensors), no adapter."""
+    return load_base(train.Args()).eval()
 
 
 def run_memory(args):
@@ -372,7 +379,7 @@ def save_bars(path, claim, size=(520, 300)):
 
 def markdown(results, wall_s, argv):
     """claims.md: one table, claim | arms | metric (mean ± std over training seeds) | verdict."""
-    lines = [f"`python claims.py {' '.join(argv)}` — {wall_s / 60:.1f} min on {machine()}", "",
+    lines = [f"`python tools/claims.py {' '.join(argv)}` — {wall_s / 60:.1f} min on {machine()}", "",
              "| claim | arms: mean ± std (runs) | metric | verdict |", "|---|---|---|---|"]
     for c in results:
         cells = []

@@ -1,13 +1,13 @@
 """
-Memory harnesses behind `python bench.py memory` and `python bench.py realsize`: the memory model
+Memory harnesses behind `python tools/bench.py memory` and `python tools/bench.py realsize`: the memory model
 (memory.py) set against what one RL step of train.py really holds, plus the random Wan files in
 the released layouts that let train.py run the real-model path with nothing downloaded.
 
-    python bench.py memory --json m.json   every MEMORY_CASES entry, one RL step of train.py's
+    python tools/bench.py memory --json m.json   every MEMORY_CASES entry, one RL step of train.py's
                                            self-forcing preset each in a fresh process: measured
                                            peak next to memory.predict; then every preset's
                                            prediction at its real size
-    python bench.py realsize [--keep]      the full wan-1.3b (random weights, full Wan2.1 VAE,
+    python tools/bench.py realsize [--keep]      the full wan-1.3b (random weights, full Wan2.1 VAE,
                                            a one-layer umT5) through the same preset on the CPU:
                                            64x64 pixels, 6 latent frames, one step end to end
 
@@ -32,14 +32,19 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
+# a tool, not part of the algorithm: the repository root on the import path, so that
+# `python tools/bench.py` (from anywhere) finds train.py, model.py and the rest
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import common
 import memory
 import streaming
 import train
 from common import reset_peak
 from model import CONFIGS, Block, CausalWanModel, Head, RMSNorm, _draw_modulation, randomize_head
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH = os.path.join(HERE, "bench.py")  # every memory case runs as `bench.py --case memory:...`
+BENCH = os.path.join(ROOT, "tools", "bench.py")  # every memory case runs as `bench.py --case memory:...`
 
 # "bench": Wan's shape at half the width and 4 layers, small enough for a 2-core CPU (8190 tokens
 # in 21 frames of 30x52 latents); "small": a cheaper one for the memory dry runs
@@ -75,7 +80,7 @@ def init_materialized(model):
 
 
 def subprocess_json(cmd, env=None):
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if r.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     return r.stdout
@@ -181,10 +186,10 @@ def memory_case(index, ckpt_file):
     train.FrozenParts = LatentParts  # latents stand in for pixels: the DiT's step alone
     at_start = []
 
-    def reset_peak_counting(device):  # train.py's probe, plus a count of the live tensors
+    def reset_peak_counting(device):  # the step clock's probe, plus a count of the live tensors
         at_start.append(live_tensor_mb())
         return reset_peak(device)
-    train.reset_peak = reset_peak_counting
+    common.reset_peak = reset_peak_counting
     with tempfile.TemporaryDirectory() as out:
         args = memory_case_args(case, ckpt_file, out)
         train.main(args)
