@@ -23,8 +23,8 @@ diffusers / transformers are imported inside functions, so `import frozen` is ch
 `python train.py --help` never loads them.
 Test: python -m pytest tests/test_frozen.py -q      (tiny random models, CPU, no downloads)
 
-Shape legend: B batch, T pixel frames (T = 1 + 4k), F latent frames (F = 1 + k), C latent
-channels (16), H, W pixel size, h, w latent size (H/8, W/8), L text tokens (512), D text width;
+Shape legend: B batch, Fp pixel frames (Fp = 1 + 4k), F latent frames (F = 1 + k), C latent
+channels (16), H, W pixel size, h, w latent size (H/8, W/8), Lt text tokens (512), Dt text width;
 a StreamingDecoder.push of n latent frames gives t pixel frames.
 """
 import html
@@ -146,14 +146,14 @@ class WanVAE:
 
     @torch.no_grad()
     def encode(self, video):
-        """video [B, T, 3, H, W] in [-1, 1], T = 1 + 4k -> normalised posterior mean
+        """video [B, Fp, 3, H, W] in [-1, 1], Fp = 1 + 4k -> normalised posterior mean
         [B, 1 + k, C, H/8, W/8]."""
-        B, T, _, H, W = video.shape
-        if (T - 1) % 4 or H % 8 or W % 8:  # diffusers would silently drop the frames past 1 + 4k
-            raise ValueError(f"WanVAE.encode: got {T} frames of {H}x{W}; need T = 1 + 4k frames "
+        B, Fp, _, H, W = video.shape
+        if (Fp - 1) % 4 or H % 8 or W % 8:  # diffusers would silently drop the frames past 1 + 4k
+            raise ValueError(f"WanVAE.encode: got {Fp} frames of {H}x{W}; need 1 + 4k frames "
                              f"and H, W multiples of 8")
-        x = video.to(self.device, self.dtype).transpose(1, 2)        # [B, 3, T, H, W]
-        # the causal encoder sees frame 0 alone, then chunks of 4 -> F = 1 + (T - 1) / 4 latents.
+        x = video.to(self.device, self.dtype).transpose(1, 2)        # [B, 3, Fp, H, W]
+        # the causal encoder sees frame 0 alone, then chunks of 4 -> F = 1 + (Fp - 1) / 4 latents.
         # Wan and Self-Forcing take the posterior *mean* (no sampling), then z = (mu - mean) / std
         mu = self.vae.encode(x).latent_dist.mode().transpose(1, 2)   # [B, F, C, h, w]
         return ((mu - self.mean) * self.inv_std).contiguous()
@@ -162,8 +162,8 @@ class WanVAE:
     def decode(self, latents):
         """normalised latents [B, F, C, h, w] -> video [B, 1 + 4(F - 1), 3, 8h, 8w] in [-1, 1]."""
         z = latents.to(self.device, self.dtype) / self.inv_std + self.mean  # z * std + mean, as Wan
-        x = self.vae.decode(z.transpose(1, 2)).sample                        # [B, 3, T, H, W], clamped
-        return x.transpose(1, 2).contiguous()                                # [B, T, 3, H, W]
+        x = self.vae.decode(z.transpose(1, 2)).sample                        # [B, 3, Fp, H, W], clamped
+        return x.transpose(1, 2).contiguous()                                # [B, Fp, 3, H, W]
 
     def stream(self):
         """A fresh block-by-block decoder for one video (its own cache; this VAE is left untouched)."""
@@ -276,7 +276,7 @@ class TextEncoder:
     def __init__(self, model, tokenizer, text_len=512, device="cpu"):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer, self.text_len, self.device = tokenizer, text_len, torch.device(device)
-        # prompt string -> [L, D] on the CPU: 4 MB each in bf16, so a large prompt set stays off the GPU
+        # prompt string -> [Lt, Dt] on the CPU: 4 MB each in bf16, so a large prompt set stays off the GPU
         self.cache = {}
 
     @classmethod
@@ -314,7 +314,7 @@ class TextEncoder:
         return cls(model, AutoTokenizer.from_pretrained(tok), text_len, device)
 
     def __call__(self, prompts):
-        """prompts: list of B strings -> [B, L, D] on self.device (the model's dtype)."""
+        """prompts: list of B strings -> [B, Lt, Dt] on self.device (the model's dtype)."""
         for p in dict.fromkeys(p for p in prompts if p not in self.cache):  # distinct, in order
             self.cache[p] = self._encode(p)
         return torch.stack([self.cache[p] for p in prompts]).to(self.device)
@@ -323,17 +323,17 @@ class TextEncoder:
     def _encode(self, prompt):
         """One prompt per forward: its embedding then never depends on which prompts shared its
         batch (bf16 kernels can differ with the batch size), so a resumed run gets the same one."""
-        # pad to L, truncate past L; the tokenizer appends EOS </s> (id 1), pads with id 0, and
+        # pad to Lt, truncate past Lt; the tokenizer appends EOS </s> (id 1), pads with id 0, and
         # the mask counts real tokens + EOS: n = mask.sum()
         tok = self.tokenizer([clean_prompt(prompt)], padding="max_length", max_length=self.text_len,
                              truncation=True, add_special_tokens=True, return_tensors="pt")
         dev = next(self.model.parameters()).device  # the GPU, or the CPU after offload()
-        mask = tok.attention_mask.to(dev)                                          # [1, L]
+        mask = tok.attention_mask.to(dev)                                          # [1, Lt]
         # the mask goes *into* the encoder: pad keys are ignored, so rows < n equal Wan's u[:n]
         u = self.model(input_ids=tok.input_ids.to(dev), attention_mask=mask).last_hidden_state
-        # rows >= n: exact zeros (Wan trims to u[:n] and zero-pads back to L; the DiT then attends
-        # to all L rows unmasked, so these zeros are part of the conditioning, not padding to skip)
-        return u[0].masked_fill(mask[0, :, None] == 0, 0).cpu()                    # [L, D]
+        # rows >= n: exact zeros (Wan trims to u[:n] and zero-pads back to Lt; the DiT then attends
+        # to all Lt rows unmasked, so these zeros are part of the conditioning, not padding to skip)
+        return u[0].masked_fill(mask[0, :, None] == 0, 0).cpu()                    # [Lt, Dt]
 
 
 # ----------------------------------------------------------------------------------------------

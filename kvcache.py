@@ -33,7 +33,7 @@ always overwrites that block's own slots, so the cache is exactly "sink U recent
 
 Test: python -m pytest tests/test_kvcache.py -q
 
-Shape legend: Ly layers, B batch, T cache capacity in tokens, N new tokens, Hd heads,
+Shape legend: Ly layers, B batch, Nc cache capacity in tokens, Nt new tokens, Hd heads,
 D head dim, Lt text tokens, P tokens per frame (tpf); S sink frames, L window frames (local).
 """
 import torch
@@ -77,8 +77,8 @@ class KVCache:
         cap_frames = local if local >= 0 else frames
         # zero-filled like the released buffers, but an unwritten slot is never attended here
         shape = (num_layers, batch, cap_frames * tokens_per_frame, num_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (Ly, B, T, Hd, D)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (Ly, B, T, Hd, D)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (Ly, B, Nc, Hd, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # (Ly, B, Nc, Hd, D)
         self.frames = []  # absolute frame index of every written frame, in slot order
         self.end_frame = 0  # one past the last frame ever written ("global_end")
         self.last_block = None  # (start, n) of the latest call, to recognise repeats
@@ -133,8 +133,8 @@ class KVCache:
 
     def write(self, layer: int, lo: int, k: torch.Tensor, v: torch.Tensor):
         """Store one layer's new (roped) keys and values at token slot lo onwards."""
-        self.k[layer, :, lo:lo + k.shape[1]] = k  # (B, N, Hd, D)
-        self.v[layer, :, lo:lo + v.shape[1]] = v  # (B, N, Hd, D)
+        self.k[layer, :, lo:lo + k.shape[1]] = k  # (B, Nt, Hd, D)
+        self.v[layer, :, lo:lo + v.shape[1]] = v  # (B, Nt, Hd, D)
 
     def layer(self, layer: int):
         """The valid K and V of one layer: (B, length, Hd, D) views, no copy."""
@@ -159,7 +159,7 @@ class KVCache:
         new = KVCache.__new__(KVCache)
         new.__dict__.update(self.__dict__)  # every field, then its own copies of what it mutates
         n = self.length  # a history at frame s fills s of the capacity's frames: copy those only
-        new.k = self.k.new_empty(self.k.shape[:1] + (len(idx),) + self.k.shape[2:])  # (Ly, len(rows), T, Hd, D)
+        new.k = self.k.new_empty(self.k.shape[:1] + (len(idx),) + self.k.shape[2:])  # (Ly, len(rows), Nc, Hd, D)
         new.v = self.v.new_empty(new.k.shape)
         torch.index_select(self.k[:, :, :n], 1, idx, out=new.k[:, :, :n])
         torch.index_select(self.v[:, :, :n], 1, idx, out=new.v[:, :, :n])

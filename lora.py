@@ -18,7 +18,7 @@ can be copied alone. File I/O (PEFT folders, LongLive lora.pt) is in checkpoints
 
 Test:  python -m pytest tests/test_lora.py -q
 
-Shape legend: r rank, I input features, O output features, N input rows (tokens) of a call.
+Shape legend: r rank, I input features, O output features, M input rows (tokens) of a call.
 """
 import math
 import re
@@ -26,7 +26,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F_
+import torch.nn.functional as Fn
 
 # PEFT's target_modules for the Wan blocks: a suffix match picks the 10 linears of each block
 # (self_attn q k v o, cross_attn q k v o, ffn.0 and ffn.2)
@@ -47,20 +47,13 @@ class LoRALinear(nn.Linear):
         self.active = None
 
     def forward(self, x):
-        if self.active is None:
-            return super().forward(x)
+        y = super().forward(x)  # W x + b: the frozen base
+        if self.active is None:  # adapters off: the base model
+            return y
         ad, s = self.lora[self.active], self.scale[self.active]
-        if self.weight.dtype == ad.A.dtype and not torch.is_autocast_enabled(x.device.type):
-            # base and adapter both float32: y = (W + s B A) x + b, one matmul instead of three.
-            # The merge (O, I) costs r/N of the matmul; with a gradient, autograd takes dA and dB
-            # from dW_eff = dy^T x and keeps W_eff (O, I) instead of A x (N, r). At small ranks the
-            # two skinny LoRA matmuls run far below a CPU's matmul rate (2-core CPU, 3072 tokens,
-            # 128 -> 128, r 16: fwd + bwd 5.7 -> 2.6 ms). Same numbers up to float rounding.
-            return F_.linear(x, torch.addmm(self.weight, ad.B, ad.A, alpha=s), self.bias)
-        y = super().forward(x)
-        # adapters stay float32 while the base may run in bf16: cast in, compute, cast back
-        # y = W x + b + s * B (A x)
-        return y + s * F_.linear(F_.linear(x.to(ad.A.dtype), ad.A), ad.B).to(y.dtype)
+        # y = W x + b + s B (A x); the adapter stays float32 while the base may run in bf16 (cast in,
+        # compute, cast back), so a small update to A or B is never rounded away in W's precision
+        return y + s * Fn.linear(Fn.linear(x.to(ad.A.dtype), ad.A), ad.B).to(y.dtype)
 
 
 def lora_layers(model):

@@ -23,10 +23,10 @@ are two runs (sink + window, clean prefix + own block) attends to a concatenated
 Test:  python -m pytest tests/test_scale.py -q
 Run:   python tools/bench.py memory      (measured next to predicted, and every preset at real size)
 
-Shape legend: L layers, D model dim, Df FFN dim, r LoRA rank, P tokens per latent frame, h, w
+Shape legend: Ly layers, D model dim, Df FFN dim, r LoRA rank, P tokens per latent frame, h, w
 latent (tiny: pixel) height/width, F latent frames of the whole video, T of the window, m
 micro-batch, n samples per rank, E eval videos per rollout, Lt text tokens, b bytes per element;
-train_flops: N token rows through a block, Nq of them past their K and V, p pixels per patch,
+train_flops: Nt token rows through a block, Nq of them past their K and V, p pixels per patch,
 M rows of one linear, I -> O its features.
 """
 import torch
@@ -40,17 +40,16 @@ GB = 2 ** 30
 
 # bytes autograd saves per token and layer of the x_theta forward, as (per D, per Df, per r),
 # in two parts. "kv": what every token keeps, its K and V being needed by later queries: norm1's
-# input, the modulated input of the k/v projections, k before its RMSNorm, and (bf16) A x of the
-# k and v LoRA. "query": what a token whose output is computed adds: q before its norm, roped q,
-# the attention output and its concatenation, the residual, norm3's input and output, cross q
-# before and after its norm, the cross-attention output, norm2's input, the FFN input (11 D), the
-# FFN hidden before and after GELU (2 Df), (bf16) A x of the q, o, cross q, cross o and FFN LoRA
-# (6 r). float32: 4 bytes each, and no A x at all: lora.py merges W + s B A and autograd keeps
-# that (O, I) weight instead (merged_weights). bf16 autocast: bf16 where autocast computes,
-# float32 where the model upcasts (the norms' inputs, q/k before RMSNorm), plus autocast's bf16
-# copy of every LoRA input. The roped K and V themselves are counted apart (kept_keys), as are
-# autocast's bf16 copies of each layer's A and B.
-SAVED_BYTES = {torch.float32: {"kv": (12, 0, 0), "query": (44, 8, 0)},
+# input, the modulated input of the k/v projections, k before its RMSNorm, and A x of the k and v
+# LoRA. "query": what a token whose output is computed adds: q before its norm, roped q, the
+# attention output and its concatenation, the residual, norm3's input and output, cross q before
+# and after its norm, the cross-attention output, norm2's input, the FFN input (11 D), the FFN
+# hidden before and after GELU (2 Df), A x of the q, o, cross q, cross o and FFN LoRA (6 r).
+# float32: 4 bytes each. bf16 autocast: bf16 where autocast computes, float32 where the model
+# upcasts (the norms' inputs, q/k before RMSNorm), plus autocast's bf16 copy of every LoRA input.
+# The roped K and V themselves are counted apart (kept_keys), as are autocast's bf16 copies of
+# each layer's A and B.
+SAVED_BYTES = {torch.float32: {"kv": (12, 0, 8), "query": (44, 8, 24)},
                torch.bfloat16: {"kv": (12, 0, 4), "query": (34, 4, 12)}}
 
 # the Wan2.1 VAE decoding frame by frame (diffusers' feature cache), float32: working set per
@@ -94,26 +93,14 @@ def saved_activations(cfg, rank, dtype, layers, text=0):
     b = torch.finfo(dtype).bits // 8
     d, f = cfg.dim, cfg.ffn_dim
     total = 0
-    for i, (tokens, q_tokens, keys) in enumerate(layers):
+    for tokens, q_tokens, keys in layers:
         total += tokens * (kv[0] * d + kv[1] * f + kv[2] * rank)
         total += q_tokens * (query[0] * d + query[1] * f + query[2] * rank)
-        # the roped K and V that attention keeps, and the text side's k/v (and, bf16, their LoRA)
-        total += 2 * keys * d * b + text * 6 * d * b
+        # the roped K and V that attention keeps, and the text side's k/v and their LoRA's A x
+        total += 2 * keys * d * b + text * 6 * d * b + text * 2 * rank * b
         if dtype == torch.bfloat16:  # autocast's bf16 copy of theta's A and B, kept for backward
-            total += text * 2 * rank * b + 2 * rank * (8 * 2 * d + (d + f) + (f + d))
-        else:
-            total += merged_weights(cfg, first_block=i == 0)
+            total += 2 * rank * (8 * 2 * d + (d + f) + (f + d))
     return total
-
-
-def merged_weights(cfg, first_block):
-    """Bytes of the merged float32 weights W + s B A (lora.py) one block keeps for backward: a
-    linear keeps its weight only when its input needs a gradient, which the text side's k and v
-    (text embeddings) never do, nor the first block's q, k and v (embeddings of the input)."""
-    d, f = cfg.dim, cfg.ffn_dim
-    # self q, k, v, o; cross q, o; the FFN's two linears
-    square = 3 if first_block else 6
-    return (square * d * d + 2 * d * f) * 4
 
 
 def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
@@ -248,34 +235,27 @@ def report(args, cfg, start, world, bf16, device):
 # The base is frozen in the NFT update, so its linears need dX but no dW: at 1.3B, 480x832, 21
 # frames the backward is 1.6x the forward (attention, half the forward, still costs 2x), not the
 # 2x of full training (6 x parameters x tokens) that MFU is usually quoted with; bench prints both.
-# merged (lora.py's float32 path, W + s B A): the merge 2rIO; backward dW_eff 2MIO, then dA and
-# dB from it 4rIO (instead of the LoRA terms above).
 
 
 def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_frame=0, local=-1,
-                sink=0, history=(), teacher_forcing=False, merged=False):
+                sink=0, history=(), teacher_forcing=False):
     """(forward, backward) FLOPs of model(x, t, ctx) on (batch, frames, C, *hw) latents with a
     trained LoRA adapter of rank `lora_rank` active (0: none) and the base weights trained or
-    frozen; history: the frames of a history cache (start_frame, local, sink as the forward);
-    merged: lora.py's float32 path (base and adapter float32, no autocast: W + s B A per call)."""
+    frozen; history: the frames of a history cache (start_frame, local, sink as the forward)."""
     D, Lt, p = cfg.dim, cfg.text_len, cfg.patch_size[1] * cfg.patch_size[2]
     P = hw[0] * hw[1] // p  # tokens per frame
     nc = clean_context_frames(frames, cfg.frames_per_block) if teacher_forcing else 0
     nf = nc + frames  # teacher forcing: [clean frames some noisy block reads ; noisy] frames
-    N = batch * nf * P  # token rows through every block
+    Nt = batch * nf * P  # token rows through every block
     trained = base_grad or lora_rank > 0
     flops = [0, 0]  # forward, backward
 
     def linear(M, I, O, x_grad, r=0):
-        if r and merged:  # the merge B A (O, I); backward: dW = dy^T x, then dA and dB from dW
-            flops[0] += 2 * M * I * O + 2 * r * I * O
-            flops[1] += 2 * M * I * O * (x_grad + 1) + 4 * r * I * O
-            return
         flops[0] += 2 * M * I * O + 2 * M * r * (I + O)
         flops[1] += 2 * M * I * O * (x_grad + base_grad) + 2 * M * r * (2 * O + I + I * x_grad)
 
     # embeddings: patches (from x), text MLP (from the raw context), time MLPs (from sinusoids)
-    linear(N, cfg.in_dim * p, D, False)
+    linear(Nt, cfg.in_dim * p, D, False)
     linear(batch * Lt, cfg.text_dim, D, False), linear(batch * Lt, D, D, base_grad)
     rows = batch * nf
     linear(rows, cfg.freq_dim, D, False), linear(rows, D, D, base_grad), linear(rows, D, 6 * D, base_grad)
@@ -289,12 +269,12 @@ def train_flops(cfg, frames, hw, batch=1, lora_rank=0, base_grad=False, start_fr
     r = lora_rank
     for i in range(cfg.num_layers):
         last = i == cfg.num_layers - 1
-        Nq, qk_i = (N - batch * clean, qk_last) if last else (N, qk)  # tokens past their K and V
+        Nq, qk_i = (Nt - batch * clean, qk_last) if last else (Nt, qk)  # tokens past their K and V
         # block 0's input comes from frozen embeddings: no gradient unless the base is trained
         x_grad = base_grad or (trained and i > 0)
         linear(Nq, D, D, x_grad, r)  # self-attention q
         for _ in range(2):  # k, v of every token
-            linear(N, D, D, x_grad, r)
+            linear(Nt, D, D, x_grad, r)
         linear(Nq, D, D, trained, r)  # o
         flops[0] += 4 * qk_i * D
         flops[1] += 8 * qk_i * D * trained

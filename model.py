@@ -4,32 +4,34 @@ released `wan/modules/causal_model.py` of franklinz233/Astrolabe (LongLive's, de
 guandeh17/Self-Forcing's), rule by rule in docs/wan_architecture.md. Every block linear is a
 LoRALinear (lora.py); released weights load through checkpoints.py.
 
-A video latent [B, F, C, H, W] is cut into 1x2x2 patches (h*w tokens per latent frame), every
+A video latent (B, F, C, H, W) is cut into 1x2x2 patches (P = h*w tokens per latent frame), every
 latent frame gets its own diffusion timestep, and the transformer runs *block-causally*: frames
-are grouped into blocks of 3 and a block attends to itself and earlier blocks only. This is
-what lets the model generate a video block by block against a KV cache (kvcache.py, sample.py).
+are grouped into blocks of 3 and a block attends to itself and earlier blocks only. This is what
+lets the model generate a video block by block against a KV cache (kvcache.py, sample.py).
 
-Three forward paths, one attention code path (`SelfAttention` + `_attend`):
-  1. model(x_block, t, ctx, cache=cache, start_frame=s)     one block against a KV cache
-  2. model(x, t, ctx)                                        block-causal training forward
-     (+ local=, sink= for a windowed mask, history= for a detached cache prefix)
-  3. model(x, t, ctx, clean_x=x0)                            teacher forcing (clean context)
-Path 2 loops over query blocks; each attends to exactly the K/V the cache would hold at that
-block (kvcache.visible), so it equals path 1 run block by block (tests/test_model.py).
-The parameter names are the checkpoints' own, so released weights load with strict=True.
+Two forwards, one attention code path (SelfAttention + _attend):
+  model.forward_cached(x_block, t, ctx, cache, s)   the sampler: one block against the KV cache
+  model(x, t, ctx, ...)                              training: a clip (or the window after a
+                                                     detached `history` cache), block-causal,
+                                                     optionally on clean context (teacher forcing)
+The training forward loops over query blocks, each attending to exactly the K/V the cache would
+hold at that block (kvcache.attention_plan), so it equals the cached path run block by block
+(tests/test_model.py). Parameter names are the checkpoints' own: released weights load strictly.
+
 Test:  python -m pytest tests/test_parity.py tests/test_model.py -q
 
-Shape legend: B batch, F latent frames (teacher forcing: nc < F clean ones before them), C latent
+Shape legend: B batch, F latent frames (teacher forcing: nc clean ones go first), C latent
 channels, H, W latent height/width, h, w token grid (H/2, W/2 for Wan's 1x2x2 patches), P tokens
-per frame (h*w), N tokens of one call (F*P), N' the tokens a block keeps, Dm model dim, Hd heads,
-D head dim, Lt text tokens, Dt text dim.
+per frame (h*w), Nt tokens of one call (F*P), Dm model dim, Hd heads, D head dim, Lt text tokens,
+Dt text dim.
 """
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F_
+import torch.nn.functional as Fn
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from kvcache import KVCache, attention_plan, clean_context_frames
@@ -49,8 +51,6 @@ class ModelConfig:
     text_dim: int = 4096
     text_len: int = 512  # umT5 rows; shorter contexts are zero-padded to it (no key mask)
     eps: float = 1e-6
-    qk_norm: bool = True  # on in every Wan2.1 T2V checkpoint, so always built (not a switch)
-    cross_attn_norm: bool = True  # likewise: norm3 before cross-attention
     frames_per_block: int = 3  # "num_frame_per_block": 3 for every chunkwise checkpoint
 
 
@@ -86,7 +86,7 @@ def rope_dims(head_dim: int):
 
 def rope_freqs(head_dim, start_frame, frames, h, w, device="cpu"):
     """The 3D RoPE rotations e^(i angle) for a (frames, h, w) grid starting at `start_frame`:
-    complex64 cos + i sin, (N, 1, D/2), in the order [frame | h | w]. Only the requested
+    complex64 cos + i sin, (Nt, 1, D/2), in the order [frame | h | w]. Only the requested
     positions are computed, so there is no 1024-frame limit (the released table has one)."""
     def axis(pos0, n, dim):
         # theta_j = 10000^(-2j/D_axis), j < D_axis/2, in float64 like the released table
@@ -100,22 +100,22 @@ def rope_freqs(head_dim, start_frame, frames, h, w, device="cpu"):
     ang = torch.cat([at[:, None, None].expand(frames, h, w, -1),
                      ah[None, :, None].expand(frames, h, w, -1),
                      aw[None, None, :].expand(frames, h, w, -1)], dim=-1)
-    ang = ang.reshape(frames * h * w, 1, head_dim // 2)  # (N, 1, D/2) float64
+    ang = ang.reshape(frames * h * w, 1, head_dim // 2)  # (Nt, 1, D/2) float64
     # cos and sin in float64, rounded to float32 once
-    return torch.complex(ang.cos().float(), ang.sin().float())  # (N, 1, D/2) complex64
+    return torch.complex(ang.cos().float(), ang.sin().float())  # (Nt, 1, D/2) complex64
 
 
 def apply_rope(x: torch.Tensor, freqs) -> torch.Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) by the angles: one complex multiply per pair.
 
     The reference multiplies in complex128; complex64 here differs by ~1 ulp (fixtures: <= 2e-6)
-    at a fraction of the time and no float64 activations kept for backward.
+    and keeps no float64 activations for backward.
     """
-    B, N, Hd, D = x.shape
+    B, Nt, Hd, D = x.shape
     # pairs as complex numbers: x[2j] + i x[2j+1]
-    xc = torch.view_as_complex(x.float().reshape(B, N, Hd, D // 2, 2))  # (B, N, Hd, D/2)
+    xc = torch.view_as_complex(x.float().reshape(B, Nt, Hd, D // 2, 2))  # (B, Nt, Hd, D/2)
     # (xe + i xo) (cos + i sin) = (xe cos - xo sin) + i (xe sin + xo cos)
-    return torch.view_as_real(xc * freqs).flatten(3).to(x.dtype)  # (B, N, Hd, D)
+    return torch.view_as_real(xc * freqs).flatten(3).to(x.dtype)  # (B, Nt, Hd, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,11 +129,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        # mean(x^2) = ||x||^2 / Dm: one read of x and no (..., Dm) temporary (on a CPU F.rms_norm
-        # runs pow, mean, mul: 25% slower here); the same to float rounding
-        inv_rms = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1] + self.eps)
         # x * rsqrt(mean(x^2) + eps) in float32, cast back; then the weight in x's dtype
-        return (xf * inv_rms).type_as(x) * self.weight
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class LayerNorm(nn.LayerNorm):
@@ -143,7 +140,7 @@ class LayerNorm(nn.LayerNorm):
         # no float input with bf16 weights outside CUDA autocast (which upcasts both, as here)
         w = None if self.weight is None else self.weight.float()
         b = None if self.bias is None else self.bias.float()
-        return F_.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+        return Fn.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 def _attend(q, k, v, ranges):
@@ -157,8 +154,8 @@ def _attend(q, k, v, ranges):
     else:  # sink U window, or clean prefix U own block: one concatenated copy of the runs
         k = torch.cat([k[:, lo:hi] for lo, hi in ranges], dim=1)
         v = torch.cat([v[:, lo:hi] for lo, hi in ranges], dim=1)
-    # SDPA takes (B, Hd, N, D); its default scale 1/sqrt(D) is Wan's; no mask inside the runs
-    o = F_.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    # SDPA takes (B, Hd, Nt, D); its default scale 1/sqrt(D) is Wan's; no mask inside the runs
+    o = Fn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return o.transpose(1, 2)  # (B, Nq, Hd, D)
 
 
@@ -171,36 +168,35 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
     def forward(self, x, freqs, plan, layer, q_from=0):
-        """Self-attention output for the tokens from `q_from` on (every token's K and V are still
-        computed: later queries attend to them); None when no query is kept (q_from = N)."""
-        B, N, _ = x.shape
-        k = apply_rope(self.norm_k(self.k(x)).view(B, N, self.num_heads, -1), freqs)  # (B, N, Hd, D)
-        v = self.v(x).view(B, N, self.num_heads, -1)  # (B, N, Hd, D), no norm, no RoPE
-        K, V = plan.keys_values(layer, k, v)  # cache write or [history ; this clip]
-        if q_from == N:  # a cache-update pass needs nothing more from the last layer
-            return None
-        xq = x[:, q_from:]  # the frames before q_from only give K/V: their outputs are never read
-        q = apply_rope(self.norm_q(self.q(xq)).view(B, N - q_from, self.num_heads, -1), freqs[q_from:])
-        # each query block attends to its own key runs; blocks before q_from are not computed
-        out = [_attend(q[:, lo - q_from:hi - q_from], K, V, ranges) for (lo, hi), ranges in plan.blocks
-               if lo >= q_from]
-        out = out[0] if len(out) == 1 else torch.cat(out, dim=1)
-        return self.o(out.flatten(2))  # (B, N - q_from, Dm)
+        """x (B, F, P, Dm). Every frame's K and V are computed (later queries attend to them); the
+        outputs are those of frames q_from.. : (B, F - q_from, P, Dm)."""
+        B, F, P, Dm = x.shape
+        x = x.flatten(1, 2)  # (B, Nt, Dm), tokens in (frame, row, column) order
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, (self.num_heads, -1)), freqs)  # (B, Nt, Hd, D)
+        v = self.v(x).unflatten(2, (self.num_heads, -1))  # (B, Nt, Hd, D): no norm, no RoPE
+        K, V = plan.keys_values(layer, k, v)  # cache write, or [history ; this clip]
+        q0 = q_from * P  # the first query token
+        q = apply_rope(self.norm_q(self.q(x[:, q0:])).unflatten(2, (self.num_heads, -1)), freqs[q0:])
+        # each query block attends to its own key runs (blocks before q_from: not computed)
+        out = [_attend(q[:, lo - q0:hi - q0], K, V, ranges) for (lo, hi), ranges in plan.blocks if lo >= q0]
+        out = torch.cat(out, dim=1)  # (B, Nt - q0, Hd, D)
+        return self.o(out.flatten(2)).unflatten(1, (F - q_from, P))  # (B, F - q_from, P, Dm)
 
 
 class CrossAttention(SelfAttention):
     """Text cross-attention: no RoPE, no mask; text K/V can be cached once per prompt."""
     def forward(self, x, ctx, cache=None, layer=0):
-        B, N, _ = x.shape
-        q = self.norm_q(self.q(x)).view(B, N, self.num_heads, -1)  # (B, N, Hd, D)
+        """x (B, F, P, Dm) attending to the text ctx (B, Lt, Dm) -> (B, F, P, Dm)."""
+        B, F, P, Dm = x.shape
+        q = self.norm_q(self.q(x.flatten(1, 2))).unflatten(2, (self.num_heads, -1))  # (B, Nt, Hd, D)
         if cache is not None and cache.cross[layer] is not None:
             k, v = cache.cross[layer]  # this prompt's text K/V, from the first call on it
         else:
-            k = self.norm_k(self.k(ctx)).view(B, ctx.shape[1], self.num_heads, -1)
-            v = self.v(ctx).view(B, ctx.shape[1], self.num_heads, -1)
+            k = self.norm_k(self.k(ctx)).unflatten(2, (self.num_heads, -1))  # (B, Lt, Hd, D)
+            v = self.v(ctx).unflatten(2, (self.num_heads, -1))
             if cache is not None:
                 cache.cross[layer] = (k, v)
-        return self.o(_attend(q, k, v, [(0, k.shape[1])]).flatten(2))  # (B, N, Dm)
+        return self.o(_attend(q, k, v, [(0, k.shape[1])]).flatten(2)).unflatten(1, (F, P))
 
 
 @torch.no_grad()
@@ -226,55 +222,20 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(LoRALinear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  LoRALinear(cfg.ffn_dim, d))
 
-    def forward(self, x, e0, ctx, freqs, plan, layer, keep_from=0):
-        """The block on tokens x (B, N, Dm); returns the outputs of frames keep_from.. only (None if
-        none), while every frame still gives its K and V (the last block: only what the head reads)."""
-        B, N, Dm = x.shape
-        P = N // e0.shape[1]  # tokens per frame
-        # M = modulation + e0 -> shift/scale/gate for attention and FFN, one set per frame
-        sh_a, sc_a, g_a, sh_f, sc_f, g_f = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)  # (B, F, 1, Dm)
+    def forward(self, x, e0, ctx, freqs, plan, layer, q_from=0):
+        """Tokens x (B, Nt, Dm) -> the new tokens of frames q_from.. (B, Nt - q_from P, Dm): every
+        frame still gives its K and V (the last layer: only the frames the head reads go on)."""
+        x = x.unflatten(1, (e0.shape[1], -1))  # (B, F, P, Dm): the modulation is per frame
+        # shift, scale, gate of the attention and of the FFN: modulation + e0, (B, F, 1, Dm) each
+        sh_a, sc_a, g_a, sh_f, sc_f, g_f = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
         # x = x + gate * SelfAttn(norm1(x) * (1 + scale) + shift)
-        h = torch.addcmul(sh_a, self.norm1(x).view(B, -1, P, Dm), 1 + sc_a).flatten(1, 2)
-        y = self.self_attn(h, freqs, plan, layer, keep_from * P)
-        if y is None:
-            return None
-        # from here on, only the kept frames
-        x, g_a, sh_f, sc_f, g_f = x[:, keep_from * P:], g_a[:, keep_from:], sh_f[:, keep_from:], sc_f[:, keep_from:], \
-            g_f[:, keep_from:]
-        x = torch.addcmul(x.view(B, -1, P, Dm), y.view(B, -1, P, Dm), g_a).flatten(1, 2)
+        y = self.self_attn(self.norm1(x) * (1 + sc_a) + sh_a, freqs, plan, layer, q_from)  # (B, F', P, Dm)
+        x = x[:, q_from:] + g_a[:, q_from:] * y  # from here on, the frames q_from..
         # x = x + CrossAttn(norm3(x), text)      (no modulation, no gate)
         x = x + self.cross_attn(self.norm3(x), ctx, plan.cache, layer)
         # x = x + gate * FFN(norm2(x) * (1 + scale) + shift)
-        y = _ffn(self.ffn, torch.addcmul(sh_f, self.norm2(x).view(B, -1, P, Dm), 1 + sc_f).flatten(1, 2))
-        return torch.addcmul(x.view(B, -1, P, Dm), y.view(B, -1, P, Dm), g_f).flatten(1, 2)  # (B, N', Dm)
-
-
-FFN_ROWS = 1024  # tokens per FFN chunk without a gradient on a CPU: a (1024, ffn_dim) hidden stays in cache
-
-
-def _gelu_tanh_(h):
-    """Wan's tanh GELU in place, as h sigmoid(2u): 0.5 (1 + tanh u) = sigmoid(2u), and a CPU
-    computes a sigmoid ~4x faster than a tanh. Equal to nn.GELU("tanh") to float32 rounding."""
-    # 2u = 2 sqrt(2/pi) (h + 0.044715 h^3)
-    u = torch.addcmul(h, h * h, h, value=0.044715).mul_(2 * math.sqrt(2 / math.pi))
-    return u.sigmoid_().mul_(h)
-
-
-def _ffn(ffn, x):
-    """FFN(x) = W2 GELU(W1 x + b1) + b2 per token, (B, N', Dm) -> (B, N', Dm). Without a gradient on
-    a CPU (sampling, the old and reference predictions) FFN_ROWS tokens at a time, so the 4x wider
-    hidden stays in the CPU's cache instead of going to main memory and back (each token's numbers
-    as in one piece); with a gradient autograd keeps the whole hidden anyway: nn.Sequential as is."""
-    # float32 only: the sigmoid GELU matches to float32 rounding, not to bf16's
-    fast = x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    if torch.is_grad_enabled() or not fast:
-        return ffn(x)
-    lin1, _, lin2 = ffn  # Linear, GELU(tanh), Linear
-    rows = x.flatten(0, 1)  # (B * N', Dm): the FFN treats every token on its own
-    out = torch.empty_like(rows)
-    for i in range(0, len(rows), FFN_ROWS):
-        out[i:i + FFN_ROWS] = lin2(_gelu_tanh_(lin1(rows[i:i + FFN_ROWS])))
-    return out.view_as(x)
+        x = x + g_f[:, q_from:] * self.ffn(self.norm2(x) * (1 + sc_f[:, q_from:]) + sh_f[:, q_from:])
+        return x.flatten(1, 2)  # (B, Nt - q_from P, Dm)
 
 
 def _run_block(block, adapter, *args):
@@ -296,8 +257,9 @@ def _run_block(block, adapter, *args):
 class _Plan:
     """Who attends to what in one forward call, shared by all layers.
 
-    blocks: list of ((q_lo, q_hi), [(k_lo, k_hi), ...]) in token units of this call's
-    queries and of the K/V sequence returned by keys_values().
+    blocks: list of ((q_lo, q_hi), [(k_lo, k_hi), ...]) in token units of this call's queries and
+    of the K/V sequence keys_values() returns: the cache's valid part (its K/V written first), or
+    [history ; this call], or this call's own.
     """
     def __init__(self, blocks, cache=None, slot=None, history=None):
         self.blocks, self.cache, self.slot, self.history = blocks, cache, slot, history
@@ -329,9 +291,9 @@ class CausalWanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))  # e -> e0: 6 per frame
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
-        # recompute each block in backward instead of storing its activations (training paths
-        # only): one more forward of the blocks per backward, for keeping one (B, N, Dm) input
-        # per block and one block's activations at a time instead of every block's
+        # recompute each block in backward instead of storing its activations (the training
+        # forward only): one more forward of the blocks per backward, for keeping one (B, Nt, Dm)
+        # input per block and one block's activations at a time instead of every block's
         self.grad_checkpointing = False
         # built on the meta device, a checkpoint fills every tensor: nothing to draw (and drawing
         # there costs a second: torch's meta kernels for random ops load its compiler stack)
@@ -351,93 +313,95 @@ class CausalWanModel(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)  # Wan's embeddings: N(0, 0.02^2), not xavier
         nn.init.zeros_(self.head.head.weight)  # the model starts by predicting v = 0
 
-    def forward(self, x, t, context, *, cache: KVCache = None, start_frame=0, clean_x=None,
-                history: KVCache = None, local=None, sink=None, mask_block=None, kv_only=False):
-        """Flow (velocity) prediction v for noisy latents x at per-frame timesteps t.
-
-        x: (B, F, C, H, W) noisy latents, frame 0 is absolute frame `start_frame`
-        t: (B, F) float32 timesteps in [0, 1000]; context: (B, Lt' <= Lt, Dt) text embeddings
-        cache:   inference. x is one block, attending to the cache + itself; K/V are written.
-        history: training on a window: a (read-only) cache prefix every block may attend to.
-        clean_x: teacher forcing. Each noisy block sees the clean frames of earlier blocks.
-        local, sink: the attention window of the training mask (see kvcache.visible); default:
-                 the history's own, else global (-1, 0); with a cache they are the cache's own.
-        mask_block: frames per block of the training mask (default cfg.frames_per_block; 1 is
-                 frame-causal, what the released trainer trains with: docs/method.md#training-attention-mask).
-        kv_only: with a cache, only write K/V (the sampler's t = 0 pass): skips the last
-                 layer's attention output, cross-attention, FFN and the head; returns None.
-        returns: (B, F, C, H, W) flow prediction
-        """
-        cfg = self.cfg
-        B, Fr, C, H, W = x.shape
-        ph, pw = cfg.patch_size[1:]
-        h, w = H // ph, W // pw
-        tpf = h * w  # P: tokens per frame
-        nfpb = mask_block or cfg.frames_per_block  # frames per block of the training mask
-        # teacher forcing: the clean frames [0, nc) some noisy block reads (the last block's clean
-        # copy is read by none: left out, same outputs), at t = 0 ("aug_t"), before the noisy ones
-        nc = 0 if clean_x is None else clean_context_frames(Fr, nfpb)
-        xs = x if clean_x is None else torch.cat([clean_x[:, :nc], x], dim=1)
-        ts = t if clean_x is None else torch.cat([torch.zeros_like(t[:, :nc]), t], dim=1)
-        nf = xs.shape[1]  # frames in the sequence: F, or nc + F with teacher forcing
-
-        # patchify: Conv3d with kernel = stride = patch, tokens ordered (f, h, w)
-        # contiguous: the conv gives (B, Dm, N); left transposed, every op downstream inherits
-        # that layout (each LayerNorm copies, each linear reads strided); one copy here instead
-        tok = self.patch_embedding(xs.transpose(1, 2)).flatten(2).transpose(1, 2).contiguous()  # (B, N, Dm)
+    def _embed(self, x, t, context, cache=None):
+        """Tokens (B, Nt, Dm), time features e (B, F, Dm) and e0 (B, F, 6, Dm), text (B, Lt, Dm)
+        (None when the cache already holds this prompt's cross-attention K/V)."""
+        B, F = x.shape[:2]
+        # patchify: Conv3d with kernel = stride = patch, tokens in (frame, row, column) order;
+        # contiguous, so every op downstream reads the residual stream in order (one copy here)
+        tok = rearrange(self.patch_embedding(x.transpose(1, 2)), "b d f h w -> b (f h w) d").contiguous()
         # time: e = MLP(sinusoid(t)) per frame; e0 = 6 modulation vectors per frame
-        e = self.time_embedding(sinusoid(ts.flatten(), cfg.freq_dim).to(tok.dtype))  # (B*F, Dm)
-        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, (B, nf))  # (B, F, 6, Dm)
-        if context.shape[1] > cfg.text_len:
+        e = self.time_embedding(sinusoid(t.flatten(), self.cfg.freq_dim).to(tok.dtype))  # (B*F, Dm)
+        e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim)).unflatten(0, (B, F))  # (B, F, 6, Dm)
+        if context.shape[1] > self.cfg.text_len:
             raise ValueError(f"context has {context.shape[1]} text tokens; the model takes at most "
-                             f"text_len={cfg.text_len} (truncate the prompt embeddings)")
-        # text: zero-pad to text_len rows, then the MLP (no key mask: pad rows are attended);
-        # skipped when the cache already holds this prompt's cross-attention K/V
-        ctx = None if cache is not None and all(c is not None for c in cache.cross) else \
-            self.text_embedding(F_.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])))
+                             f"text_len={self.cfg.text_len} (truncate the prompt embeddings)")
+        ctx = None
+        if cache is None or any(c is None for c in cache.cross):
+            # text: zero-pad to text_len rows, then the MLP (no key mask: pad rows are attended)
+            ctx = self.text_embedding(Fn.pad(context, (0, 0, 0, self.cfg.text_len - context.shape[1])))
+        return tok, e.unflatten(0, (B, F)), e0, ctx
 
-        # RoPE: absolute frame positions; a clean frame and its noisy copy share them
-        freqs = rope_freqs(cfg.dim // cfg.num_heads, start_frame, Fr, h, w, x.device)
-        if clean_x is not None:
-            freqs = torch.cat([freqs[:nc * tpf], freqs], dim=0)
+    def _unpatchify(self, out, H, W):
+        """Head output (B, F, P, ph*pw*C), features ordered (ph, pw, c) -> (B, F, C, H, W)."""
+        ph, pw = self.cfg.patch_size[1:]
+        return rearrange(out, "b f (h w) (ph pw c) -> b f c (h ph) (w pw)", h=H // ph, ph=ph, pw=pw)
 
-        # who attends to what
-        if cache is not None:
-            lo, _ = cache.begin(start_frame, Fr)  # this block's slots (a rolling cache evicts first)
-            # one query block over every filled slot: sink, window and itself, in slot order
-            plan = _Plan([((0, nf * tpf), [(0, cache.length)])], cache=cache, slot=lo)
-        else:
-            # the window rule: as given, else the history cache's own (a window continuing a
-            # rollout), else global attention
-            if local is None:
-                local = history.local if history is not None else -1
-            if sink is None:
-                sink = history.sink if history is not None else 0
-            past = [] if history is None else history.frames  # absolute frames of the history
-            blocks = attention_plan(Fr, tpf, nfpb, start_frame, local, sink, past, clean_x is not None)
-            plan = _Plan(blocks, history=history)
-
-        ckpt = self.grad_checkpointing and cache is None and torch.is_grad_enabled()
-        # the last block computes only what the head reads: nothing for a cache pass (kv_only),
-        # the noisy frames with teacher forcing (the clean frames' outputs would be thrown away)
-        last_keep = nf if kv_only else nc
+    def forward_cached(self, x, t, context, cache: KVCache, start_frame):
+        """The sampler's forward: flow v of one block of noisy latents x (B, F, C, H, W) at
+        timesteps t (B, F), frame 0 being absolute frame `start_frame`. The block attends to what
+        the cache holds and to itself, and its K/V are written into the cache (a repeated call on
+        the same block overwrites them: the sampler's 4 steps, then its clean t = 0 pass).
+        Returns (B, F, C, H, W)."""
+        B, F, C, H, W = x.shape
+        ph, pw = self.cfg.patch_size[1:]
+        tok, e, e0, ctx = self._embed(x, t, context, cache)
+        # RoPE at the absolute frame positions
+        freqs = rope_freqs(self.cfg.dim // self.cfg.num_heads, start_frame, F, H // ph, W // pw, x.device)
+        lo, _ = cache.begin(start_frame, F)  # this block's slots (a rolling cache evicts first)
+        # one query block over every filled slot: sink, window and itself, in slot order
+        plan = _Plan([((0, tok.shape[1]), [(0, cache.length)])], cache=cache, slot=lo)
         for i, block in enumerate(self.blocks):
-            keep = last_keep if i == len(self.blocks) - 1 else 0
-            if ckpt:  # use_reentrant=False: grads reach the inputs' and params' graph directly
-                # (no RNG state to restore: nothing inside a block is random)
-                tok = checkpoint(_run_block, block, block.self_attn.q.active, tok, e0, ctx, freqs,
-                                 plan, i, keep, use_reentrant=False, preserve_rng_state=False)
-            else:
-                tok = block(tok, e0, ctx, freqs, plan, i, keep)
-        if kv_only:
-            return None
+            tok = block(tok, e0, ctx, freqs, plan, i)
+        return self._unpatchify(self.head(tok, e), H, W)
 
-        if clean_x is not None:  # the head's modulation for the noisy frames
-            e = e.unflatten(0, (B, nf))[:, nc:].flatten(0, 1)
-        out = self.head(tok, e.unflatten(0, (B, Fr)))  # (B, F, P, ph*pw*C)
-        # unpatchify: features ordered (pt, ph, pw, c); -> (B, F, C, H, W)
-        out = out.view(B, Fr, h, w, ph, pw, cfg.out_dim)
-        return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, Fr, cfg.out_dim, H, W)
+    def forward(self, x, t, context, *, start_frame=0, history: KVCache = None, clean_x=None,
+                local=None, sink=None, mask_block=None):
+        """The training forward: flow v of a clip of noisy latents x (B, F, C, H, W) at per-frame
+        timesteps t (B, F) in [0, 1000], frame 0 being absolute frame `start_frame`; text context
+        (B, Lt' <= Lt, Dt). Block-causal: a block attends to itself and to earlier blocks.
+
+        history: a (read-only) KV cache of the frames before the clip, every block may attend to it
+                 (streaming: the detached rollout cache at the window's start).
+        clean_x: teacher forcing: each noisy block attends to the clean frames of the earlier
+                 blocks (as the sampler's cache holds them), not to their noisy copies.
+        local, sink: the attention window (kvcache.visible); default: the history's own, else
+                 global (-1, 0).
+        mask_block: frames per block of the mask (default cfg.frames_per_block; 1 is frame-causal,
+                 what the released trainer trains with: docs/method.md#training-attention-mask).
+        Returns (B, F, C, H, W).
+        """
+        B, F, C, H, W = x.shape
+        ph, pw = self.cfg.patch_size[1:]
+        P = (H // ph) * (W // pw)
+        block = mask_block or self.cfg.frames_per_block
+        # teacher forcing: the clean copies of the blocks before the last go first, at t = 0 (the
+        # released "aug_t"); noisy block [a, b) reads the clean frames before a, and no query reads
+        # the last block's clean copy, so it is left out (the same outputs, one block less)
+        nc = 0 if clean_x is None else clean_context_frames(F, block)
+        if nc:
+            x = torch.cat([clean_x[:, :nc], x], dim=1)  # (B, nc + F, C, H, W)
+            t = torch.cat([torch.zeros_like(t[:, :nc]), t], dim=1)  # (B, nc + F)
+        tok, e, e0, ctx = self._embed(x, t, context)
+        # RoPE at absolute frame positions; a clean frame and its noisy copy share theirs
+        freqs = rope_freqs(self.cfg.dim // self.cfg.num_heads, start_frame, F, H // ph, W // pw, x.device)
+        freqs = torch.cat([freqs[:nc * P], freqs])
+        # who attends to what: the window rule as given, else the history cache's own, else global
+        local = local if local is not None else (history.local if history is not None else -1)
+        sink = sink if sink is not None else (history.sink if history is not None else 0)
+        past = [] if history is None else history.frames  # the history's absolute frames
+        plan = _Plan(attention_plan(F, P, block, start_frame, local, sink, past, clean_x is not None),
+                     history=history)
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for i, blk in enumerate(self.blocks):
+            # the last layer computes only the noisy frames' outputs: the head reads nothing else
+            q_from = nc if i == len(self.blocks) - 1 else 0
+            if ckpt:  # recompute in backward; use_reentrant=False: grads reach the graph directly
+                tok = checkpoint(_run_block, blk, blk.self_attn.q.active, tok, e0, ctx, freqs, plan, i, q_from,
+                                 use_reentrant=False, preserve_rng_state=False)  # nothing in a block is random
+            else:
+                tok = blk(tok, e0, ctx, freqs, plan, i, q_from)
+        return self._unpatchify(self.head(tok, e[:, nc:]), H, W)
 
 
 class Head(nn.Module):
@@ -450,10 +414,10 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 2, d))
         _draw_modulation(self.modulation)
 
-    def forward(self, x, e):  # x (B, N, Dm), e (B, F, Dm)
-        B, Fr = e.shape[:2]
+    def forward(self, x, e):  # x (B, Nt, Dm), e (B, F, Dm)
+        B, F = e.shape[:2]
         shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)  # (B, F, 1, Dm)
-        x = self.norm(x).view(B, Fr, -1, x.shape[-1])  # (B, F, P, Dm)
+        x = self.norm(x).unflatten(1, (F, -1))  # (B, F, P, Dm)
         return self.head(x * (1 + scale) + shift)  # (B, F, P, ph*pw*C)
 
 

@@ -5,7 +5,8 @@ about models, adapters or rollouts (train.py wires them together; docs/method.md
 
   rewards -> group_advantages -> optimality_prob                r in [0, 1] per sample
   (group_normalize: DanceGRPO-style per-reward normalisation before the weighted sum)
-  x̂_θ, x̂_old, x0, r -> nft_policy_loss                         the NFT loss (DiffusionNFT eq. of L)
+  x̂_θ, x̂_old, x0, r -> nft_policy_loss                         the NFT loss: DiffusionNFT's objective L(θ)
+                                                                (arXiv 2509.16117), on x0 as released
   x̂_θ, x̂_ref, mask -> ref_loss                                  the "KL" (an L2 in x0 space)
   scores -> ranks -> uncertainty -> RiskCompensator -> selective_mask  GARDO's selective KL
   DynamicReference                                              when to reset ref <- θ
@@ -43,13 +44,14 @@ def _group_sum(v, g, count):
     return torch.zeros(len(count), dtype=v.dtype, device=v.device).index_add_(0, g, v)
 
 
-def group_advantages(rewards, group_ids, global_std=True, eps=1e-4):
+def group_advantages(rewards, group_ids, global_std=False, eps=1e-4):
     """A = (R - mean_group(R)) / (std + eps), computed in float64 (as the numpy reference).
 
-    group_ids: one hashable per sample (prompt strings, or an int tensor). global_std=True
-    (Astrolabe/DiffusionNFT `sample.global_std`) divides by the std of ALL N samples;
-    False by each group's own std. Both are *population* stds (ddof=0): the reference
-    PerPromptStatTracker uses np.std. A group of one sample gets A = 0 with per-group std.
+    group_ids: one hashable per sample (prompt strings, or an int tensor). global_std=False (the
+    default here and in train.py) divides by each group's own std; True (Astrolabe/DiffusionNFT
+    `sample.global_std`, train.py --global-std) by the std of ALL N samples. Both are *population*
+    stds (ddof=0): the reference PerPromptStatTracker uses np.std. A group of one sample gets A = 0
+    with per-group std.
     """
     R = torch.as_tensor(rewards, dtype=torch.float64).flatten()  # (N,)
     g, count = _groups(group_ids, R.device)

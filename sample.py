@@ -154,14 +154,15 @@ def generate(model, context, cache: KVCache, num_frames, noise, start_frame=0,
         for j, t_j in enumerate(ts):
             t = torch.full((B, n), float(t_j), device=x.device)  # float32 timesteps
             # x0 = x - sigma_j v(x, t_j): every step writes, and attends, the same slots of the cache
-            x0 = flow_to_x0(x, model(x, t, context, cache=cache, start_frame=s), t, shift)
+            x0 = flow_to_x0(x, model.forward_cached(x, t, context, cache, s), t, shift)
             x0_steps.append(x0)
             if j + 1 < len(ts):  # re-noise to the next level with fresh noise
                 x = add_noise(x0, noise.renoise(k, j, n), sig[j + 1].to(x.device))
         # cache-update pass: the clean block at t = 0 overwrites this block's K/V
         if last_cache_pass or k + 1 < num_frames // n:
-            # context_noise 0: x0 goes in as it is, at t = 0 (pipeline/causal_inference.py:214-223)
-            model(x0, torch.zeros(B, n, device=x.device), context, cache=cache, start_frame=s, kv_only=True)
+            # context_noise 0: x0 goes in as it is, at t = 0 (pipeline/causal_inference.py:214-223);
+            # only its K/V are wanted, the flow it returns is not
+            model.forward_cached(x0, torch.zeros(B, n, device=x.device), context, cache, s)
         if keep:
             out.append(x0)  # the 4th step's x0 is the block's output
         if on_block is not None:
@@ -187,9 +188,8 @@ def recache(model, cache: KVCache, latents, context):
             runs.append([f])
     for r in runs:
         x = latents[:, r[0]:r[-1] + 1]  # (B, len(r), C, H, W)
-        # clean frames at t = 0, K/V only: what the sampler's cache-update pass writes
-        model(x, torch.zeros(x.shape[:2], device=x.device), context, cache=cache, start_frame=r[0],
-              kv_only=True)
+        # clean frames at t = 0, for their K/V: what the sampler's cache-update pass writes
+        model.forward_cached(x, torch.zeros(x.shape[:2], device=x.device), context, cache, r[0])
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ floats and loops, one sample and one element at a time. Only the tests import th
 import math
 
 
-def advantages(rewards, groups, global_std=True, eps=1e-4):
+def advantages(rewards, groups, global_std=False, eps=1e-4):
     """A_i = (R_i - mean of R over i's group) / (population std + eps)."""
     n = len(rewards)
     mu_all = sum(rewards) / n

@@ -1,5 +1,5 @@
 """
-The model's forward paths agree with each other (llm.c style), and the block plan agrees with
+The model's two forwards agree with each other (llm.c style), and the block plan agrees with
 a brute-force mask written straight from the rules (docs/wan_architecture.md#attention-masks,
 #kv-cache).
 
@@ -114,7 +114,7 @@ def test_cached_blocks_equal_training_forward(local, sink):
         full = m(x, t, ctx, local=local, sink=sink)
         cache = KVCache.for_model(CFG, B, F, HW, sink=sink, local=local)
         for a, b in blocks(F, 3):
-            out = m(x[:, a:b], t[:, a:b], ctx, cache=cache, start_frame=a)
+            out = m.forward_cached(x[:, a:b], t[:, a:b], ctx, cache, a)
             assert close(out, full[:, a:b]), (a, local, sink)
         assert len(cache.frames) == (F if local < 0 else local)
 
@@ -130,9 +130,9 @@ def test_teacher_forcing_equals_clean_cache():
         tf = m(x, t, ctx, clean_x=clean)
         cache = KVCache.for_model(CFG, B, F, HW)
         for a, b in blocks(F, 3):
-            out = m(x[:, a:b], t[:, a:b], ctx, cache=cache, start_frame=a)
+            out = m.forward_cached(x[:, a:b], t[:, a:b], ctx, cache, a)
             assert close(out, tf[:, a:b])
-            m(clean[:, a:b], torch.zeros(B, b - a), ctx, cache=cache, start_frame=a)  # clean K/V
+            m.forward_cached(clean[:, a:b], torch.zeros(B, b - a), ctx, cache, a)  # clean K/V
 
 
 @pytest.mark.parametrize("local,sink", [(-1, 0), (9, 3)])
@@ -146,14 +146,14 @@ def test_window_over_snapshot_equals_longer_forward(local, sink):
     with torch.no_grad():
         cache = KVCache.for_model(CFG, B, F, HW, sink=sink, local=local)
         for a, b in blocks(s, 3):  # the prefix, clean
-            m(clean[:, a:b], torch.zeros(B, b - a), ctx, cache=cache, start_frame=a)
+            m.forward_cached(clean[:, a:b], torch.zeros(B, b - a), ctx, cache, a)
         hist = cache.select([0])  # a copy: the history the window attends to
         noisy_ref, clean_ref = [], []
         c1, c2 = cache.select([0]), cache.select([0])
         for a, b in blocks(F, 3)[s // 3:]:
-            noisy_ref.append(m(x[:, a:b], t[:, a:b], ctx, cache=c1, start_frame=a))  # noisy K/V kept
-            clean_ref.append(m(x[:, a:b], t[:, a:b], ctx, cache=c2, start_frame=a))
-            m(clean[:, a:b], torch.zeros(B, b - a), ctx, cache=c2, start_frame=a)  # clean K/V
+            noisy_ref.append(m.forward_cached(x[:, a:b], t[:, a:b], ctx, c1, a))  # noisy K/V kept
+            clean_ref.append(m.forward_cached(x[:, a:b], t[:, a:b], ctx, c2, a))
+            m.forward_cached(clean[:, a:b], torch.zeros(B, b - a), ctx, c2, a)  # clean K/V
         noisy = m(x[:, s:], t[:, s:], ctx, start_frame=s, history=hist)
         cln = m(x[:, s:], t[:, s:], ctx, start_frame=s, history=hist, clean_x=clean[:, s:])
     assert close(noisy, torch.cat(noisy_ref, 1))
@@ -209,35 +209,16 @@ def test_modulation_init_is_wans_and_skipped_on_meta():
     assert all(q.is_meta for q in m.parameters())
 
 
-def test_no_grad_ffn_in_chunks_equals_the_plain_ffn(monkeypatch):
-    """The sampler's FFN (token chunks, GELU as h sigmoid(2u)) against the plain nn.Sequential
-    with nn.GELU(tanh): the same numbers to float rounding, the last chunk a partial one."""
-    monkeypatch.setattr(model_module, "FFN_ROWS", 7)  # 3 x 11 = 33 tokens: 4 full chunks + 5
-    ffn = make().blocks[0].ffn
-    x = torch.randn(3, 11, CFG.dim) * 3
-    with torch.no_grad():
-        fast = model_module._ffn(ffn, x)
-    plain = ffn(x)  # with a gradient: the plain path
-    assert plain.requires_grad and not fast.requires_grad
-    assert close(fast, plain.detach())
-    # the GELU alone, from its saturated tails through zero, against torch's own tanh GELU
-    h = torch.linspace(-30, 30, 20001)
-    want = torch.nn.functional.gelu(h.double(), approximate="tanh")
-    assert (model_module._gelu_tanh_(h.clone()).double() - want).abs().max() < 1e-5
-    assert torch.isnan(model_module._gelu_tanh_(torch.tensor([float("nan")]))).all()
-
-
-def test_rms_norm_equals_its_formula_and_has_finite_grads_at_zero():
-    """RMSNorm via ||x||^2 / Dm against x * rsqrt(mean(x^2) + eps) * w, and its gradient (a
-    row of zeros included: the norm's derivative there is 0/0 unless handled) against autograd
-    through the formula."""
+def test_rms_norm_equals_torchs_and_has_finite_grads_at_zero():
+    """RMSNorm against torch's own F.rms_norm, and its gradient (a row of zeros included: the
+    norm's derivative there is 0/0 unless handled) against autograd through torch's."""
     norm = model_module.RMSNorm(CFG.dim, 1e-6)
     torch.nn.init.normal_(norm.weight)
     x = torch.randn(4, 5, CFG.dim)
     x[0, 0] = 0.0
     x.requires_grad_(True)
     y = norm(x)
-    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    want = torch.nn.functional.rms_norm(x, (CFG.dim,), norm.weight, 1e-6)
     assert close(y, want)
     g = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, x, g)

@@ -181,6 +181,8 @@ def test_advantages_match_loop():
     for global_std in (True, False):
         got = group_advantages(T(rewards), prompts, global_std=global_std)
         torch.testing.assert_close(got, T(naive.advantages(rewards, prompts, global_std)))
+    # the default is each group's own std, as train.py's (a copied file must not switch it silently)
+    torch.testing.assert_close(group_advantages(T(rewards), prompts), T(naive.advantages(rewards, prompts, False)))
     # integer group ids give the same result as strings
     ids = torch.tensor([0, 1, 0, 2, 1, 0, 3])
     torch.testing.assert_close(group_advantages(T(rewards), ids), group_advantages(rewards, prompts))
@@ -189,7 +191,7 @@ def test_advantages_match_loop():
 def test_advantages_use_population_std():
     # np.std (ddof=0), as flow_grpo/Astrolabe's PerPromptStatTracker; per-prompt mean
     rewards = np.array([0.3, 0.9, 0.1, 0.7])
-    got = group_advantages(rewards, ["p", "p", "q", "q"])
+    got = group_advantages(rewards, ["p", "p", "q", "q"], global_std=True)
     means = np.array([0.6, 0.6, 0.4, 0.4])
     np.testing.assert_allclose(got.numpy(), (rewards - means) / (np.std(rewards) + 1e-4), rtol=1e-12)
     assert not np.allclose(got.numpy(), (rewards - means) / (np.std(rewards, ddof=1) + 1e-4))

@@ -50,6 +50,8 @@ def load_set(path):
         d = json.load(open(path))
         folder = os.path.dirname(path)
         mc = dict(d["model_config"], patch_size=tuple(d["model_config"]["patch_size"]))
+        # every Wan2.1 T2V checkpoint has qk_norm and cross_attn_norm on: model.py always builds both
+        assert mc.pop("qk_norm") and mc.pop("cross_attn_norm"), "a set without qk_norm / cross_attn_norm"
         cfg = ModelConfig(**mc, frames_per_block=d["num_frame_per_block"])
         model = CausalWanModel(cfg).eval()
         model.load_state_dict(load_file(os.path.join(folder, d["weights_file"])), strict=True)
@@ -154,9 +156,12 @@ def test_case(path, case):
     shift = d["sampler"]["timestep_shift"]
     cache = KVCache.for_model(model.cfg, B, F, d["latent_hw"], c.get("sink_size", 0), c.get("local_attn_size", -1))
     calls, steps, snaps = [], [], []
-    hook = model.register_forward_hook(
-        lambda m, args, kw, out: calls.append((kw["start_frame"], float(args[1].flatten()[0]), out)),
-        with_kwargs=True)
+    cached = model.forward_cached
+
+    def logged(x, t, context, cache, start_frame):  # the sampler's calls: start frame, timestep
+        calls.append((start_frame, float(t.flatten()[0])))
+        return cached(x, t, context, cache, start_frame)
+    model.forward_cached = logged
     with torch.no_grad():
         lat = generate(model, ctx, cache, F, TensorNoise(noise, renoise), shift=shift,
                        timesteps=sampler_timesteps(d["sampler"]["denoising_step_list"], shift,
@@ -164,20 +169,20 @@ def test_case(path, case):
                        on_block=lambda k, x0s: (steps.append(torch.stack(x0s)), snaps.append(
                            (list(cache.frames), cache.length, cache.end_frame,
                             cache.k[:, :, :cache.length].clone(), cache.v[:, :, :cache.length].clone()))))
-    hook.remove()
+    del model.forward_cached  # the class's method again
     assert maxdiff(lat, T[f"{case}_latents"]) <= TOL
     # x0 after every step of every block: [block, step, B, n, C, H, W]
     assert maxdiff(torch.stack(steps), T[f"{case}_x0_steps"]) <= TOL
     # the call sequence: 4 steps + 1 cache pass per block, start frames and timesteps
     log = d["call_log"][case]
-    assert [(e["current_start_frame"], e["timestep"]) for e in log] == [(s, tt) for s, tt, _ in calls]
-    if f"{case}_cache_pass_flow" in T:  # the sampler skips this output (kv_only); recompute it:
+    assert [(e["current_start_frame"], e["timestep"]) for e in log] == calls
+    if f"{case}_cache_pass_flow" in T:  # the sampler drops this output; recompute it:
         # block k's cache pass sees the clean K/V of blocks < k and writes its own clean K/V
         replay = KVCache.for_model(model.cfg, B, F, d["latent_hw"], c.get("sink_size", 0),
                                    c.get("local_attn_size", -1))
         with torch.no_grad():
-            passes = torch.stack([model(lat[:, a:a + nfpb], torch.zeros(B, nfpb), ctx, cache=replay,
-                                        start_frame=a) for a in range(0, F, nfpb)])
+            passes = torch.stack([model.forward_cached(lat[:, a:a + nfpb], torch.zeros(B, nfpb), ctx, replay, a)
+                                  for a in range(0, F, nfpb)])
         assert maxdiff(passes, T[f"{case}_cache_pass_flow"]) <= TOL
     # K/V cache contents (valid part, RoPE applied): after the last block, and after each block
     for key in T:

@@ -150,7 +150,7 @@ def test_saved_activations_match_autograd(dtype, context):
         cache = KVCache.for_model(cfg, 1, 12, hw, sink=3, local=6, dtype=dtype)
         with torch.no_grad():
             for a in (0, 3):
-                m(x[:, :3], torch.zeros(1, 3), ctx, cache=cache, start_frame=a)
+                m.forward_cached(x[:, :3], torch.zeros(1, 3), ctx, cache, a)
         kw, past = dict(history=cache, start_frame=6), list(cache.frames)
         x = x[:, :3]
     clean = x.clone() if context == "clean" else None

@@ -4,7 +4,7 @@ of the shapes world (tiny_world.py), the base model of the default `python train
 
 Diffusion forcing, flow matching, pixel space, 32x32, clips of 9 frames = 3 blocks: every block
 gets its own timestep, one of the sampler's 4 warped timesteps or 0 (clean context, as the
-sampler's t = 0 cache pass provides at inference); x_t = (1 - s) x0 + s eps per block; the
+sampler's t = 0 cache pass provides at inference); x_t = (1 - σ) x0 + σ eps per block; the
 block-causal forward predicts the velocity v; loss = MSE(v, eps - x0) on the noisy blocks only.
 Training on exactly the sampler's timesteps is what makes 4 steps enough.
 
@@ -124,7 +124,7 @@ def main(args: Args):
     t_levels = torch.cat([ts, torch.zeros(1)])
     s_levels = torch.cat([sigma_of(ts), torch.zeros(1)])  # exact 0: the cache pass sees x0 itself
     probs = torch.tensor([(1 - args.p_clean) / 4] * 4 + [args.p_clean])
-    ctx_all = toy_text_embed(PROMPTS, cfg.text_len, cfg.text_dim)  # [P, Lt, Dt], fixed words
+    ctx_all = toy_text_embed(PROMPTS, cfg.text_len, cfg.text_dim)  # [len(PROMPTS), Lt, Dt], fixed words
     specs = [parse_prompt(p) for p in PROMPTS]
     ema, t0, bar = None, time.time(), tqdm(range(args.steps), desc="pre-train")
     for step in bar:
@@ -132,9 +132,9 @@ def main(args: Args):
         x0 = render([specs[i] for i in idx], args.frames, generator=g)  # [B, F, 3, 32, 32]
         lvl = torch.multinomial(probs, args.batch * K, replacement=True, generator=g).view(args.batch, K)
         t = t_levels[lvl].repeat_interleave(n, dim=1)                   # [B, F] per-frame timesteps
-        s = s_levels[lvl].repeat_interleave(n, dim=1).view(args.batch, args.frames, 1, 1, 1)
+        sigma = s_levels[lvl].repeat_interleave(n, dim=1).view(args.batch, args.frames, 1, 1, 1)
         eps = torch.randn(x0.shape, generator=g)
-        v = model((1 - s) * x0 + s * eps, t, ctx_all[idx])              # block-causal forward
+        v = model((1 - sigma) * x0 + sigma * eps, t, ctx_all[idx])      # block-causal forward
         noisy = (t > 0).float()                                         # [B, F] loss mask
         per_frame = (v - (eps - x0)).pow(2).mean((2, 3, 4))             # [B, F]
         loss = (per_frame * noisy).sum() / noisy.sum().clamp(min=1)
