@@ -172,7 +172,7 @@ def check_args(args, world, registry):
         err.append(f"--rewards: {type(e).__name__}: {e}")
         parsed = []
     names = [name for name, _, _ in parsed]
-    framed = [name for name, fn, _ in parsed if takes_frames(fn)]  # what --reward-frames reaches
+    framed = [name for name, fn, _ in parsed if takes_frames(fn)]  # what --released.reward-frames reaches
     err += [f"--rewards: {line}" for line in missing_weights(names)]
     if any(name in LEARNED for name in names) and importlib.util.find_spec("open_clip") is None:
         err.append("learned rewards need the open_clip_torch package (pip install -r requirements.txt)")

@@ -47,13 +47,37 @@ class LoRALinear(nn.Linear):
         self.active = None
 
     def forward(self, x):
-        y = super().forward(x)  # W x + b: the frozen base
         if self.active is None:  # adapters off: the base model
-            return y
+            return super().forward(x)
         ad, s = self.lora[self.active], self.scale[self.active]
+        if merge_applies(self, x):  # speed, fenced below: without a gradient, one matmul (same numbers)
+            return merged_forward(self, x)
+        y = super().forward(x)  # W x + b: the frozen base
         # y = W x + b + s B (A x); the adapter stays float32 while the base may run in bf16 (cast in,
         # compute, cast back), so a small update to A or B is never rounded away in W's precision
         return y + s * Fn.linear(Fn.linear(x.to(ad.A.dtype), ad.A), ad.B).to(y.dtype)
+
+
+# ---- speed, fenced: the one optimisation in this file -----------------------------------------
+# Rollouts and the old / reference predictions run without a gradient, with a fixed adapter: its
+# update can be merged into the weight first, y = (W + s B A) x + b, one matmul instead of three
+# (the two skinny LoRA matmuls run far below a CPU's matmul rate: the tiny default's rollout
+# 3.5 -> 2.5 s, 2-core CPU). Only where it changes no number beyond float rounding: base and
+# adapter both float32 and no autocast (a bf16 W + s B A would round the update away). With a
+# gradient the plain path above runs, so autograd saves what memory.py counts. tests/test_lora.py
+# checks this path against the plain one.
+
+def merge_applies(layer, x):
+    """True when layer(x) may use merged_forward: no gradient, float32 base and adapter, no autocast."""
+    return (not torch.is_grad_enabled() and layer.weight.dtype == torch.float32
+            and layer.lora[layer.active].A.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type))
+
+
+def merged_forward(layer, x):
+    """(W + s B A) x + b with the active adapter merged into the weight for this call."""
+    ad, s = layer.lora[layer.active], layer.scale[layer.active]
+    return Fn.linear(x, torch.addmm(layer.weight, ad.B, ad.A, alpha=s), layer.bias)  # W + s B A: (O, I)
+# ---- end of the fenced optimisation -------------------------------------------------------------
 
 
 def lora_layers(model):

@@ -9,14 +9,15 @@ about models, adapters or rollouts (train.py wires them together; docs/method.md
                                                                 (arXiv 2509.16117), on x0 as released
   x̂_θ, x̂_ref, mask -> ref_loss                                  the "KL" (an L2 in x0 space)
   scores -> ranks -> uncertainty -> RiskCompensator -> selective_mask  GARDO's selective KL
+  (selective_kl_mask: the whole chain, as train.py calls it)
   DynamicReference                                              when to reset ref <- θ
   old_decay, ema_decay                                          the parameter averages
 
 Every rule was checked against the released code (Astrolabe scripts/train_nft_wan.py, GARDO
 scripts/train_sd3_nft_gardo.py, flow_grpo stat_tracking/ema). Two reference quirks are kept
 only behind keywords (and train.py flags): the released sign of u (`uncertainty(sign=
-"released")`, --uncertainty-sign) and the threshold cap of the reference reset
-(`DynamicReference(thres_max=0.05)`, --ref-thres-cap). docs/method.md cites the upstream lines.
+"released")`, --released.uncertainty-sign) and the threshold cap of the reference reset
+(`DynamicReference(thres_max=0.05)`, --released.ref-thres-cap). docs/method.md cites the upstream lines.
 
 Test: python -m pytest tests/test_nft_loss.py -q   (naive loop versions: tests/naive_nft.py)
 
@@ -228,6 +229,17 @@ def selective_mask(u, rho):
     return u > selective_threshold(u, rho)
 
 
+def selective_kl_mask(scores, names, compensator, aux_rewards=0, sign="paper", ties="average"):
+    """The samples under the reference term in selective mode: where the main reward (names[0]) and
+    the auxiliary ones disagree most. scores: {name: (N,)}; compensator: the RiskCompensator whose
+    rho is the selected fraction. Returns (N,) bool."""
+    # the auxiliaries: every other reward, or the first aux_rewards of them (the release: 2)
+    aux = names[1:] if aux_rewards == 0 else names[1:1 + aux_rewards]
+    u = uncertainty(scores[names[0]], [scores[name] for name in aux], sign=sign, ties=ties)  # (N,)
+    # rho adapts to this step's u before the mask is cut
+    return selective_mask(u, compensator.update(u))
+
+
 class RiskCompensator:
     """The adaptive fraction ρ of selected samples (reference class of the same name).
 
@@ -280,7 +292,7 @@ class DynamicReference:
         gap > max_gap: thres <- max(thres - 0.01, thres_min = 0.1)   (held too long: lower it)
         gap < min_gap: thres <- min(thres + 0.01, thres_max)         (too frequent: raise it)
     The released code writes min(thres + 0.01, 0.05), which forces thres <= 0.05 (more resets,
-    the opposite of the intent); thres_max=0.05 reproduces that (train.py --ref-thres-cap). The
+    the opposite of the intent); thres_max=0.05 reproduces that (train.py --released.ref-thres-cap). The
     default 0.5 is our reading of 5e-2 as a typo for 5e-1 (an inference: no source states the
     intended cap; docs/method.md#dynamic-reference).
     The reference is θ at step 0, so the first possible reset is after step 1.

@@ -206,7 +206,7 @@ def get_reward(spec, registry=REWARDS):
 
 def takes_frames(fn):
     """True for a reward with a `frames` keyword (the learned image rewards: frames scored per
-    video), which --reward-frames sets."""
+    video), which --released.reward-frames sets."""
     return "frames" in inspect.signature(fn).parameters
 
 
@@ -235,7 +235,7 @@ def parse_rewards(items, registry=REWARDS, frames=None):
         fn = get_reward(spec, registry)
         path, _, func = spec.rpartition(":")
         name = spec if spec in registry else os.path.splitext(os.path.basename(path))[0] + "." + func
-        if frames is not None and takes_frames(fn):  # --reward-frames: how many frames to score
+        if frames is not None and takes_frames(fn):  # --released.reward-frames: how many frames to score
             fn = partial(fn, frames=frames)
         if name in [n for n, _, _ in out]:  # names key the logs and the selective mask
             raise ValueError(f"--rewards: '{name}' given twice; give each reward once")

@@ -6,6 +6,7 @@ candidates branch from copies of that cache and generate the window with their o
 (clip-level group-wise sampling), so reward differences come from the window alone. The cache
 holds sink + recent frames only: memory never depends on s. Short clips are s = 0, T = F.
 
+    prompts = prompts_for_step(all_prompts, G, step, seed)             # the step's G prompts
     s = window_start(args, step)                                       # block-aligned, same on every rank
     with use_adapter(model, "old"):                                    # the rollout policy
         history = rollout_histories(model, ctx, js, K, step, s, args)  # History at frame s; None if s = 0
@@ -61,6 +62,21 @@ def rollout(model, ctx, seeds, frames, args, cache=None, start=0, keep=True):
     lat = generate(model, ctx.to(dtype), cache, frames, noise, start_frame=start, keep=keep,
                    last_cache_pass=not keep)
     return None if lat is None else lat.float()  # float32 for the rewards and the loss
+
+
+def prompts_for_step(prompts, n, step, seed, draw="epoch-walk"):
+    """The n prompts of RL step `step`. epoch-walk: a seeded shuffle, reshuffled every epoch, so
+    an epoch's mean reward compares across epochs (random draws make a mean follow which prompts
+    were drawn); released: the first n of randperm(len) seeded with seed + step (docs/method.md)."""
+    if draw == "released":
+        g = torch.Generator().manual_seed(seed + step)
+        return [prompts[i] for i in torch.randperm(len(prompts), generator=g)[:n].tolist()]
+    out = []
+    for i in range(step * n, (step + 1) * n):
+        epoch, k = divmod(i, len(prompts))
+        order = random.Random(seed_of(seed, epoch, "prompts")).sample(range(len(prompts)), len(prompts))
+        out.append(prompts[order[k]])
+    return out
 
 
 def window_starts(args):

@@ -24,7 +24,6 @@ latent (tiny: pixel) height and width, Lt, Dt text tokens and width.
 """
 import dataclasses
 import gc
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from frozen import FrozenParts
 from lora import add_adapter, adapter_params, copy_adapter, lerp_adapter, use_adapter
 from rewards import REWARDS, MultiReward, RewardError
 from sample import sampler_timesteps, sigma_of
-from streaming import rollout_histories, rollout_windows, window_start
+from streaming import prompts_for_step, rollout_histories, rollout_windows, window_start
 
 # every reward --rewards can name: weight-free (rewards.py), learned, the shapes world's detectors
 REGISTRY = {**REWARDS, **reward_models.REWARDS, **tiny_world.REWARDS}
@@ -61,37 +60,30 @@ class Released:
     behaviour, for reproduction runs: --released.<flag>, or all at once with --exact-reference
     (README, "Differences from the released code"; docs/method.md)."""
     train_mask: Literal["block", "frame"] = "block"
-    """attention blocks of the training forward: block (the sampler's 3 frames, as at inference) or
-    frame (frame-causal: what the released trainer trains with; its block size never reaches the
-    PEFT-wrapped model)"""
+    """training attention blocks: block (the sampler's 3 frames) or frame (frame-causal, as the release
+    trains: its block size never reaches the PEFT-wrapped model)"""
     train_sink: bool = True
-    """the training mask keeps the rolling cache's sink frames, as the rollout sees them;
-    --released.no-train-sink: the released local-window mask, without a sink"""
+    """the training mask keeps the rolling cache's sink, as the rollout sees it (no-: the release's)"""
     train_timesteps: Literal["sampler", "raw"] = "sampler"
-    """sampler: train at the warped timesteps the rollout used; raw: [1000, 750, 500, 250] with
-    x_t = (1 - t/1000) x0 + t/1000 eps but the grid sigma in the x0 conversion (the release's quirk)"""
+    """sampler: the warped timesteps the rollout used; raw: [1000, 750, 500, 250], noised with t/1000
+    but converted to x0 with the grid sigma (the release's quirk)"""
     uncertainty_sign: Literal["paper", "released"] = "paper"
-    """selective mode, u = rank disagreement: paper (u = mean rank_aux - rank_main, the samples the main
-    reward likes more than the auxiliaries: suspected hacking) or released (u = rank_main - mean
-    rank_aux, the opposite samples; GARDO's and Astrolabe's code)"""
+    """selective mode: paper u = mean rank_aux - rank_main (main reward likes it, the others do not:
+    suspected hacking); released u = rank_main - mean rank_aux (GARDO's and Astrolabe's code)"""
     aux_rewards: int = 0
-    """selective mode: how many of the other rewards (in --rewards order) are the auxiliaries (0: all;
-    the released code takes the first 2)"""
+    """selective mode: the first N other rewards are the auxiliaries (0: all; the release: 2)"""
     rank_ties: Literal["average", "ordinal"] = "average"
-    """selective mode: tied scores share their mean rank (average), or get ordinal ranks in sample
-    order (ordinal; the released torch.sort, whose tie order is unspecified)"""
+    """selective mode: ties share their mean rank, or ordinal ranks (the release's unstable sort)"""
     ref_thres_cap: float = 0.5
-    """dynamic reference: cap of the KL threshold when resets come fast (thres <- min(thres + 0.01,
-    cap)); the released code's 0.05 pins it below its 0.15 start (a likely typo for 0.5)"""
+    """dynamic reference: thres <- min(thres + 0.01, cap) on fast resets; the release's 0.05 pins it
+    below its 0.15 start (a likely typo for 0.5)"""
     ema_start: Literal["sync", "base"] = "sync"
-    """sync: the EMA becomes theta at the first step, then averages (the released sync_with_model);
-    base: it starts from theta_0 = the base model and averages from there"""
+    """sync: the EMA becomes theta at step 1, then averages (the release); base: it starts at theta_0"""
     prompt_draw: Literal["epoch-walk", "released"] = "epoch-walk"
-    """epoch-walk: every prompt once per epoch in a seeded shuffle; released: randperm(seed + step)
-    [:prompts-per-step], the released sampler (its 8-GPU layout: --prompts-per-step 1 --group-size 384)"""
+    """epoch-walk: each prompt once per epoch, seeded shuffle; released: randperm(seed + step)[:G] (its
+    8-GPU layout: --prompts-per-step 1 --group-size 384)"""
     reward_frames: int = 8
-    """frames the learned image rewards (hpsv2, clip_score, aesthetic) score per video, evenly
-    spaced; 0: every frame (the released code scores all 81)"""
+    """frames per video the learned image rewards score, evenly spaced (0: all, as released)"""
 
 
 @dataclass
@@ -114,8 +106,7 @@ class Args:
     resume: Optional[str] = None
     """'latest' (newest ckpt_* in out_dir) or a checkpoint folder"""
     overwrite: bool = False
-    """start afresh in an --out-dir that holds another run: its checkpoints, metrics and videos are
-    deleted first (without it such a run refuses to start)"""
+    """start afresh in an --out-dir that holds another run, deleting its outputs (else: refused)"""
     track: bool = False
     """log to Weights & Biases (wandb must be installed; off by default)"""
     progress: bool = True
@@ -126,18 +117,15 @@ class Args:
     model: Literal["tiny", "wan-1.3b", "wan-14b"] = "tiny"
     """model size (model.CONFIGS)"""
     ckpt: Optional[str] = "assets/tiny_world.safetensors"
-    """base weights: the pre-trained tiny shapes world (tools/pretrain_tiny.py); `--ckpt None` for a
-    random init; real presets: the distilled generator (.pt / .safetensors)"""
+    """base weights: the tiny shapes world (`--ckpt None`: random); real presets: the distilled generator"""
     ckpt_ema: bool = True
-    """from a generator/generator_ema checkpoint (Self-Forcing, Causal Forcing, LongLive) take the
-    EMA weights, as Astrolabe does; --no-ckpt-ema: `generator`"""
+    """from a generator / generator_ema checkpoint take the EMA weights, as Astrolabe does"""
     lora_rank: int = 16
     """LoRA rank of the adapters (Astrolabe: 256)"""
     lora_alpha: float = 16.0
     """LoRA alpha (scale = alpha / rank; Astrolabe: 256)"""
     lora_init: Optional[str] = None
-    """LoRA warm start loaded into every adapter: LongLive's lora.pt or a PEFT folder (rank must be
-    --lora-rank)"""
+    """LoRA warm start in every adapter: LongLive's lora.pt or a PEFT folder (of rank --lora-rank)"""
     vae: Optional[str] = None
     """real models: the Wan2.1 VAE, Wan2.1_VAE.pth or a Diffusers folder"""
     text_encoder: Optional[str] = None
@@ -154,20 +142,16 @@ class Args:
     window: int = 6
     """latent frames T trained per step (streaming; multiple of 3); 0: the whole video"""
     window_select: Literal["first", "last", "random", "random_choice"] = "random"
-    """where the window starts: first (0), last (F - T), random (any block), random_choice (from
-    --window-starts; Astrolabe's streaming config); random draws cycle through every start"""
+    """window start: first (0), last (F - T), random (any block, cycling), random_choice (--window-starts)"""
     window_starts: list[int] = field(default_factory=list)
     """window starts (latent frames) for --window-select random_choice, e.g. 0 18 36"""
     window_context: Literal["noisy", "clean"] = "clean"
-    """clean: each window block attends to the clean blocks before it, as at inference (teacher
-    forcing; the tiny world, whose RL drifted and collapsed with noisy context in our runs); noisy: to
-    noisy ones (Astrolabe's release; the real presets)"""
+    """clean: a window block attends to the clean blocks before it, as at inference (teacher forcing;
+    the tiny world collapsed with noisy context in our runs); noisy: to noisy ones (the release)"""
     group_mode: Literal["shared-prefix", "independent"] = "shared-prefix"
-    """shared-prefix: the K videos of a prompt share the history before the window and differ only
-    inside it (clip-level group sampling); independent: K unrelated rollouts"""
+    """shared-prefix: a prompt's K videos share the history before the window (clip-level groups)"""
     local_attn: int = -1
-    """rolling KV cache window in latent frames, the reference's local_attn_size (-1: global
-    attention; named --local-attn because torchrun would take --local for one of its own flags)"""
+    """rolling KV cache window in latent frames (-1: global attention; the release's local_attn_size)"""
     sink: int = 0
     """sink frames of the rolling cache"""
     # ---- prompts and rewards
@@ -183,19 +167,16 @@ class Args:
                                                         "size_constancy=1"])
     """NAME=WEIGHT ...: registry names (rewards, reward_models, tiny_world REWARDS) or path/to/file.py:function"""
     reward_norm: Literal["none", "per-reward"] = "none"
-    """none: weighted sum of raw scores (Astrolabe); per-reward: normalise each within its group first
-    (DanceGRPO)"""
+    """none: weighted sum of raw scores (Astrolabe); per-reward: z-score each in its group (DanceGRPO)"""
     # ---- the NFT objective
     objective: Literal["nft", "positive-only"] = "nft"
-    """nft: r ||x+ - x0||^2 + (1 - r) ||x- - x0||^2 (Astrolabe); positive-only: r ||x+ - x0||^2 alone,
-    reward-weighted fine-tuning on the good samples (the ablation of tools/claims.py)"""
+    """nft: r ||x+ - x0||^2 + (1 - r) ||x- - x0||^2; positive-only: the first term alone (an ablation)"""
     beta: float = 0.1
     """NFT mixing beta of the implicit positive/negative policies"""
     adv_clip: float = 5.0
     """advantage clip A_max; r = 0.5 + clip(A)/(2 A_max)"""
     global_std: bool = False
-    """advantage std over the whole step (Astrolabe, as released; the real presets); default: within
-    each prompt's group, so that a reward dominated by which prompt was drawn still ranks a group"""
+    """advantage std over the whole step (the release; real presets); default: each prompt's group's"""
     adaptive_weight: bool = False
     """DiffusionNFT's per-sample adaptive loss weighting (Astrolabe: plain MSE)"""
     kl_weight: float = 1e-4
@@ -203,14 +184,12 @@ class Args:
     selective: bool = False
     """uncertainty-aware selective reference term + dynamic reference (needs >= 2 rewards)"""
     old_decay: Literal["linear", "on-policy", "delayed"] = "linear"
-    """old-policy update: linear d = min(0.001 step, 0.5) (Astrolabe); on-policy d = 0; delayed
-    (DiffusionNFT)"""
+    """theta_old update: linear d = min(0.001 step, 0.5) (Astrolabe); on-policy d = 0; delayed (DiffusionNFT)"""
     ema: bool = True
     """keep an EMA of theta (decay min((1+n)/(10+n), 0.9)) for eval and export"""
     # ---- optimisation
     lr: float = 1e-3
-    """AdamW learning rate (the tiny world: 1e-3; at 2e-3 and more it starts to hack the detectors
-    after ~15 steps, 1e-2 wrecks it; a random-init tiny model: 3e-2; Astrolabe on 1.3B: 1e-5)"""
+    """AdamW learning rate (tiny world: 1e-3, it hacks the detectors from 2e-3; Astrolabe on 1.3B: 1e-5)"""
     weight_decay: float = 1e-4
     """AdamW weight decay"""
     grad_clip: float = 1.0
@@ -314,33 +293,6 @@ def add_policies(model, args):
     # "ema": an exponential average of θ, for eval and export; starts as θ
     if args.ema:
         copy_adapter(model, "default", "ema")
-
-
-def prompts_for_step(prompts, n, step, seed, draw="epoch-walk"):
-    """The n prompts of RL step `step`. epoch-walk: a seeded shuffle, reshuffled every epoch, so
-    an epoch's mean reward compares across epochs (random draws make a mean follow which prompts
-    were drawn); released: the first n of randperm(len) seeded with seed + step (docs/method.md)."""
-    if draw == "released":
-        g = torch.Generator().manual_seed(seed + step)
-        return [prompts[i] for i in torch.randperm(len(prompts), generator=g)[:n].tolist()]
-    out = []
-    for i in range(step * n, (step + 1) * n):
-        epoch, k = divmod(i, len(prompts))
-        order = random.Random(seed_of(seed, epoch, "prompts")).sample(range(len(prompts)), len(prompts))
-        out.append(prompts[order[k]])
-    return out
-
-
-def selective_kl_mask(scores, names, compensator, args):
-    """Samples under the reference term in selective mode: where the main reward (the first) and
-    the auxiliary ones disagree most (docs/method.md#selective-regularization). (N,) bool."""
-    rel = args.released
-    # the auxiliaries: every other reward, or the first --released.aux-rewards of them (released: 2)
-    aux = names[1:] if rel.aux_rewards == 0 else names[1:1 + rel.aux_rewards]
-    u = nft.uncertainty(scores[names[0]], [scores[name] for name in aux], sign=rel.uncertainty_sign,
-                        ties=rel.rank_ties)
-    # rho, the selected fraction, adapts to this step's u before the mask is cut
-    return nft.selective_mask(u, compensator.update(u))
 
 
 def training_noise(args, x0, step, first_sample):
@@ -487,7 +439,9 @@ def main(args: Args):
         r = nft.optimality_prob(adv, args.adv_clip).float()  # (N,)
         # the samples under the reference term: all, or (--selective) where the rewards disagree
         if args.selective:
-            kl_mask = selective_kl_mask(scores, multi.names, compensator, args)  # (N,) bool
+            rel = args.released
+            kl_mask = nft.selective_kl_mask(scores, multi.names, compensator, rel.aux_rewards, rel.uncertainty_sign,
+                                            rel.rank_ties)  # (N,) bool
         else:
             kl_mask = torch.ones(N, dtype=torch.bool, device=device)
         runlog.warn_if_flat(adv, step)  # plumbing: a reward that never tells videos apart

@@ -15,6 +15,7 @@ import checks
 import nft_loss as nft
 import reward_models
 import rewards
+import streaming
 import train
 from model import CausalWanModel, ModelConfig
 from test_train import rows, run
@@ -136,7 +137,8 @@ def test_selective_flags_choose_auxiliaries_sign_and_ties():
 
     def u_of(**kw):  # the u the mask is cut from, through the flags
         comp = Capture()
-        train.selective_kl_mask(scores, names, comp, train.Args(selective=True, released=train.Released(**kw)))
+        rel = train.Released(**kw)
+        nft.selective_kl_mask(scores, names, comp, rel.aux_rewards, rel.uncertainty_sign, rel.rank_ties)
         return comp.u
     paper = nft.uncertainty(scores["main"], [scores[n] for n in "abc"])
     assert torch.equal(u_of(), paper)  # default: every other reward, paper sign
@@ -157,11 +159,11 @@ def test_ref_thres_cap():
 
 def test_prompt_draw():
     prompts = [f"p{i}" for i in range(10)]
-    walk = [train.prompts_for_step(prompts, 5, s, 42) for s in range(2)]
+    walk = [streaming.prompts_for_step(prompts, 5, s, 42) for s in range(2)]
     assert sorted(walk[0] + walk[1]) == sorted(prompts)  # an epoch: every prompt once
     for step in range(3):  # released: randperm seeded with seed + step, first n
         idx = torch.randperm(10, generator=torch.Generator().manual_seed(42 + step))[:5].tolist()
-        assert train.prompts_for_step(prompts, 5, step, 42, "released") == [prompts[i] for i in idx]
+        assert streaming.prompts_for_step(prompts, 5, step, 42, "released") == [prompts[i] for i in idx]
 
 
 def test_reward_frames():

@@ -9,6 +9,7 @@ import re
 
 import torch
 
+import lora
 from model import CausalWanModel, ModelConfig
 from lora import adapter_params, adapter_state_dict, add_adapter, copy_adapter, lerp_adapter, load_adapter_state, set_adapter, use_adapter, lora_layers
 
@@ -109,6 +110,25 @@ def test_matches_merged_weights():
     torch.testing.assert_close(run(m), run(merged), rtol=1e-4, atol=1e-5)
     with use_adapter(m, None):
         assert (run(m) - run(merged)).abs().max() > 1e-3
+
+
+def test_merged_forward_without_grad_equals_the_plain_path():
+    """lora.py's fenced speed path (no gradient, float32: W + s B A merged first) against the plain
+    W x + b + s B (A x) the same layers run with a gradient; and where each applies."""
+    m = tiny()
+    add_adapter(m, "a", rank=4, alpha=12)  # scale 3, so a missing scale would show
+    randomize(adapter_params(m, "a"), 2, std=0.1)
+    set_adapter(m, "a")
+    layer, x = lora_layers(m)[0][1], torch.randn(3, CFG.dim)
+    with torch.no_grad():
+        assert lora.merge_applies(layer, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not lora.merge_applies(layer, x)  # bf16 would round s B A away
+    assert not lora.merge_applies(layer, x)  # with a gradient: the plain path, what memory.py counts
+    fast, plain = run(m), run(m, grad=True).detach()
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    with use_adapter(m, None):
+        assert (run(m) - fast).abs().max() > 1e-3  # the adapter does change the output
 
 
 def test_grads_only_reach_active_adapter():
