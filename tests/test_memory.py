@@ -7,7 +7,7 @@ change a number, and the analytic FLOP count behind bench.py's MFU must match to
   the adapter is switched before backward (train.py leaves `use_adapter(model, "default")` first)
                                     == plain; an unpinned recompute crashes or silently differs
   memory.train_flops                == FlopCounterMode on the tiny model, forward and backward
-  bench.py gpu --device cpu --size tiny   runs (a smoke test of the GPU bench's code path)
+  tools/bench.py gpu --device cpu --size tiny   reports the FLOPs torch counts for its update
 
 Test:  python -m pytest tests/test_memory.py -q
 """
@@ -20,6 +20,7 @@ from torch.utils.checkpoint import CheckpointError
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import lora
 import memory
 import model as model_py
 from kvcache import KVCache
@@ -191,9 +192,21 @@ def test_train_flops_match_flop_counter(lora, base_grad, kw):
     assert abs(fwd / ef - 1) < 0.02 and abs(bwd / eb - 1) < 0.02, (fwd, ef, bwd, eb)
 
 
-def test_gpu_bench_smoke_on_cpu():
-    """`bench.py gpu --device cpu --size tiny`: the GPU bench's code path, small and on CPU."""
-    out = bench.gpu_bench(bench.Args(what="gpu", device="cpu", size="tiny", frames=6, lora_rank=8))
-    assert out["latent_fps"] > 0 and out["update_tflop"] > 0
+def test_gpu_bench_on_cpu_counts_what_torch_counts(monkeypatch):
+    """`tools/bench.py gpu --device cpu --size tiny`, the GPU bench's code path small and on a CPU:
+    the update's FLOPs it reports (3 forwards + 1 backward, from memory.train_flops) are those torch
+    counts when the same update runs, and its rates follow from its own timings."""
+    a = bench.Args(what="gpu", device="cpu", size="tiny", frames=6, lora_rank=8)
+    out = bench.gpu_bench(a)
+    assert out["latent_fps"] == pytest.approx(a.frames / out["rollout_s"])
     for key in ("ckpt", "no_ckpt"):
-        assert out[key]["seconds"] > 0 and 0 < out[key]["mfu"] < 1
+        assert out[key]["mfu"] == pytest.approx(out["update_tflop"] / out[key]["seconds"] / a.peak_tflops)
+    # the same update under torch's FLOP counter; the LoRA as three matmuls, as on a GPU (bf16), not
+    # lora.py's float32 no-grad merge; attention on SDPA's math backend, whose matmuls are counted
+    monkeypatch.setattr(lora, "merge_applies", lambda layer, x: False)
+    torch.manual_seed(0)
+    m = bench.random_model(bench.SIZES["tiny"], "cpu", torch.float32)
+    ctx = torch.randn(1, m.cfg.text_len, m.cfg.text_dim)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        bench.update_step(m, "nft", a.frames, bench.GPU_HW["tiny"], ctx, "cpu", rank=a.lora_rank, B=a.batch, ref="ref")
+    assert fc.get_total_flops() == pytest.approx(out["update_tflop"] * 1e12, rel=0.02)
