@@ -30,16 +30,18 @@ class RunLog:
 
     def __init__(self, args, rank, world, device, start, mem_start):
         self.args, self.master, self.world, self.mem_start = args, rank == 0, world, mem_start
-        self.path = os.path.join(args.out_dir, "metrics.jsonl")
+        self.path = os.path.join(args.out_dir, "metrics.jsonl")  # one JSON object per line
         self.flat_steps = 0  # steps in a row whose rewards told no two videos of a prompt apart
         if start and self.master:  # keep the rows up to the checkpoint; a crash may have left more
             kept, dropped = checks.metrics_rows(self.path, start)
             write_atomic(self.path, lambda tmp: _write_lines(tmp, kept))
             if dropped:
                 log(f"warning: {self.path}: dropped {dropped} row(s) written after step {start} or damaged")
-        self.wandb = start_tracking(args) if args.track and self.master else None
+        self.wandb = start_tracking(args) if args.track and self.master else None  # --track only
+        # the bar counts RL steps; a resumed run starts it where the checkpoint left off
         self.bar = tqdm(total=args.steps, initial=start, disable=not (self.master and args.progress),
                         dynamic_ncols=True, desc="RL")
+        # what runs where: ranks, device, dtype, the batch layout, the memory levers
         N = args.prompts_per_step * args.group_size
         dtype = torch.bfloat16 if use_bf16(args, device) else torch.float32
         log(f"{world} rank(s) on {device} ({dtype}); global batch {args.prompts_per_step} prompts x "
@@ -53,8 +55,9 @@ class RunLog:
         """One row of metrics.jsonl (rank 0). Non-finite numbers become null: strict JSON has no NaN."""
         if not self.master:
             return
+        # NaN / inf -> null (a skipped step's grad_norm is NaN)
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        with open(self.path, "a") as f:
+        with open(self.path, "a") as f:  # appended: a crash loses at most the row being written
             f.write(json.dumps(clean, allow_nan=False) + "\n")
         if self.wandb:
             self.wandb.log(row, step=row["step"])
@@ -76,7 +79,7 @@ class RunLog:
         row.update({"window_start": s, "r_mean": r.mean().item(), "loss": stats["loss"], "kl": stats["kl"],
                     "kl_all": stats["kl_all"], "mask_frac": kl_mask.float().mean().item(), "grad_norm": grad_norm,
                     "lr": opt.param_groups[0]["lr"], "skipped": skipped})
-        row.update(clock.row(self.mem_start))
+        row.update(clock.row(self.mem_start))  # time/*_s and mem/*_mb
         self.write(row)
         self.bar.update(1)
         if not self.master:
@@ -114,6 +117,7 @@ def start_tracking(args):
 def eval_videos(model, frozen, prompts, args, adapter):
     """The whole video for fixed prompts and seeds with `adapter` (None = base): (E, Fp, 3, Hp, Wp),
     --rollout-batch videos per rollout (one KV cache for the whole video each)."""
+    # eval seeds from their own stream: the same videos at every eval, none a training rollout's
     seeds = [seed_of(args.seed, "eval", i) for i in range(len(prompts))]
     videos, m = [], args.rollout_batch or args.micro_batch
     for i in range(0, len(prompts), m):
@@ -126,10 +130,10 @@ def eval_videos(model, frozen, prompts, args, adapter):
 
 def evaluate(model, frozen, multi, prompts, args, adapter, n, runlog):
     """The policy `adapter` on the eval prompts (rank 0): an mp4 and an eval row. Returns the videos."""
-    if not runlog.master:
+    if not runlog.master:  # rank 0 evaluates; the others go on to the next step's rollout
         return None
     videos = eval_videos(model, frozen, prompts, args, adapter)
-    scores = multi.score(videos, prompts)
+    scores = multi.score(videos, prompts)  # {name: (E,)}
     total = multi.total(scores)  # R = Σ_j w_j R_j
     save_video(os.path.join(args.out_dir, "eval", f"step_{n:06d}.mp4"),
                torch.cat(list(videos), dim=-1))  # the eval prompts side by side

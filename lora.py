@@ -100,13 +100,14 @@ def add_adapter(model, name, rank=256, alpha=None):
         raise ValueError(f"adapter name {name!r} is not allowed (use e.g. 'default', 'old', 'ref')")
     alpha = rank if alpha is None else alpha
     for _, m in lora_layers(model):
-        dev = m.weight.device
+        dev = m.weight.device  # beside the base weight, but always float32 (a bf16 base included)
         A = torch.empty(rank, m.in_features, device=dev, dtype=torch.float32)  # (r, I)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # PEFT's init for A
-        ad = nn.Module()
+        ad = nn.Module()  # the adapter: parameters A and B, named as PEFT names them
         ad.A = nn.Parameter(A)
         # B = 0: B A x = 0, the adapter changes nothing until it is trained
         ad.B = nn.Parameter(torch.zeros(m.out_features, rank, device=dev))  # (O, r)
+        # scale s = alpha / r multiplies B A x
         m.lora[name], m.scale[name] = ad, alpha / rank
 
 
@@ -115,18 +116,18 @@ def set_adapter(model, name):
     if name is not None and name not in adapter_names(model):
         raise KeyError(f"no adapter {name!r}; have {adapter_names(model)}")
     for _, m in lora_layers(model):
-        m.active = name
+        m.active = name  # every adapted linear switches: the whole network is now this policy
 
 
 @contextmanager
 def use_adapter(model, name):
     """`with use_adapter(model, "old"): ...` runs the block with adapter `name`, then restores the
     previous selection (also on an exception)."""
-    prev = lora_layers(model)[0][1].active
+    prev = lora_layers(model)[0][1].active  # all layers share the selection: the first one tells it
     set_adapter(model, name)
     try:
         yield
-    finally:
+    finally:  # restored even when the block raises
         set_adapter(model, prev)
 
 
@@ -143,24 +144,20 @@ def adapter_numel(model, name):
 @torch.no_grad()
 def copy_adapter(model, src, dst):
     """dst <- src, adding dst (same rank and scale) if it does not exist yet."""
-    if dst not in adapter_names(model):
+    if dst not in adapter_names(model):  # a new adapter of the same shape: rank and alpha of src
         m = lora_layers(model)[0][1]
-        rank = m.lora[src].A.shape[0]
+        rank = m.lora[src].A.shape[0]  # A is (r, I)
         add_adapter(model, dst, rank, m.scale[src] * rank)
     for a, b in zip(adapter_params(model, src), adapter_params(model, dst)):
-        b.copy_(a)
+        b.copy_(a)  # in place: the optimizer (of default) and every reference stay valid
 
 
 @torch.no_grad()
 def lerp_adapter(model, dst, src, decay):
     """dst <- decay * dst + (1 - decay) * src: the old-policy and EMA updates."""
     for d, s in zip(adapter_params(model, dst), adapter_params(model, src)):
+        # d <- decay d + (1 - decay) s, in place, parameter by parameter
         d.mul_(decay).add_(s.to(d.dtype), alpha=1 - decay)
-
-
-def all_finite(model, name):
-    """True if every parameter of adapter `name` is finite."""
-    return all(bool(torch.isfinite(p).all()) for p in adapter_params(model, name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +192,7 @@ def load_adapter_state(model, name, sd, alpha=None):
     missing. alpha: LoRA alpha; default = rank (scale 1, as LongLive and Astrolabe use)."""
     found = {}  # (layer path, "A" | "B") -> tensor
     for key, val in sd.items():
-        m = _KEY.search(key)
+        m = _KEY.search(key)  # a LoRA tensor of a block linear; other keys are ignored
         if m:
             found[(m.group(1), m.group(2))] = val
     layers = dict(lora_layers(model))
@@ -207,7 +204,7 @@ def load_adapter_state(model, name, sd, alpha=None):
     rank = found[next(iter(layers)), "A"].shape[0]  # A is (r, I)
     if name not in adapter_names(model):
         add_adapter(model, name, rank, alpha)
-    elif alpha is not None:
+    elif alpha is not None:  # an existing adapter takes the file's alpha
         for m in layers.values():
             m.scale[name] = alpha / rank
     for n, m in layers.items():

@@ -265,7 +265,7 @@ class MultiReward:
     def __init__(self, specs, registry=REWARDS, frames=None):
         """specs: the --rewards strings ["NAME=WEIGHT", ...] (looked up in `registry`; frames:
         see parse_rewards) or parse_rewards' (name, fn, w)."""
-        if isinstance(specs, str) or (specs and isinstance(specs[0], str)):
+        if isinstance(specs, str) or (specs and isinstance(specs[0], str)):  # --rewards strings: parse them
             specs = parse_rewards(specs, registry, frames)
         if not specs:
             raise ValueError("no rewards given; e.g. --rewards flicker=1 motion_gray=0.5")
@@ -282,6 +282,7 @@ class MultiReward:
         if not torch.isfinite(videos).all():  # a detector would score NaN pixels as background
             raise RewardError("the videos hold non-finite pixels (NaN or inf): the model that made "
                               "them diverged; no reward can score them")
+        # each reward on every video, its output checked: {name: (B,)}, in --rewards order
         return {n: self._check(n, fn(videos, prompts), len(videos), videos.device)
                 for n, fn in zip(self.names, self.fns)}
 
@@ -302,7 +303,7 @@ class MultiReward:
         except Exception as e:
             raise RewardError(f"reward '{name}' returned {type(out).__name__}, which is not "
                               f"convertible to a tensor ({e}); return Tensor[B]") from None
-        t = t[:, 0] if t.dim() == 2 and t.shape[1] == 1 else t
+        t = t[:, 0] if t.dim() == 2 and t.shape[1] == 1 else t  # [B, 1] -> [B]
         if t.shape != (B,):
             raise RewardError(f"reward '{name}' returned shape {tuple(t.shape)}, expected ({B},): "
                               f"one score per video")
