@@ -29,7 +29,7 @@ class RunLog:
     A resumed run first drops the rows a crash left after its checkpoint."""
 
     def __init__(self, args, rank, world, device, start, mem_start):
-        self.args, self.master, self.world, self.mem_start = args, rank == 0, world, mem_start
+        self.args, self.master, self.mem_start = args, rank == 0, mem_start
         self.path = os.path.join(args.out_dir, "metrics.jsonl")  # one JSON object per line
         self.flat_steps = 0  # steps in a row whose rewards told no two videos of a prompt apart
         if start and self.master:  # keep the rows up to the checkpoint; a crash may have left more
@@ -97,7 +97,7 @@ class RunLog:
         self.bar.close()
         if self.master:
             checks.release_lock(self.args.out_dir)
-        if self.world > 1:
+        if dist.is_initialized():  # torchrun, any number of processes
             dist.destroy_process_group()
 
 
