@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from common import UsageError, log, write_atomic
-from lora import add_adapter, adapter_names, adapter_state_dict, load_adapter_state, peft_config
+from lora import adapter_names, adapter_state_dict, load_adapter_state, peft_config
 from model import CONFIGS, CausalWanModel, randomize_head
 
 # wrapper prefixes of the released files: WanDiffusionWrapper ("model."), FSDP, DDP, torch.compile

@@ -25,13 +25,11 @@ latent (tiny: pixel) height and width, Lt, Dt text tokens and width.
 import dataclasses
 import gc
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
 import tyro
-from tqdm import tqdm
 
 import checks
 import nft_loss as nft

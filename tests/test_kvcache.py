@@ -5,7 +5,6 @@ make independent copies, and bad settings fail with a clear message.
 
 Run:  python -m pytest tests/test_kvcache.py -q
 """
-import os
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ change a number, and the analytic FLOP count behind bench.py's MFU must match to
 
 Test:  python -m pytest tests/test_memory.py -q
 """
-import os
 
 import pytest
 import torch

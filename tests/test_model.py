@@ -10,7 +10,6 @@ a brute-force mask written straight from the rules (docs/wan_architecture.md#att
 
 Run:  python -m pytest tests/test_model.py -q
 """
-import os
 
 import pytest
 import torch

@@ -6,7 +6,6 @@ Run:  python -m pytest tests/test_nft_loss.py -q
 """
 import json
 import math
-import os
 
 import numpy as np
 import pytest

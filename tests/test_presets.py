@@ -6,7 +6,6 @@ real file layout at tiny size; missing files fail with one clear message.
 Test: python -m pytest tests/test_presets.py -q
 """
 import dataclasses
-import os
 
 import pytest
 import torch

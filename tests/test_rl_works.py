@@ -20,7 +20,7 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from checkpoints import load_adapter_file, load_checkpoint
+from checkpoints import load_checkpoint
 from kvcache import KVCache
 from lora import set_adapter
 from model import CONFIGS, CausalWanModel

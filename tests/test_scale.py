@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import memory
-import streaming
 import train
 from kvcache import KVCache, attention_plan, clean_context_frames
 from lora import adapter_params, add_adapter, copy_adapter, use_adapter
