@@ -5,7 +5,8 @@ into a 4-step AR sampler of these videos.
 
 This is the world of the default run: `python train.py` with no arguments RL-fine-tunes the
 pre-trained weights (assets/tiny_world.safetensors), with rewards that read the prompt
-(color_match, direction_progress below). The prompts are "a {colour} {shape} moving
+(color_match, direction_progress below; shape_match and shape_progress look at the shape itself,
+so a shape smeared into a streak cannot score as a moving one). The prompts are "a {colour} {shape} moving
 {direction}"; the text encoder is toy_text_embed below (fixed per-word vectors), so the model
 has to learn what each word means from the videos alone.
 
@@ -165,9 +166,86 @@ def direction_progress(videos, prompts, speed=1 / 16):
     return out
 
 
+def _shape_masks(dx, dy):
+    """The three shapes at offsets (dx, dy) from their centre pixel, as render draws them:
+    (circle, square, triangle) bool masks of dx's and dy's broadcast shape."""
+    circle = dx ** 2 + dy ** 2 <= (RADIUS + 0.5) ** 2
+    square = (dx.abs() <= RADIUS) & (dy.abs() <= RADIUS)
+    triangle = (dy.abs() <= RADIUS) & (2 * dx.abs() <= dy + RADIUS)  # apex up, base at the bottom
+    return circle, square, triangle
+
+
+def _best_fit(fg, shape):
+    """Where the named shape, at the drawing size, fits the foreground best, frame by frame:
+    (IoU (B, F), row (B, F), column (B, F)) of the best of every position on the torus. The overlap
+    at every shift is one circular cross-correlation, done with the FFT."""
+    B, F, H, W = fg.shape
+    dx = (torch.arange(W, device=fg.device) + W // 2) % W - W // 2  # column offsets from column 0, wrapped
+    dy = ((torch.arange(H, device=fg.device) + H // 2) % H - H // 2).view(H, 1)
+    tmpl = _shape_masks(dx.float(), dy.float())[SHAPES.index(shape)].float()  # (H, W), centred at (0, 0)
+    # overlap(y, x) = sum_ij fg[i, j] tmpl[i - y, j - x]: the template centred at pixel (y, x)
+    overlap = torch.fft.irfft2(torch.fft.rfft2(fg) * torch.fft.rfft2(tmpl).conj(), s=(H, W)).round()
+    # IoU = overlap / (|fg| + |template| - overlap)
+    iou = overlap / (fg.sum((2, 3), keepdim=True) + tmpl.sum() - overlap).clamp(min=1)  # (B, F, H, W)
+    best = iou.flatten(2).max(2)
+    return best.values, best.indices // W, best.indices % W
+
+
+def shape_match(videos, prompts):
+    """Shape integrity: per frame, the best overlap (IoU over the torus) of the foreground with the
+    shape the prompt names, drawn at the world's size; mean over frames, in [0, 1]. A crisp shape
+    scores 1, the wrong shape less, a shape smeared into a streak or dissolved much less. 0 if the
+    prompt names no shape.
+
+    >>> v = torch.zeros(2, 3, 3, 32, 32); v[:, :, 0, 4:13, 4:13] = 1.0   # a red 9x9 square ...
+    >>> v[1, :, 0, 4:13, 4:28] = 1.0                                     # ... or smeared to 9x24
+    >>> shape_match(v, ["a square", "a square"])                         # 81 / 216 = 0.375
+    tensor([1.0000, 0.3750])
+    """
+    fg = _foreground(videos).float()  # [B, F, H, W]
+    out = torch.zeros(fg.shape[0], device=fg.device)
+    for b, p in enumerate(prompts):
+        shape = _word(p, {k: None for k in SHAPES})
+        if shape is not None:
+            out[b] = _best_fit(fg[b:b + 1], shape)[0].mean()
+    return out
+
+
+def shape_progress(videos, prompts, speed=1 / 16):
+    """direction_progress measured on the shape itself: the position where the named shape fits
+    best (see shape_match) moves along the named direction at `speed` (fraction of the frame per
+    frame), each frame pair's progress clip(displacement / (speed * size), -1, 1) weighted by how
+    well the shape fits in both frames. A streak whose mass drifts the right way earns little;
+    a crisp shape moving steadily the named way earns 1.
+
+    >>> v = torch.zeros(2, 4, 3, 32, 32)
+    >>> for t in range(4): v[:, t, 1, 10:19, 20 - 2 * t:29 - 2 * t] = 1.0  # a green square, 2 px/frame left
+    >>> for t in range(4): v[1, t, 1, 10:19, 20 - 2 * t:29] = 1.0         # ... smeared behind it
+    >>> shape_progress(v, ["a square moving left"] * 2).round(decimals=3)
+    tensor([1.0000, 0.7030])
+    """
+    fg = _foreground(videos).float()  # [B, F, H, W]
+    B, F, H, W = fg.shape
+    out = torch.zeros(B, device=fg.device)
+    for b, p in enumerate(prompts):
+        shape, word = _word(p, {k: None for k in SHAPES}), _word(p, DIRECTIONS)
+        if shape is None or word is None or F < 2:
+            continue
+        iou, y, x = (a[0].float() for a in _best_fit(fg[b:b + 1], shape))  # (F,) each
+        # displacement between frames on the torus, in pixels: wrapped into [-size/2, size/2)
+        ddx = torch.remainder(x.diff() + W / 2, W) - W / 2
+        ddy = torch.remainder(y.diff() + H / 2, H) - H / 2
+        dx, dy = DIRECTIONS[word]
+        # progress_t = clip((dx ddx + dy ddy) / (speed * size), -1, 1), weighted by the fit of both frames
+        prog = ((dx * ddx + dy * ddy) / (speed * (W if dx else H))).clamp(-1, 1)
+        out[b] = (prog * torch.minimum(iou[1:], iou[:-1])).mean()
+    return out
+
+
 # the detectors as rewards: train.py adds them to rewards.REWARDS (--rewards color_match=1 ...)
 REWARDS = {"color_match": color_match, "direction_match": direction_match,
-           "direction_progress": direction_progress, "size_constancy": size_constancy}
+           "direction_progress": direction_progress, "size_constancy": size_constancy,
+           "shape_match": shape_match, "shape_progress": shape_progress}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,9 +314,7 @@ def render(specs, frames, H=32, W=32, generator=None):
     # torus offsets in (-W/2, W/2]: the wrap-around is just a modulo on the distance to the centre
     dx = (torch.arange(W, dtype=torch.float32) - cx + W / 2) % W - W / 2  # [B, F, 1, W]
     dy = (torch.arange(H, dtype=torch.float32).view(H, 1) - cy + H / 2) % H - H / 2  # [B, F, H, 1]
-    circle = dx ** 2 + dy ** 2 <= (RADIUS + 0.5) ** 2
-    square = (dx.abs() <= RADIUS) & (dy.abs() <= RADIUS)
-    triangle = (dy.abs() <= RADIUS) & (2 * dx.abs() <= dy + RADIUS)  # apex up, base at the bottom
+    circle, square, triangle = _shape_masks(dx, dy)  # [B, F, H, W] each
     k = kind.view(B, 1, 1, 1)
     mask = torch.where(k == 0, circle, torch.where(k == 1, square, triangle)).float()  # [B,F,H,W]
     return mask[:, :, None] * (2 * rgb.view(B, 1, 3, 1, 1)) - 1  # black (-1) + colour on the mask

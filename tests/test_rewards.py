@@ -47,7 +47,7 @@ def test_shape_dtype_range_on_random_videos(name):
     out = ALL[name](videos, ["a red square moving left", "a blue circle moving up", "noise"])
     assert out.shape == (3,) and out.dtype == torch.float32 and torch.isfinite(out).all()
     hi = {"sharpness": 16.0, "colorfulness": 2.0}.get(name, 1.0)  # the rest are in [0, 1]
-    lo = -1.0 if name == "direction_progress" else 0.0  # moving the opposite way scores below 0
+    lo = -1.0 if name in ("direction_progress", "shape_progress") else 0.0  # the opposite way scores below 0
     assert (out >= lo).all() and (out <= hi).all(), out
 
 
