@@ -101,6 +101,22 @@ class RunLog:
             dist.destroy_process_group()
 
 
+def pick_eval_prompts(prompts, n):
+    """n of the training prompts that between them use as many different words as possible: each
+    next one brings the most words not yet used (the earliest on ties), so the eval (and the
+    before/after figure) spans colours, shapes and directions rather than one corner of the set.
+    >>> pick_eval_prompts(["a red circle", "a blue circle", "a red square", "a blue square"], 2)
+    ['a red circle', 'a blue square']
+    """
+    chosen, seen = [], set()
+    for _ in range(min(n, len(prompts))):
+        left = [p for p in prompts if p not in chosen]
+        best = max(left, key=lambda p: len(set(p.lower().split()) - seen))  # max keeps the first on ties
+        chosen.append(best)
+        seen |= set(best.lower().split())
+    return chosen
+
+
 def _write_lines(path, rows):
     with open(path, "w") as f:
         f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)

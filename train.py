@@ -38,7 +38,7 @@ import tiny_world
 from checkpoints import load_adapter_file, load_base, resume_run, save_run
 from common import (NonFiniteGuard, StepClock, UsageError, all_reduce_step, gather, init_distributed, log,
                     memory_in_use, seed_of, use_bf16)
-from evaluation import RunLog, evaluate, save_before_after
+from evaluation import RunLog, evaluate, pick_eval_prompts, save_before_after
 from frozen import FrozenParts
 from lora import add_adapter, adapter_params, copy_adapter, lerp_adapter, use_adapter
 from rewards import REWARDS, MultiReward, RewardError
@@ -100,7 +100,7 @@ class Args:
     eval_every: int = 10
     """evaluate (fixed prompts and seeds, mp4 + eval/reward_mean) every N steps (0: never)"""
     eval_prompts: int = 4
-    """number of fixed eval prompts (evenly spread over the training prompts)"""
+    """number of fixed eval prompts (chosen from the training prompts to cover as many words as possible)"""
     resume: Optional[str] = None
     """'latest' (newest ckpt_* in out_dir) or a checkpoint folder"""
     overwrite: bool = False
@@ -161,8 +161,7 @@ class Args:
     """G: distinct prompts per RL step (global, over all ranks)"""
     group_size: int = 4
     """K: videos per prompt; advantages are relative within a prompt's group"""
-    rewards: list[str] = field(default_factory=lambda: ["direction_progress=1", "color_match=1",
-                                                        "size_constancy=1"])
+    rewards: list[str] = field(default_factory=lambda: ["shape_match=1", "color_match=1"])
     """NAME=WEIGHT ...: registry names (rewards, reward_models, tiny_world REWARDS) or path/to/file.py:function"""
     reward_norm: Literal["none", "per-reward"] = "none"
     """none: weighted sum of raw scores (Astrolabe); per-reward: z-score each in its group (DanceGRPO)"""
@@ -385,7 +384,7 @@ def main(args: Args):
     guard = NonFiniteGuard()  # a non-finite loss skips a step; 3 in a row, or non-finite weights, stop
     start = resume_run(resume_path, model, opt, args, compensator, dynref, guard) if resume_path else 0
     runlog = RunLog(args, rank, world, device, start, mem_start)  # metrics.jsonl, the bar, wandb (--track)
-    eval_prompts = prompts[::max(1, len(prompts) // args.eval_prompts)][:args.eval_prompts]
+    eval_prompts = pick_eval_prompts(prompts, args.eval_prompts)  # spanning the prompts' words
     policy = "ema" if args.ema else "default"  # what eval, export and the "after" picture use
     after = None  # the final policy's eval videos, once the last step has been evaluated
     if args.eval_every and start == 0:  # the "before" row: the base model, step 0

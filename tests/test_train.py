@@ -5,6 +5,7 @@ Runs are tiny (16x16 pixels, 3 frames, 4 videos per step) so the file takes well
 
 Run:  python -m pytest tests/test_train.py -q
 """
+import doctest
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import evaluation
+import tiny_world
 import train
 
 SMALL = ["--height", "16", "--width", "16", "--num-frames", "3", "--window", "0", "--prompts-per-step", "2",
@@ -85,9 +88,22 @@ def test_default_base_is_the_tiny_world_from_any_directory(tmp_path):
     assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
     assert "randomly initialised" not in a.stdout and "randomly initialised" in b.stdout
     ra, rb = rows(tmp_path / "a")[0], rows(tmp_path / "b")[0]
-    assert {"rewards/direction_progress/mean", "rewards/color_match/mean", "rewards/size_constancy/mean"} <= set(ra)
+    assert {"rewards/shape_match/mean", "rewards/color_match/mean"} <= set(ra)
     # the pre-trained world draws the named colour; a random init does not
     assert ra["rewards/color_match/mean"] > 0.5 > rb["rewards/color_match/mean"]
+
+
+def test_eval_prompts_span_colours_shapes_and_directions():
+    """The fixed eval prompts (and so the before/after figure) are not one corner of the prompt set:
+    the 4 the default run shows name 4 colours, all 3 shapes and 4 directions (taking every 12th
+    prompt gave four "... circle moving left")."""
+    picked = evaluation.pick_eval_prompts(tiny_world.PROMPTS, 4)
+    assert len(set(picked)) == 4 and set(picked) <= set(tiny_world.PROMPTS)
+    words = set(" ".join(picked).split())
+    assert set(tiny_world.COLOR_WORDS) <= words
+    assert set(tiny_world.SHAPES) <= words and set(tiny_world.DIRECTION_WORDS) <= words
+    assert evaluation.pick_eval_prompts(["a", "b"], 4) == ["a", "b"]  # never more than there are
+    assert doctest.testmod(evaluation).failed == 0
 
 
 def test_resume_is_exact(tmp_path):
