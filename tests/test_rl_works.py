@@ -10,7 +10,13 @@ This is the test that catches a broken RL signal. Each of these edits to train.p
 Anything that trains without following the reward (a dead loss, a detached graph, the wrong
 adapter updated or exported) fails it too.
 
-Run:  python -m pytest tests/test_rl_works.py -q      (~20 s on 2 CPU cores)
+The second test guards the default run against reward hacking: 12 steps of `python train.py`
+as shipped must raise its reward on held-out prompts and seeds without lowering what nobody
+trains on (a crisp shape in the late frames, motion the named way). With the previous default
+rewards (direction_progress + color_match + size_constancy, which paid shapes for smearing into
+streaks) it fails: late shape_match 0.630 -> 0.602, direction_match 0.773 -> 0.755 (tried by hand).
+
+Run:  python -m pytest tests/test_rl_works.py -q      (~2 min on 2 CPU cores)
 """
 import math
 import os
@@ -26,6 +32,7 @@ from lora import set_adapter
 from model import CONFIGS, CausalWanModel
 from frozen import to_pixels
 from sample import GeneratorNoise, generate, make_generators
+import tiny_world
 from tiny_world import PROMPTS, toy_text_embed
 
 REWARD = "def brightness(videos, prompts):\n    return videos.mean(dim=(1, 2, 3, 4))\n"
@@ -75,3 +82,49 @@ def test_rl_raises_a_reward_beyond_its_noise(tmp_path):
     # still drifts; over 8 such runs (seeds 1-5, 42; r rolled by 1 or 4 samples) brightness ended
     # at 0.4-1.7x the base, correct runs at 2.6-14x (10-14 steps, seeds 1-6, 42; this one: 4.3x)
     assert after.mean() > 3 * before.mean(), (before.mean(), after.mean())
+
+
+def held_out_videos(model, adapter, frames=12, side=32):
+    """One video (B, F, 3, H, W) per (prompt, seed) pair: all 48 prompts x 2 seeds no run draws."""
+    prompts = PROMPTS * 2
+    cfg = model.cfg
+    ctx = toy_text_embed(prompts, cfg.text_len, cfg.text_dim)  # (B, Lt, Dt)
+    cache = KVCache.for_model(cfg, len(prompts), frames, (side, side))
+    noise = GeneratorNoise(make_generators(range(10_000, 10_000 + len(prompts))), (cfg.in_dim, side, side))
+    set_adapter(model, adapter)
+    return to_pixels(generate(model, ctx, cache, frames, noise)), prompts
+
+
+def test_default_run_aligns_without_smearing(tmp_path):
+    out = tmp_path / "run"
+    # the default configuration, shortened to 2 epochs (12 of its 30 steps)
+    cmd = [sys.executable, "train.py", "--out-dir", str(out), "--steps", "12", "--eval-every", "0",
+           "--ckpt-every", "0", "--no-progress"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+
+    torch.manual_seed(0)
+    model = CausalWanModel(CONFIGS["tiny"]).eval()
+    load_checkpoint(model, os.path.join(ROOT, "assets", "tiny_world.safetensors"),
+                    lora=str(out / "ckpt_000012" / "lora"))
+    scores = {}
+    with torch.no_grad():
+        for name, adapter in (("base", None), ("after", "default")):
+            videos, prompts = held_out_videos(model, adapter)
+            late = videos[:, -6:]  # the last 6 of 12 frames: where a smear (or a dissolving base) shows
+            scores[name] = {
+                # what the run trains on: the default rewards' sum
+                "trained": (tiny_world.shape_match(videos, prompts) + tiny_world.color_match(videos, prompts)).mean(),
+                # what nobody trains on
+                "late_shape": tiny_world.shape_match(late, prompts).mean(),
+                "direction": tiny_world.direction_match(videos, prompts).mean(),
+            }
+    before, after = scores["base"], scores["after"]
+    print({k: (round(before[k].item(), 3), round(after[k].item(), 3)) for k in before})
+    # the run learned something: its reward rises on videos it never saw (1.534 -> 1.565 here)
+    assert after["trained"] > before["trained"] + 0.01, (before, after)
+    # and did not buy it by smearing. Measured: late shape 0.630 -> 0.636, direction 0.773 -> 0.800;
+    # the smearing rewards: 0.602 and 0.755. The bounds sit between them.
+    assert after["late_shape"] > before["late_shape"] - 0.01, (before, after)
+    assert after["direction"] > before["direction"], (before, after)
