@@ -10,13 +10,13 @@ keys are exactly model.py's:
     Krea Realtime 14B                          .safetensors, a bare state dict
     LongLive lora.pt                           {"generator_lora": PEFT-keyed LoRA tensors}
 A run checkpoint `ckpt_<step>/` holds adapters.safetensors (every adapter), optim.safetensors
-(AdamW moments), state.json (step, args, schedule states) and lora/ (the exported policy in
-PEFT layout). Tensors go to safetensors, everything else to JSON; nothing is pickled.
+(AdamW moments), state.json (step, args, schedule states, the run's lineage: runs.py) and
+lora/ (the exported policy in PEFT layout). Tensors go to safetensors, everything else to JSON;
+nothing is pickled.
 load_base gives train.py its frozen base from --ckpt (train.add_policies puts the adapters on it).
 
 Test:  python -m pytest tests/test_checkpoint.py tests/test_presets.py -q
 """
-import glob
 import json
 import os
 import re
@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from common import UsageError, log, write_atomic
 from lora import adapter_names, adapter_state_dict, load_adapter_state, peft_config
 from model import CONFIGS, CausalWanModel, randomize_head
+from runs import prune
 
 # wrapper prefixes of the released files: WanDiffusionWrapper ("model."), FSDP, DDP, torch.compile
 PREFIXES = ("model.", "_fsdp_wrapped_module.", "diffusion_model.", "module.", "_orig_mod.")
@@ -196,7 +197,7 @@ def _write_json(path, obj):
 
 def save_run(args, model, opt, state, export, rank=0, world=1):
     """Rank 0 writes checkpoint ckpt_<step> of the run into --out-dir (write_run), keeping the newest
-    --keep-ckpts of them; every rank waits until it is on disk."""
+    --keep-ckpts of its lineage; every rank waits until it is on disk."""
     if rank == 0:
         write_run(os.path.join(args.out_dir, f"ckpt_{state['step']:06d}"), model, opt, state, export=export,
                   keep=args.keep_ckpts)
@@ -205,9 +206,10 @@ def save_run(args, model, opt, state, export, rank=0, world=1):
 
 
 def write_run(path, model, opt, state, export="default", keep=0):
-    """ckpt folder: every adapter, the optimizer, `state` (JSON-able) and `export` in PEFT layout.
-    Written to a temporary folder, then renamed: a crash leaves the previous checkpoint intact.
-    keep > 0: afterwards only the newest `keep` ckpt_* folders beside it remain."""
+    """ckpt folder: every adapter, the optimizer, `state` (JSON-able, with the run's "lineage") and
+    `export` in PEFT layout. Written to a temporary folder, then renamed: a crash leaves the previous
+    checkpoint intact. keep > 0: afterwards only the newest `keep` checkpoints of the lineage beside
+    it remain (runs.prune: another run's ckpt_* folders are neither counted nor deleted)."""
     def write(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -223,8 +225,8 @@ def write_run(path, model, opt, state, export="default", keep=0):
         _write_json(os.path.join(tmp, "state.json"), dict(state, param_groups=sd["param_groups"]))
         save_adapter(model, export, os.path.join(tmp, "lora"))  # the policy to sample with
     write_atomic(path, write)
-    for older in (run_checkpoints(os.path.dirname(path))[:-keep] if keep else []):
-        shutil.rmtree(older)
+    if keep:
+        prune(os.path.dirname(path), state["lineage"], keep)
 
 
 def load_run(path, model, opt):
@@ -259,17 +261,6 @@ def resume_run(path, model, opt, args, compensator, dynref, guard):
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
     log(f"resumed from {path} at step {state['step']}")
     return state["step"]
-
-
-def checkpoint_step(path):
-    """The step of a ckpt_<step> folder."""
-    return int(os.path.basename(path)[len("ckpt_"):])
-
-
-def run_checkpoints(out_dir):
-    """ckpt_<step> folders of out_dir, oldest step first (not the temporaries of a write)."""
-    found = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*")) if re.fullmatch(r"ckpt_\d+", os.path.basename(p))]
-    return sorted(found, key=checkpoint_step)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,33 +1,34 @@
 """
 Everything about a run that can be wrong, checked in one pass before anything loads: every
-flag's range and the batch layout, input files, rewards and their weight files, optional
-libraries, the out-dir (one run per folder, a lock against two live runs), the checkpoint to
-resume and whether its flags allow an exact continuation. Plus the settings that run but cannot
-learn, as warnings. train.py prints every problem at once, one line each, and exits with code 2.
+flag's range and the batch layout, input files, rewards and their
+weight files, optional libraries, the out-dir (one run per folder, its lock, the user's own
+files in it), the checkpoint to resume and whether its flags allow an exact
+continuation. Plus the settings that run but cannot learn, as
+warnings. train.py prints every problem at once, one line each, and exits with code 2.
 
-    args, resume_path = start_run(args, world, registry, device)   # what train.py calls: all below
+    args, resume_path, lineage = start_run(args, world, registry, device)  # what train.py calls: all below
     errors, warnings = check_args(args, world, registry)
     errors += check_out_dir(args)
-    path, saved, notes, more = find_resume(args)  # the newest intact checkpoint (or None)
+    path, saved, notes, more = find_resume(args)  # the newest intact checkpoint of the run (or None)
     errors += resume_errors(saved, args)         # flags that would break the continuation
+Which run an out-dir, a checkpoint and a metrics row belong to, the lock and what may be deleted:
+runs.py.
 
-Test:  python -m pytest tests/test_worst_day.py -q
+Test:  python -m pytest tests/test_worst_day.py tests/test_lineage.py -q
 """
 import dataclasses
 import importlib.util
 import json
 import math
 import os
-import re
-import shutil
 
 from safetensors import safe_open
 
 import torch.distributed as dist
 
 import memory
+import runs
 import tiny_world
-from checkpoints import run_checkpoints
 from common import UsageError, find_file, log, set_threads, use_bf16
 from kvcache import check_window
 from model import CONFIGS
@@ -41,26 +42,24 @@ FILES = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
 RESUME_FREE = {"out_dir", "steps", "lr", "weight_decay", "grad_clip", "ckpt_every", "keep_ckpts", "eval_every",
                "eval_prompts", "resume", "track", "progress", "threads", "overwrite", "decode_batch",
                "grad_checkpointing", *FILES}
-# what this repository writes into an out-dir (what --overwrite clears)
-OUTPUTS = ("metrics.jsonl", "eval", "before_after.mp4", "before_after.png", "reward_curve.png")
 
 
 def start_run(args, world, registry, device):
-    """Everything before anything loads: check_run; rank 0 takes the out-dir (the lock, away with
-    what a killed run left half-written); CPU threads per process; the memory model's predicted
-    peak. Returns check_run's (args, checkpoint folder to resume from or None)."""
+    """Everything before anything loads: check_run; the memory model's predicted peak; rank 0 takes the out-dir (the lock, away with what a killed run left
+    half-written, run.json); CPU threads per process. Returns (args with each input file as found,
+    the checkpoint folder to resume from or None, the run's lineage: runs.py)."""
     master = int(os.environ.get("RANK", 0)) == 0
-    args, resume_path = check_run(args, world, registry, master)
-    if world > 1:  # every rank has checked before rank 0 touches the out-dir
-        dist.barrier()
-    if master:
-        own_out_dir(args)
-    if not str(device).startswith("cuda"):  # ranks on one machine must not fight over its cores
-        set_threads(args.threads)
+    args, resume_path, saved, lineage = check_run(args, world, registry, master)
     # the largest window start draws the longest history
     memory.report(args, CONFIGS[args.model], start=max(window_starts(args)), world=world,
                   bf16=use_bf16(args, device), device=device)
-    return args, resume_path
+    if world > 1:  # every rank has checked before rank 0 touches the out-dir
+        dist.barrier()
+    if master:
+        runs.own_out_dir(args, lineage, saved["step"] if saved else 0)
+    if not str(device).startswith("cuda"):  # ranks on one machine must not fight over its cores
+        set_threads(args.threads)
+    return args, resume_path, lineage
 
 
 def training_prompts(args):
@@ -74,11 +73,11 @@ def training_prompts(args):
 def check_run(args, world, registry, master=True):
     """Every check of a run at once: raises UsageError with one line per problem, logs the
     warnings and what a resume changes. Returns (args with each input file as found, the
-    checkpoint folder to resume from or None)."""
+    checkpoint folder to resume from or None, its state.json or None, the run's lineage)."""
     errors, warnings = check_args(args, world, registry)
     errors += check_out_dir(args, check_lock=master)
     resume_path, saved, notes, resume_problems = find_resume(args)
-    errors += resume_problems + resume_errors(saved, args)
+    errors += resume_problems + resume_errors(saved, args) + runs.resume_target_errors(args, resume_path, saved)
     if errors:
         raise UsageError("\n".join(errors))
     for line in warnings + notes:
@@ -86,9 +85,10 @@ def check_run(args, world, registry, master=True):
     if saved is not None:
         for line in resume_changes(saved, args):
             log(f"resume: {line}")
+    lineage = runs.run_lineage(args, resume_path, saved)
     # each input file as found (relative to the cwd, else to this repository: `assets/...` anywhere)
     found = {f: find_file(getattr(args, f)) for f in FILES if getattr(args, f)}
-    return dataclasses.replace(args, **found), resume_path
+    return dataclasses.replace(args, **found), resume_path, saved, lineage
 
 
 def check_args(args, world, registry):
@@ -212,8 +212,8 @@ def prompt_lines(path):
 
 
 def check_out_dir(args, check_lock=True):
-    """Errors if the out-dir cannot be written or belongs to another run (or, with check_lock, to a
-    live one)."""
+    """Errors if the out-dir cannot be written, belongs to another run (or, with check_lock, to a
+    live one), or holds files this project did not write that --overwrite would have to pass over."""
     out = args.out_dir
     if os.path.exists(out) and not os.path.isdir(out):
         return [f"--out-dir {out}: is a file, not a folder"]
@@ -222,45 +222,22 @@ def check_out_dir(args, check_lock=True):
         parent = os.path.dirname(os.path.abspath(parent))
     if not os.access(parent, os.W_OK | os.X_OK):
         return [f"--out-dir {out}: cannot write into {parent}"]
-    holder = lock_holder(out) if check_lock else None
+    holder = runs.lock_holder(out) if check_lock else None
     if holder:
-        return [f"--out-dir {out}: a live run (pid {holder}) is writing there; wait for it, stop it, or "
-                f"choose another --out-dir"]
-    ours = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))] + run_checkpoints(out)
-    if ours and not args.resume and not args.overwrite:
-        return [f"--out-dir {out}: holds another run ({len(run_checkpoints(out))} checkpoint(s), "
+        return [runs.live_message(out, holder)]
+    if not runs.holds_run(out) or args.resume:
+        return []
+    if not args.overwrite:
+        n = len(runs.run_checkpoints(out))
+        return [f"--out-dir {out}: holds another run ({n} checkpoint(s), "
                 f"{'a' if os.path.exists(os.path.join(out, 'metrics.jsonl')) else 'no'} metrics.jsonl); "
                 f"--resume latest continues it, --overwrite replaces it, or choose another --out-dir"]
+    foreign = [os.path.relpath(p, out) for p in runs.survey(out)["foreign"]]
+    if foreign:  # --overwrite deletes only what this project wrote: it will not leave a mixed folder
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        return [f"--out-dir {out}: --overwrite deletes only this project's files, and {out} also holds "
+                f"{len(foreign)} other(s): {', '.join(foreign[:5])}{more}; move them away or choose another --out-dir"]
     return []
-
-
-# ---- the lock: one live run per out-dir
-
-def lock_holder(out):
-    """The pid of a live process holding out/.lock, else None (no lock, or a stale one)."""
-    path = os.path.join(out, ".lock")
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip() or 0)
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return None
-    except PermissionError:  # it exists, owned by someone else
-        return pid
-    return pid if pid != os.getpid() else None
-
-
-def take_lock(out):
-    """Write our pid into out/.lock (after check_out_dir found no live holder)."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, ".lock"), "w") as f:
-        f.write(str(os.getpid()))
-
-
-def release_lock(out):
-    path = os.path.join(out, ".lock")
-    if os.path.exists(path) and lock_holder(out) is None:
-        os.remove(path)
 
 
 # ---- resume
@@ -278,28 +255,40 @@ def checkpoint_problem(path):
             return "state.json has no step / args"
     except Exception as e:
         return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    named = runs.checkpoint_step(path)
+    if named is not None and named != state["step"]:  # renamed or copied over another: which step is it?
+        return f"its folder name says step {named} but its state.json says step {state['step']}"
     return None
 
 
 def find_resume(args):
-    """(checkpoint folder or None, its state.json or None, notes, errors): the newest intact
-    checkpoint for --resume latest (a damaged newer one is noted and skipped; none at all: a fresh
-    start), or the folder --resume names."""
+    """(checkpoint folder or None, its state.json or None, notes, errors): for --resume latest the
+    newest intact checkpoint of the run that wrote the out-dir last (its lineage, runs.py: a damaged
+    newer one, or one of another run or an abandoned branch, is noted and skipped; none at all: a
+    fresh start), or the folder --resume names."""
     if not args.resume:
         return None, None, [], []
-    if args.resume == "latest":
-        candidates = run_checkpoints(args.out_dir)[::-1]
-        if not candidates:
-            return None, None, [f"--resume latest: no checkpoint in {args.out_dir} yet: starting fresh"], []
-    else:
-        candidates = [args.resume]
-    notes = []
+    latest = args.resume == "latest"
+    lineage = runs.read_lineage(args.out_dir) if latest else None  # None: any (an out-dir from before lineages)
+    candidates = runs.run_checkpoints(args.out_dir)[::-1] if latest else [args.resume]
+    notes, others = [], []
     for path in candidates:
         problem = checkpoint_problem(path)
-        if problem is None:
-            with open(os.path.join(path, "state.json")) as f:
-                return path, json.load(f), notes, []
-        notes.append(f"checkpoint {path} is damaged ({problem}): skipped")
+        if problem is not None:
+            notes.append(f"checkpoint {path} is damaged ({problem}): skipped")
+            continue
+        state = runs.read_state(path)
+        if lineage is not None and not runs.continues(lineage, runs.lineage_id(state), state["step"]):
+            others.append(os.path.basename(path))
+            continue
+        if others:
+            notes.append(f"--resume latest: skipped {', '.join(others)}: of another run or an abandoned branch "
+                         f"(not of run {lineage['id']}, which wrote {args.out_dir} last)")
+        return path, state, notes, []
+    if latest and len(notes) == 0:
+        why = f" ({', '.join(others)}: of other runs)" if others else ""
+        return None, None, [f"--resume latest: no checkpoint of the run in {args.out_dir} yet{why}: starting "
+                            f"fresh"], []
     return None, None, [], notes + [f"--resume {args.resume}: no intact checkpoint to resume from"]
 
 
@@ -356,43 +345,3 @@ def resume_changes(saved, args):
 def _jsonable(value):
     """A value as it reads back from state.json (tuples become lists)."""
     return json.loads(json.dumps(value))
-
-
-def leftovers(out):
-    """Half-written files and folders a killed run left behind (write_atomic's temporaries)."""
-    if not os.path.isdir(out):
-        return []
-    pattern = re.compile(r".*\.(tmp|old)\d+(\.\w+)?$")
-    return [os.path.join(out, f) for f in os.listdir(out) if pattern.fullmatch(f)]
-
-
-def metrics_rows(path, step):
-    """(the rows of metrics.jsonl up to `step`, how many others there were): rows past the
-    checkpoint a crashed run wrote, and a damaged row (a full disk, a kill mid-write), go."""
-    if not os.path.exists(path):
-        return [], 0
-    kept, dropped = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1
-                continue
-            if row.get("step", step + 1) <= step:
-                kept.append(row)
-            else:
-                dropped += 1
-    return kept, dropped
-
-
-def own_out_dir(args):
-    """Rank 0 takes the out-dir: the lock, then away with what a killed run left half-written
-    (and, with --overwrite on a fresh run, with the old run's outputs and checkpoints)."""
-    take_lock(args.out_dir)
-    clear = [os.path.join(args.out_dir, f) for f in OUTPUTS] + run_checkpoints(args.out_dir)
-    for path in leftovers(args.out_dir) + (clear if args.overwrite and not args.resume else []):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)

@@ -104,7 +104,8 @@ class Args:
     resume: Optional[str] = None
     """'latest' (newest ckpt_* in out_dir) or a checkpoint folder"""
     overwrite: bool = False
-    """start afresh in an --out-dir that holds another run, deleting its outputs (else: refused)"""
+    """start afresh in an --out-dir that holds another run, deleting its outputs (refused while the
+    folder also holds files this project did not write)"""
     track: bool = False
     """log to Weights & Biases (wandb must be installed; off by default)"""
     progress: bool = True
@@ -365,8 +366,8 @@ def main(args: Args):
     if args.exact_reference:  # every released-code behaviour at once (RELEASED)
         args = released_behaviour(args)
     # every check before anything loads (all problems at once, one line each), the out-dir's lock,
-    # CPU threads, the predicted memory peak; returns args with each input file as found
-    args, resume_path = checks.start_run(args, world, REGISTRY, device)
+    # CPU threads, the predicted memory peak; returns args with each input file as found, the run's lineage
+    args, resume_path, lineage = checks.start_run(args, world, REGISTRY, device)
     prompts = checks.training_prompts(args)  # --prompts + --prompt-file, else the shapes world's
     frozen = FrozenParts(args, prompts, device)  # embed: text -> (B, Lt, Dt); decode: latents -> pixels
     multi = MultiReward(args.rewards, registry=REGISTRY, frames=args.released.reward_frames)  # R_1 .. R_J
@@ -383,7 +384,7 @@ def main(args: Args):
     dynref = nft.DynamicReference(thres_max=args.released.ref_thres_cap)  # --selective: when ref <- θ
     guard = NonFiniteGuard()  # a non-finite loss skips a step; 3 in a row, or non-finite weights, stop
     start = resume_run(resume_path, model, opt, args, compensator, dynref, guard) if resume_path else 0
-    runlog = RunLog(args, rank, world, device, start, mem_start)  # metrics.jsonl, the bar, wandb (--track)
+    runlog = RunLog(args, rank, world, device, start, mem_start, lineage)  # metrics.jsonl, the bar, wandb
     eval_prompts = pick_eval_prompts(prompts, args.eval_prompts)  # spanning the prompts' words
     policy = "ema" if args.ema else "default"  # what eval, export and the "after" picture use
     after = None  # the final policy's eval videos, once the last step has been evaluated
@@ -489,7 +490,7 @@ def main(args: Args):
             after = evaluate(model, frozen, multi, eval_prompts, args, policy, step + 1, runlog)
         if (args.ckpt_every and (step + 1) % args.ckpt_every == 0) or step + 1 == args.steps:
             state = {"step": step + 1, "bad_steps": guard.bad_steps, "args": dataclasses.asdict(args),
-                     "compensator": compensator.state_dict(), "dynref": dynref.state_dict()}
+                     "lineage": lineage, "compensator": compensator.state_dict(), "dynref": dynref.state_dict()}
             save_run(args, model, opt, state, export=policy, rank=rank, world=world)
 
     # ================================ finish (plumbing) ================================

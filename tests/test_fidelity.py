@@ -18,7 +18,7 @@ import rewards
 import streaming
 import train
 from model import CausalWanModel, ModelConfig
-from test_train import rows, run
+from test_train import rows, run, strip_times
 
 CFG = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=3, out_dim=3, text_dim=16, text_len=8)
 
@@ -199,5 +199,5 @@ def test_ema_start(tmp_path, start):
     other = tmp_path / "other"
     run(["--steps", "1", "--eval-every", "0", "--num-frames", "3",
          "--released.ema-start", "base" if start == "sync" else "sync"], other)
-    strip = [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))} for r in rows(out) + rows(other)]
+    strip = [strip_times(r) for r in rows(out) + rows(other)]
     assert strip[0] == strip[1]

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import torch
 import checks
 import reward_models
 import rewards
+import runs
 import sample
 import train
 from common import UsageError
@@ -156,17 +158,27 @@ def test_reused_out_dir_refuses_then_overwrite_replaces(two_steps):
     assert [x["step"] for x in rows(two_steps)] == [1]
 
 
+# a process that holds an out-dir's lock (runs.take_lock) until it is killed
+HOLD = "import sys, time, runs; runs.take_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+
+
 def test_lock_stops_a_second_live_run_and_a_stale_one_does_not(tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                              text=True)
     try:
-        (out / ".lock").write_text(str(holder.pid))
-        assert any(f"a live run (pid {holder.pid})" in line for line in problems(tmp_path, "--out-dir", str(out)))
+        assert holder.stdout.readline().strip() == "held"
+        lines = problems(tmp_path, "--out-dir", str(out))
+        assert any(f"a live run (pid {holder.pid} on {socket.gethostname()})" in line for line in lines), lines
+        with pytest.raises(UsageError, match="a live run"):  # taking it is atomic, not check-then-write
+            runs.take_lock(str(out))
     finally:
         holder.kill()
         holder.wait()
-    run(["--steps", "1", "--eval-every", "0"], out)  # the holder is dead: a stale lock
+    # the holder died and left its lock file; the pid written in it now names a live process (this
+    # one: as when the pid was reused): nobody holds the lock, so it is stale all the same
+    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    run(["--steps", "1", "--eval-every", "0"], out)
     assert not (out / ".lock").exists()  # released at the end
 
 
@@ -181,7 +193,7 @@ def test_two_concurrent_runs(tmp_path):
             time.sleep(0.2)
         second = subprocess.run([sys.executable, "train.py"] + SMALL + ["--out-dir", str(out), "--resume", "latest"],
                                 cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and f"a live run (pid {first.pid})" in second.stderr
+        assert second.returncode == 2 and f"a live run (pid {first.pid} on " in second.stderr
     finally:
         first.kill()
         first.wait()
@@ -266,3 +278,4 @@ def test_sample_flags_fail_before_loading(tmp_path):
     if not os.access(ro, os.W_OK):  # root may write anywhere
         assert "cannot write into" in lines(out=str(ro / "v.mp4"))
     assert "is a folder" in lines(out=str(tmp_path))
+
