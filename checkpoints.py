@@ -165,6 +165,14 @@ def save_adapter(model, name, folder):
                  lambda tmp: _write_json(tmp, peft_config(model, name)))
 
 
+def load_lora_init(model, path):
+    """--lora-init into adapter "default"; a file that is no such adapter is a UsageError naming it."""
+    try:
+        load_adapter_file(model, "default", path)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--lora-init {path}: {' '.join(str(e).split())}") from None
+
+
 def load_adapter_file(model, name, path):
     """A PEFT folder / adapter file or a LongLive lora.pt into adapter `name`. alpha comes from
     adapter_config.json beside the weights when there is one, else alpha = r."""
@@ -280,7 +288,7 @@ def load_base(args, device="cpu", dtype=torch.float32, cfg=None):
         try:
             load_checkpoint(model, args.ckpt, ema=args.ckpt_ema)
         except (ValueError, OSError) as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(f"--ckpt {args.ckpt}: {e}") from None
     elif args.model == "tiny":
         model = CausalWanModel(cfg)
         randomize_head(model)  # random but not all-zero videos

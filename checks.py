@@ -103,7 +103,7 @@ def check_args(args, world, registry):
     for name, value in positive.items():
         if value < 1:
             err.append(f"--{name.replace('_', '-')} {value}: must be >= 1")
-    for name in ("ckpt_every", "eval_every", "window", "threads", "sink", "released.aux_rewards",
+    for name in ("ckpt_every", "eval_every", "window", "threads", "sink", "rollout_batch", "released.aux_rewards",
                  "released.reward_frames"):
         if value_of(args, name) < 0:
             err.append(f"{flag(name)} {value_of(args, name)}: must be >= 0")
@@ -154,8 +154,12 @@ def check_args(args, world, registry):
         path = find_file(args.prompt_file)
         if not os.path.isfile(path):
             err.append(f"--prompt-file {args.prompt_file}: not a file")
-        elif not prompt_lines(path):
-            err.append(f"--prompt-file {args.prompt_file}: no prompts in it (one per line)")
+        else:
+            try:
+                if not prompt_lines(path):
+                    err.append(f"--prompt-file {args.prompt_file}: no prompts in it (one per line)")
+            except UsageError as e:
+                err.append(str(e))
     if args.model != "tiny":
         for name in ("ckpt", "vae", "text_encoder"):
             if not getattr(args, name):
@@ -171,6 +175,8 @@ def check_args(args, world, registry):
     except Exception as e:  # a user's reward file that fails to import lands here too
         err.append(f"--rewards: {type(e).__name__}: {e}")
         parsed = []
+    if not args.rewards:
+        err.append("--rewards: none given; name at least one, e.g. --rewards shape_match=1 color_match=1")
     names = [name for name, _, _ in parsed]
     framed = [name for name, fn, _ in parsed if takes_frames(fn)]  # what --released.reward-frames reaches
     err += [f"--rewards: {line}" for line in missing_weights(names)]
@@ -196,7 +202,7 @@ def check_args(args, world, registry):
                     f"({', '.join(takers)}): ignored")
     if args.model == "tiny":
         unreadable = [p for p in args.prompts if not tiny_world.readable(p)]
-        if args.prompt_file and os.path.isfile(find_file(args.prompt_file)):
+        if args.prompt_file and os.path.isfile(find_file(args.prompt_file)) and not err:
             unreadable += [p for p in prompt_lines(find_file(args.prompt_file)) if not tiny_world.readable(p)]
         if unreadable:
             warn.append(f"{len(unreadable)} prompt(s) the tiny model cannot read (it knows "
@@ -206,20 +212,31 @@ def check_args(args, world, registry):
 
 
 def prompt_lines(path):
-    """The non-empty lines of a prompt file."""
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    """The non-empty lines of a prompt file (UTF-8 text; anything else is a UsageError naming it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise UsageError(f"--prompt-file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); "
+                         f"save it as UTF-8") from None
+    except OSError as e:
+        raise UsageError(f"--prompt-file {path}: cannot read it ({e.strerror})") from None
 
 
 def check_out_dir(args, check_lock=True):
     """Errors if the out-dir cannot be written, belongs to another run (or, with check_lock, to a
     live one), or holds files this project did not write that --overwrite would have to pass over."""
     out = args.out_dir
+    if not out.strip():
+        return ["--out-dir '': give a folder name (e.g. --out-dir out/run1)"]
     if os.path.exists(out) and not os.path.isdir(out):
         return [f"--out-dir {out}: is a file, not a folder"]
     parent = out
     while not os.path.exists(parent):  # the nearest folder that exists must be writable
         parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent):
+        return [f"--out-dir {out}: {parent} is a file, not a folder"]
     if not os.access(parent, os.W_OK | os.X_OK):
         return [f"--out-dir {out}: cannot write into {parent}"]
     holder = runs.lock_holder(out) if check_lock else None

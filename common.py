@@ -4,10 +4,13 @@ probes and PNG figures. Nothing here is part of the algorithm.
 
 Test:  python -m pytest tests/test_train.py -q      (every helper runs in a training run)
 """
+import contextlib
 import hashlib
+import io
 import os
 import re
 import shutil
+import sys
 import time
 
 import torch
@@ -87,6 +90,31 @@ def log(*args):
     """print on rank 0 only (torchrun sets RANK), flushed at once."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, flush=True)
+
+
+def run_cli(main, parse, fixable, interrupted):
+    """main(parse()) as a command. A problem the user can fix (UsageError or one of the `fixable`
+    exception types) ends in its message, one line per problem, and exit code 2, never a traceback;
+    Ctrl-C ends in the line `interrupted` and exit code 130 (the shell's code for SIGINT). Under
+    torchrun every rank finds the same problem: rank 0 alone prints it, and the other ranks parse
+    the flags silently (tyro's own errors would come once per rank). torchrun itself then reports
+    the failed ranks in its own words; that report is its, not ours to silence."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        if rank0:
+            args = parse()
+        else:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                args = parse()
+        main(args)
+    except (UsageError, *fixable) as e:
+        if rank0:
+            print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if rank0:
+            print(f"\n{interrupted}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ import checks
 import nft_loss as nft
 import reward_models
 import tiny_world
-from checkpoints import load_adapter_file, load_base, resume_run, save_run
+from checkpoints import load_base, load_lora_init, resume_run, save_run
 from common import (NonFiniteGuard, StepClock, UsageError, all_reduce_step, gather, init_distributed, log,
-                    memory_in_use, seed_of, use_bf16)
+                    memory_in_use, run_cli, seed_of, use_bf16)
 from evaluation import RunLog, evaluate, pick_eval_prompts, save_before_after
 from frozen import FrozenParts
 from lora import add_adapter, adapter_params, copy_adapter, lerp_adapter, use_adapter
@@ -281,7 +281,7 @@ def add_policies(model, args):
     # the --lora-init warm start (LongLive's own LoRA)
     add_adapter(model, "default", args.lora_rank, args.lora_alpha)
     if args.lora_init:
-        load_adapter_file(model, "default", args.lora_init)
+        load_lora_init(model, args.lora_init)
     # θ_old, "old": rolls out the videos (step 1) and anchors the NFT loss; starts as θ, then trails it
     copy_adapter(model, "default", "old")
     # the reference of λ ||x̂_θ - x̂_ref||²: with --selective its own adapter "ref", starting as θ and
@@ -498,12 +498,8 @@ def main(args: Args):
     runlog.close()  # the bar, the out-dir's lock, the process group
 
 
-if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (UsageError, RewardError) as e:  # what the user can fix: one line each, no traceback
-        print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # what the user can fix: one line each (rank 0), exit 2, no traceback
+    run_cli(main, parse_args, (RewardError,), "interrupted: --resume latest continues from the last checkpoint")
     # plumbing: everything is written; the interpreter's final garbage collection would walk every
     # object torch made (~1.3 s on a 2-core CPU) to free memory the OS takes back anyway
     gc.freeze()

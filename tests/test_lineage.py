@@ -7,8 +7,10 @@ Run:  python -m pytest tests/test_lineage.py -q
 """
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -34,6 +36,12 @@ def main(flags, out, capsys=None):
     return capsys.readouterr().out if capsys else ""
 
 
+def logged(out):
+    """Complete rows in out/metrics.jsonl so far (a run may be writing one)."""
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
 def state(ckpt):
     return json.loads((ckpt / "state.json").read_text())
 
@@ -51,6 +59,24 @@ def done(three_steps, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(three_steps, out)
     return out
+
+
+def test_ctrl_c_before_the_first_checkpoint_then_resume_latest_keeps_no_stale_rows(tmp_path, capsys):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "train.py"] + SMALL + ["--steps", "50", "--ckpt-every", "0",
+                                                                 "--eval-every", "0", "--out-dir", str(out)],
+                         cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while logged(out) < 2:  # two steps logged, no checkpoint yet
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and "Traceback" not in err and "interrupted: --resume latest" in err, err[-2000:]
+    printed = main(["--steps", "2", "--resume", "latest"] + FAST, out, capsys)  # as the out-dir message advises
+    assert "no checkpoint of the run" in printed and "starting fresh" in printed
+    assert "dropped" in printed  # the interrupted run's rows, said in one line
+    assert [x["step"] for x in rows(out)] == [1, 2]  # once each
 
 
 def test_a_branch_replaces_what_came_after_its_checkpoint_and_latest_follows_it(done, capsys):

@@ -61,6 +61,9 @@ def problems(tmp_path, *flags, monkeypatch=None):
     (["--resume", "/nowhere"], "--resume /nowhere: no intact checkpoint"),
     (["--ckpt", "/nowhere.pt"], "not found: --ckpt /nowhere.pt"),
     (["--window-select", "random_choice"], "--window-starts []: give block-aligned starts"),
+    (["--rewards"], "--rewards: none given; name at least one"),
+    (["--rollout-batch", "-1"], "--rollout-batch -1: must be >= 0"),
+    (["--out-dir", ""], "--out-dir '': give a folder name"),
 ])
 def test_bad_flags_fail_in_one_line_before_anything_loads(tmp_path, monkeypatch, flags, message):
     monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))  # no learned-reward weights here
@@ -90,6 +93,28 @@ def test_prompt_file_and_out_dir_problems(tmp_path):
     assert any("is a file, not a folder" in line for line in problems(tmp_path, "--out-dir", str(afile)))
     if checks.importlib.util.find_spec("wandb") is None:
         assert any("--track needs the wandb package" in line for line in problems(tmp_path, "--track"))
+
+
+def test_user_files_and_folders_that_break_fail_in_one_line(tmp_path, monkeypatch):
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("a red circle moving left\na blue café\n".encode("latin-1"))
+    assert problems(tmp_path, "--prompt-file", str(latin), monkeypatch=monkeypatch) == [
+        f"--prompt-file {latin}: not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    afile.chmod(0o755)  # even an executable file is no folder
+    assert problems(tmp_path, "--out-dir", str(afile / "sub"), monkeypatch=monkeypatch) == [
+        f"--out-dir {afile / 'sub'}: {afile} is a file, not a folder"]
+
+
+def test_a_flag_error_under_torchrun_is_printed_once_by_rank_0(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py"] + SMALL + ["--lr", "-1", "--out-dir", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.stderr.count("error: --lr -1.0: must be a finite number > 0") == 1, r.stderr
+    # torchrun then reports the failed ranks in its own words (its report, not ours to silence): our
+    # code 2, and no traceback of train.py's (torchrun's own follows its "Traceback" line)
+    assert "exitcode  : 2" in r.stderr and "train.py\", line" not in r.stderr
 
 
 def test_settings_that_cannot_learn_warn(tmp_path):
