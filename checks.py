@@ -1,7 +1,7 @@
 """
 Everything about a run that can be wrong, checked in one pass before anything loads: every
-flag's range and the batch layout, input files, rewards and their
-weight files, optional libraries, the out-dir (one run per folder, its lock, the user's own
+flag's range and the batch layout, input files, rewards (each called once on a probe video) and
+their weight files, optional libraries, the out-dir (one run per folder, its lock, the user's own
 files in it), the checkpoint to resume and whether its flags allow an exact
 continuation. Plus the settings that run but cannot learn, as
 warnings. train.py prints every problem at once, one line each, and exits with code 2.
@@ -34,6 +34,7 @@ from kvcache import check_window
 from model import CONFIGS
 from streaming import window_starts
 from reward_models import LEARNED, missing_weights
+import rewards
 from rewards import parse_rewards, takes_frames
 
 FILES = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
@@ -49,7 +50,7 @@ def start_run(args, world, registry, device):
     half-written, run.json); CPU threads per process. Returns (args with each input file as found,
     the checkpoint folder to resume from or None, the run's lineage: runs.py)."""
     master = int(os.environ.get("RANK", 0)) == 0
-    args, resume_path, saved, lineage = check_run(args, world, registry, master)
+    args, resume_path, saved, lineage = check_run(args, world, registry, master, device)
     # the largest window start draws the longest history
     memory.report(args, CONFIGS[args.model], start=max(window_starts(args)), world=world,
                   bf16=use_bf16(args, device), device=device)
@@ -70,11 +71,13 @@ def training_prompts(args):
     return prompts or tiny_world.PROMPTS
 
 
-def check_run(args, world, registry, master=True):
+def check_run(args, world, registry, master=True, device="cpu"):
     """Every check of a run at once: raises UsageError with one line per problem, logs the
     warnings and what a resume changes. Returns (args with each input file as found, the
     checkpoint folder to resume from or None, its state.json or None, the run's lineage)."""
     errors, warnings = check_args(args, world, registry)
+    if not errors:  # each reward once on a probe video (a flag error may make the probe meaningless)
+        errors += reward_probe(args, registry, device)
     errors += check_out_dir(args, check_lock=master)
     resume_path, saved, notes, resume_problems = find_resume(args)
     errors += resume_problems + resume_errors(saved, args) + runs.resume_target_errors(args, resume_path, saved)
@@ -172,7 +175,7 @@ def check_args(args, world, registry):
     # ---- rewards: names, files, weights, the selective mode's needs
     try:
         parsed = parse_rewards(args.rewards, registry, args.released.reward_frames)
-    except Exception as e:  # a user's reward file that fails to import lands here too
+    except (Exception, SystemExit) as e:  # a user's reward file that fails to import (or exits) lands here too
         err.append(f"--rewards: {type(e).__name__}: {e}")
         parsed = []
     if not args.rewards:
@@ -222,6 +225,24 @@ def prompt_lines(path):
                          f"save it as UTF-8") from None
     except OSError as e:
         raise UsageError(f"--prompt-file {path}: cannot read it ({e.strerror})") from None
+
+
+def reward_probe(args, registry, device):
+    """Each reward called once on two small random videos shaped as the run's (rewards.probe_rewards):
+    a wrong signature, output or an exception is one line naming the reward and its file, before
+    anything loads. The learned rewards are not called: they would load their models (GBs)."""
+    try:
+        parsed = parse_rewards(args.rewards, registry, args.released.reward_frames)
+    except (Exception, SystemExit):  # reported by check_args already
+        return []
+    cheap = [spec for spec in parsed if spec[0] not in LEARNED]
+    T = args.window or args.num_frames
+    if args.model == "tiny":  # pixel space: the videos the rewards will see, at their size
+        shape = (T, 3, args.height, args.width)
+    else:  # a Wan video decodes to 1 + 4 (T - 1) frames at 480x832: probe a few small frames instead
+        shape = (1 + 4 * (min(T, 3) - 1), 3, 64, 64)
+    prompts = (list(args.prompts) or tiny_world.PROMPTS)[:2]
+    return rewards.probe_rewards(cheap, shape, (prompts * 2)[:2], device)
 
 
 def check_out_dir(args, check_lock=True):

@@ -11,7 +11,8 @@ train_flops, the FLOPs of one training forward and backward (tools/bench.py gpu'
                 saves in the x_theta forward (all blocks, or with --grad-checkpointing each
                 block's input and one block's worth) + the backward's gradient buffers
     decode      the VAE's working set for --decode-batch videos (real models) and the pixels
-    reward      learned reward models' weights and their activations for one chunk of frames
+    reward      the pixels and the copy each reward gets; learned reward models' weights and
+                their activations for one chunk of frames
     eval        the periodic eval's whole videos: a KV cache for each of a rollout batch
 peak = static + optimizer + max(rollout, update, eval) + decode + reward.
 
@@ -174,7 +175,8 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
         out["decode"] = VAE_WEIGHTS + args.decode_batch * VAE_BYTES_PER_PIXEL * args.height * args.width
         pixels = args.decode_batch * (1 + 4 * (T - 1)) * 3 * args.height * args.width * 4  # float32
     learned = [spec.split("=")[0] for spec in args.rewards if spec.split("=")[0] in REWARD_PARAMS]
-    out["reward"] = pixels + sum(REWARD_PARAMS[r] * 4 for r in learned) + max(
+    # the pixels, and the copy of them the reward being called gets (rewards.MultiReward.score)
+    out["reward"] = 2 * pixels + sum(REWARD_PARAMS[r] * 4 for r in learned) + max(
         [REWARD_CHUNK_BYTES[r] for r in learned], default=0)
 
     # ---- the periodic eval: whole videos for the eval prompts, one cache for all of them

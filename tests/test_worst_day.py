@@ -95,11 +95,46 @@ def test_prompt_file_and_out_dir_problems(tmp_path):
         assert any("--track needs the wandb package" in line for line in problems(tmp_path, "--track"))
 
 
+# a user's reward file that cannot work, and how its one line must read
+BROKEN_REWARDS = {
+    "import torch\ndef r(videos):\n    return videos.mean((1, 2, 3, 4))\n": "takes 1 positional argument but 2",
+    "import torch\ndef r(videos, prompts):\n    return videos.mean((2, 3, 4))\n":
+        "returned shape (2, 3), expected (2,)",
+    "def r(videos, prompts):\n    raise RuntimeError('no GPU here')\n": "RuntimeError: no GPU here",
+    "import torch\ndef r(videos, prompts):\n    return torch.full((len(videos),), 1e39, dtype=torch.float64)\n":
+        "beyond float32's range (largest |score| 1e+39",
+}
+
+
+@pytest.mark.parametrize("code", BROKEN_REWARDS)
+def test_a_broken_reward_is_one_line_naming_it_and_its_file_before_anything_loads(tmp_path, monkeypatch, code):
+    f = tmp_path / "mine.py"
+    f.write_text(code)
+    lines = problems(tmp_path, "--rewards", "color_match=1", f"{f}:r=0", monkeypatch=monkeypatch)
+    assert len(lines) == 1 and lines[0].startswith(f"--rewards mine.r ({f}): on a probe video"), lines
+    assert BROKEN_REWARDS[code] in lines[0]
+
+
+def test_a_reward_that_writes_into_its_videos_changes_nothing_for_the_others(tmp_path):
+    f = tmp_path / "vandal.py"
+    f.write_text("import torch\ndef zero(videos, prompts):\n    videos.zero_()\n    return torch.zeros(len(videos))\n")
+    v = torch.rand(2, 3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = v.clone()
+    alone = rewards.MultiReward(["colorfulness=1"]).score(v, ["a", "b"])
+    both = rewards.MultiReward([f"{f}:zero=0", "colorfulness=1"]).score(v, ["a", "b"])  # weight 0: logged only
+    assert torch.equal(both["colorfulness"], alone["colorfulness"]) and alone["colorfulness"].min() > 0
+    assert torch.equal(v, before)  # nor the videos the caller keeps (the eval mp4)
+
+
 def test_user_files_and_folders_that_break_fail_in_one_line(tmp_path, monkeypatch):
     latin = tmp_path / "prompts.txt"
     latin.write_bytes("a red circle moving left\na blue café\n".encode("latin-1"))
     assert problems(tmp_path, "--prompt-file", str(latin), monkeypatch=monkeypatch) == [
         f"--prompt-file {latin}: not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"]
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit(3)\n")
+    assert any(f"running '{exits}' called exit(3)" in line
+               for line in problems(tmp_path, "--rewards", f"{exits}:r=1", monkeypatch=monkeypatch))
     afile = tmp_path / "afile"
     afile.write_text("x")
     afile.chmod(0o755)  # even an executable file is no folder
