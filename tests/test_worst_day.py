@@ -338,4 +338,14 @@ def test_sample_flags_fail_before_loading(tmp_path):
     if not os.access(ro, os.W_OK):  # root may write anywhere
         assert "cannot write into" in lines(out=str(ro / "v.mp4"))
     assert "is a folder" in lines(out=str(tmp_path))
+    # a name ffmpeg cannot write H.264 into is refused up front, not after sampling
+    for name in ("v.txt", "v.webm", "v"):
+        assert "not a video file name; end it in .mp4, .mov, .mkv, .avi" in lines(out=str(tmp_path / name))
+    assert "--prompts: give at least one prompt" in lines(prompts=[])
 
+
+def test_sample_several_prompts_write_one_file_each(tmp_path):
+    sample.main(sample.Args(prompts=["a red circle moving left", "a blue square moving up"], num_frames=3,
+                            height=16, width=16, out=str(tmp_path / "clip.mov")))
+    assert sorted(os.listdir(tmp_path)) == ["clip_0.mov", "clip_1.mov"]
+    assert (tmp_path / "clip_0.mov").read_bytes() != (tmp_path / "clip_1.mov").read_bytes()
