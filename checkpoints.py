@@ -10,13 +10,14 @@ keys are exactly model.py's:
     Krea Realtime 14B                          .safetensors, a bare state dict
     LongLive lora.pt                           {"generator_lora": PEFT-keyed LoRA tensors}
 A run checkpoint `ckpt_<step>/` holds adapters.safetensors (every adapter), optim.safetensors
-(AdamW moments), state.json (step, args, schedule states, the run's lineage: runs.py) and
-lora/ (the exported policy in PEFT layout). Tensors go to safetensors, everything else to JSON;
-nothing is pickled.
+(AdamW moments), state.json (step, args, schedule states, the run's lineage (runs.py), the
+fingerprints of the files it read) and lora/ (the exported policy in PEFT layout). Tensors go to
+safetensors, everything else to JSON; nothing is pickled.
 load_base gives train.py its frozen base from --ckpt (train.add_policies puts the adapters on it).
 
 Test:  python -m pytest tests/test_checkpoint.py tests/test_presets.py -q
 """
+import hashlib
 import json
 import os
 import re
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from common import UsageError, log, write_atomic
+from common import UsageError, find_file, log, write_atomic
 from lora import adapter_names, adapter_state_dict, load_adapter_state, peft_config
 from model import CONFIGS, CausalWanModel, randomize_head
 from runs import prune
@@ -204,9 +205,11 @@ def _write_json(path, obj):
 
 
 def save_run(args, model, opt, state, export, rank=0, world=1):
-    """Rank 0 writes checkpoint ckpt_<step> of the run into --out-dir (write_run), keeping the newest
-    --keep-ckpts of its lineage; every rank waits until it is on disk."""
+    """Rank 0 writes checkpoint ckpt_<step> of the run into --out-dir (write_run), with the
+    fingerprints of the files it was trained with, keeping the newest --keep-ckpts of its lineage;
+    every rank waits until it is on disk."""
     if rank == 0:
+        state = dict(state, files=fingerprints(args))
         write_run(os.path.join(args.out_dir, f"ckpt_{state['step']:06d}"), model, opt, state, export=export,
                   keep=args.keep_ckpts)
     if world > 1:
@@ -269,6 +272,39 @@ def resume_run(path, model, opt, args, compensator, dynref, guard):
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
     log(f"resumed from {path} at step {state['step']}")
     return state["step"]
+
+
+# the files every step reads: a checkpoint records their fingerprints, a resume needs the same ones
+# (--lora-init is not among them: a resume's adapters come from the checkpoint)
+FINGERPRINTED = ("ckpt", "vae", "text_encoder", "prompt_file")
+
+
+def fingerprint(path):
+    """What a file is, wherever it has moved: its size and a hash of its first, middle and last MiB
+    (a 28 GB checkpoint costs 3 MiB of reading); "folder" for a folder, None for no file."""
+    if not path:
+        return None
+    path = find_file(path)
+    if os.path.isdir(path) or not os.path.exists(path):  # a missing one is check_args' to report
+        return "folder" if os.path.isdir(path) else "missing"
+    size, h = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        for at in (0, max(0, size // 2 - 2 ** 19), max(0, size - 2 ** 20)):
+            f.seek(at)
+            h.update(f.read(2 ** 20))
+    return {"size": size, "sha256": h.hexdigest()[:16]}
+
+
+def fingerprints(args):
+    """{flag: fingerprint} of the files every step reads (FINGERPRINTED), for a checkpoint's state."""
+    return {name: fingerprint(getattr(args, name)) for name in FINGERPRINTED}
+
+
+def describe_file(fp):
+    """A fingerprint in words."""
+    if isinstance(fp, dict):
+        return f"{fp['size']} bytes, sha256 of 3 MiB {fp['sha256']}"
+    return {"folder": "a folder", "missing": "missing"}.get(fp, "none")
 
 
 # ----------------------------------------------------------------------------------------------

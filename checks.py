@@ -2,7 +2,7 @@
 Everything about a run that can be wrong, checked in one pass before anything loads: every
 flag's range and the batch layout, input files, rewards (each called once on a probe video) and
 their weight files, optional libraries, the out-dir (one run per folder, its lock, the user's own
-files in it), the checkpoint to resume and whether its flags allow an exact
+files in it), the checkpoint to resume and whether its flags and files allow an exact
 continuation. Plus the settings that run but cannot learn, as
 warnings. train.py prints every problem at once, one line each, and exits with code 2.
 
@@ -10,7 +10,7 @@ warnings. train.py prints every problem at once, one line each, and exits with c
     errors, warnings = check_args(args, world, registry)
     errors += check_out_dir(args)
     path, saved, notes, more = find_resume(args)  # the newest intact checkpoint of the run (or None)
-    errors += resume_errors(saved, args)         # flags that would break the continuation
+    errors += resume_errors(saved, args)         # flags and files that would break the continuation
 Which run an out-dir, a checkpoint and a metrics row belong to, the lock and what may be deleted:
 runs.py.
 
@@ -29,6 +29,7 @@ import torch.distributed as dist
 import memory
 import runs
 import tiny_world
+from checkpoints import FINGERPRINTED, describe_file, fingerprint
 from common import UsageError, find_file, log, set_threads, use_bf16
 from kvcache import check_window
 from model import CONFIGS
@@ -39,7 +40,8 @@ from rewards import parse_rewards, takes_frames
 
 FILES = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
 # flags a resumed run may change: they do not enter the numbers of the steps still to come
-# (paths: the same files may have moved). Every other flag must equal the checkpoint's.
+# (paths: the same files may have moved; what is in them is compared: checkpoints.FINGERPRINTED).
+# Every other flag must equal the checkpoint's.
 RESUME_FREE = {"out_dir", "steps", "lr", "weight_decay", "grad_clip", "ckpt_every", "keep_ckpts", "eval_every",
                "eval_prompts", "resume", "track", "progress", "threads", "overwrite", "decode_batch",
                "grad_checkpointing", *FILES}
@@ -163,6 +165,7 @@ def check_args(args, world, registry):
                     err.append(f"--prompt-file {args.prompt_file}: no prompts in it (one per line)")
             except UsageError as e:
                 err.append(str(e))
+    err += lora_init_errors(args)
     if args.model != "tiny":
         for name in ("ckpt", "vae", "text_encoder"):
             if not getattr(args, name):
@@ -225,6 +228,34 @@ def prompt_lines(path):
                          f"save it as UTF-8") from None
     except OSError as e:
         raise UsageError(f"--prompt-file {path}: cannot read it ({e.strerror})") from None
+
+
+def lora_init_errors(args):
+    """--lora-init's adapter_config.json (a PEFT folder or beside the file), when there is one, must
+    agree with --lora-rank and --lora-alpha: the run records and exports those, and a resume
+    rebuilds its adapters from them."""
+    path = find_file(args.lora_init) if args.lora_init else None
+    if path is None or not os.path.exists(path):
+        return []
+    cfg = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "adapter_config.json")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        return [f"--lora-init {args.lora_init}: no adapter_model.safetensors or adapter_model.bin in the folder"]
+    if not os.path.isfile(cfg):
+        return []  # LongLive's lora.pt: no config; the adapter takes --lora-alpha
+    try:
+        with open(cfg) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        return [f"--lora-init {args.lora_init}: cannot read {cfg} ({type(e).__name__})"]
+    err = []
+    if config.get("r", args.lora_rank) != args.lora_rank:
+        err.append(f"--lora-rank {args.lora_rank}: the --lora-init adapter has rank {config['r']} ({cfg}); "
+                   f"give --lora-rank {config['r']}")
+    if config.get("lora_alpha", args.lora_alpha) != args.lora_alpha:
+        err.append(f"--lora-alpha {args.lora_alpha}: the --lora-init adapter was trained with alpha "
+                   f"{config['lora_alpha']} ({cfg}); give --lora-alpha {config['lora_alpha']}")
+    return err
 
 
 def reward_probe(args, registry, device):
@@ -367,6 +398,14 @@ def resume_errors(saved, args):
         if key not in RESUME_FREE and key in old and old[key] != _jsonable(value):
             errors.append(f"{flag(key)} {value}: the checkpoint was trained with {old[key]} "
                           f"(resuming needs the same value; start a new --out-dir to change it)")
+    # the same files, wherever they are now (a checkpoint from before fingerprints: at least a
+    # file where there was none, --ckpt None for a random base, is a change)
+    files = saved.get("files", {name: None for name in FINGERPRINTED if old.get(name) is None})
+    for name, was in files.items():
+        now = fingerprint(getattr(args, name))
+        if now != was:
+            errors.append(f"{flag(name)} {getattr(args, name)}: not the file the checkpoint was trained with "
+                          f"({describe_file(was)}; now {describe_file(now)}); resuming needs the same file")
     if args.steps <= saved["step"]:
         errors.append(f"--steps {args.steps}: the checkpoint is already at step {saved['step']}; give a "
                       f"larger --steps to train on")

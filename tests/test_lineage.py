@@ -17,7 +17,7 @@ import pytest
 import checks
 import runs
 import train
-from common import UsageError
+from common import UsageError, find_file
 from test_train import ENV, ROOT, SMALL, rows
 
 FAST = ["--ckpt-every", "1", "--keep-ckpts", "9", "--eval-every", "0"]
@@ -171,3 +171,24 @@ def test_two_runs_started_at_the_same_moment_one_runs(tmp_path):
     assert "a live run" in refused or "another run wrote there" in refused or "holds another run" in refused
     assert [x["step"] for x in rows(out)] == [1, 2]  # one run's rows, not two interleaved
 
+
+def test_resume_keeps_the_base_and_lora_init_keeps_its_alpha(done, tmp_path):
+    lines = problems(done, "--steps", "5", "--resume", "latest", "--ckpt", "None")
+    assert any(line.startswith("--ckpt None: not the file the checkpoint was trained with") for line in lines), lines
+    base = tmp_path / "moved.safetensors"  # the same file elsewhere: a move, not a change
+    shutil.copy(find_file("assets/tiny_world.safetensors"), base)
+    args = train.parse_args(SMALL + ["--steps", "5", "--resume", "latest", "--out-dir", str(done), "--ckpt", str(base)])
+    checks.check_run(args, 1, train.REGISTRY)
+    data = bytearray(base.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit in the middle of the weights
+    base.write_bytes(bytes(data))
+    lines = problems(done, "--steps", "5", "--resume", "latest", "--ckpt", str(base))
+    assert any(line.startswith(f"--ckpt {base}: not the file") for line in lines), lines
+    # --lora-init: its adapter_config.json's alpha is the run's, or a clear error
+    lora = tmp_path / "lora"
+    shutil.copytree(done / "ckpt_000003" / "lora", lora)
+    cfg = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(json.dumps(dict(cfg, lora_alpha=32.0)))
+    lines = problems(tmp_path / "fresh", "--lora-init", str(lora))
+    assert any("--lora-alpha 16.0: the --lora-init adapter was trained with alpha 32.0" in line for line in lines)
+    assert checks.lora_init_errors(train.parse_args(SMALL + ["--lora-init", str(lora), "--lora-alpha", "32"])) == []

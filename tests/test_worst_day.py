@@ -140,6 +140,10 @@ def test_user_files_and_folders_that_break_fail_in_one_line(tmp_path, monkeypatc
     afile.chmod(0o755)  # even an executable file is no folder
     assert problems(tmp_path, "--out-dir", str(afile / "sub"), monkeypatch=monkeypatch) == [
         f"--out-dir {afile / 'sub'}: {afile} is a file, not a folder"]
+    empty = tmp_path / "empty_lora"
+    empty.mkdir()
+    assert any(f"--lora-init {empty}: no adapter_model.safetensors" in line
+               for line in problems(tmp_path, "--lora-init", str(empty), monkeypatch=monkeypatch))
 
 
 def test_a_flag_error_under_torchrun_is_printed_once_by_rank_0(tmp_path):
