@@ -3,7 +3,7 @@ Everything about a run that can be wrong, checked in one pass before anything lo
 flag's range and the batch layout, input files, rewards (each called once on a probe video) and
 their weight files, optional libraries, the out-dir (one run per folder, its lock, the user's own
 files in it), the checkpoint to resume and whether its flags and files allow an exact
-continuation. Plus the settings that run but cannot learn, as
+continuation, the memory the run will need. Plus the settings that run but cannot learn, as
 warnings. train.py prints every problem at once, one line each, and exits with code 2.
 
     args, resume_path, lineage = start_run(args, world, registry, device)  # what train.py calls: all below
@@ -44,11 +44,12 @@ FILES = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
 # Every other flag must equal the checkpoint's.
 RESUME_FREE = {"out_dir", "steps", "lr", "weight_decay", "grad_clip", "ckpt_every", "keep_ckpts", "eval_every",
                "eval_prompts", "resume", "track", "progress", "threads", "overwrite", "decode_batch",
-               "grad_checkpointing", *FILES}
+               "grad_checkpointing", "ignore_memory_check", *FILES}
 
 
 def start_run(args, world, registry, device):
-    """Everything before anything loads: check_run; the memory model's predicted peak; rank 0 takes the out-dir (the lock, away with what a killed run left
+    """Everything before anything loads: check_run; the memory model's predicted peak (stops when
+    it cannot fit); rank 0 takes the out-dir (the lock, away with what a killed run left
     half-written, run.json); CPU threads per process. Returns (args with each input file as found,
     the checkpoint folder to resume from or None, the run's lineage: runs.py)."""
     master = int(os.environ.get("RANK", 0)) == 0

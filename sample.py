@@ -263,6 +263,8 @@ class Args:
     """output video (.mp4, .mov, .mkv or .avi); several prompts: <name>_0.mp4, <name>_1.mp4, ..."""
     fps: int = 16
     """frames per second of the mp4"""
+    ignore_memory_check: bool = False
+    """go on when memory.py's predicted peak exceeds the memory this process can have (else: stop)"""
 
 
 def write_decoded(path, vae, lat, block, fps=16):
@@ -362,6 +364,7 @@ def check_sample_args(args):
 
 
 def main(args: Args):
+    import memory
     from checkpoints import load_checkpoint
     from common import UsageError, find_file, save_video
     from frozen import TextEncoder, WanVAE, to_pixels
@@ -377,6 +380,12 @@ def main(args: Args):
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # bf16 as the released pipeline
     multi = len(args.switch_frames) > 0
     prompts = args.prompts if not multi else args.prompts[:1]  # one video; its prompt changes
+    # the predicted peak against the memory there is, before anything loads (latent size: tiny = pixels)
+    hw = (args.height or 32, args.width or 32) if tiny else ((args.height or 480) // 8, (args.width or 832) // 8)
+    need = memory.predict_sample(cfg, len(prompts), args.num_frames, hw, args.local_attn, dev == "cuda", not tiny,
+                                 memory.file_bytes(find_file(args.text_encoder) if args.text_encoder else None))
+    memory.fits(need, dev, ["fewer --prompts at once", "a rolling cache (--local-attn 12 --sink 3)",
+                            "a smaller --num-frames, --height or --width"], args.ignore_memory_check)
     # each file as found: relative to the cwd, else to this repository (`assets/...` from anywhere)
     args = dataclasses.replace(args, **{f: find_file(getattr(args, f)) for f in ("ckpt", "lora", "vae", "text_encoder",
                                                                                    "tokenizer") if getattr(args, f)})

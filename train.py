@@ -106,6 +106,8 @@ class Args:
     overwrite: bool = False
     """start afresh in an --out-dir that holds another run, deleting its outputs (refused while the
     folder also holds files this project did not write)"""
+    ignore_memory_check: bool = False
+    """go on when memory.py's predicted peak exceeds the memory this process can have (else: stop)"""
     track: bool = False
     """log to Weights & Biases (wandb must be installed; off by default)"""
     progress: bool = True

@@ -285,6 +285,26 @@ def test_kill_9_at_a_random_moment_then_resume_is_exact(tmp_path):
     assert [strip_times(r) for r in rows(victim)] == [strip_times(r) for r in rows(ref)], f"killed after {delay:.1f} s"
 
 
+# ---- memory: a peak that cannot fit stops before anything loads
+
+def test_a_peak_that_cannot_fit_stops_before_loading(tmp_path, monkeypatch, capsys):
+    import memory
+    assert memory.available("cpu")[0] > 0  # this machine's MemAvailable (Linux)
+    monkeypatch.setattr(memory, "available", lambda device: (1e6, "the memory available"))  # 1 MB left
+    lines = problems(tmp_path, monkeypatch=monkeypatch)
+    assert len(lines) == 1 and lines[0].startswith("the memory model predicts a peak of 0.0 GB, more than the "
+                                                   "memory available (0.0 GB); levers: --grad-checkpointing"), lines
+    assert lines[0].endswith("or --ignore-memory-check to go on anyway") and not (tmp_path / "run").exists()
+    with pytest.raises(UsageError, match="more than the memory available"):  # sample.py, before loading
+        sample.main(sample.Args(num_frames=3, height=16, width=16, out=str(tmp_path / "v.mp4")))
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "available", lambda device: (1e6, "the memory available"))
+    train.main(train.parse_args(SMALL + ["--steps", "1", "--eval-every", "0", "--ignore-memory-check",
+                                         "--out-dir", str(tmp_path / "run")]))
+    assert "(going on: --ignore-memory-check)" in capsys.readouterr().out
+    assert [x["step"] for x in rows(tmp_path / "run")] == [1]
+
+
 # ---- weights that blow up never ship
 
 def test_non_finite_weights_stop_before_saving(tmp_path, monkeypatch):
