@@ -56,8 +56,7 @@ def test_exact_reference_run_is_every_released_flag(tmp_path):
     out, stdout = {}, {}
     for name, flags in [("exact", ["--exact-reference"]), ("spelled", SPELLED_OUT), ("default", [])]:
         stdout[name] = run(common + flags, tmp_path / name).stdout
-        out[name] = [{k: v for k, v in row.items() if not k.startswith(("time/", "mem/"))}
-                     for row in rows(tmp_path / name)]
+        out[name] = [strip_times(row) for row in rows(tmp_path / name)]
         assert len(out[name]) == 2, name
     said = next(line for line in stdout["exact"].splitlines() if line.startswith("--exact-reference:"))
     assert "--released.train-mask frame" in said and "--window-context noisy" in said
