@@ -10,13 +10,14 @@ keys are exactly model.py's:
     Krea Realtime 14B                          .safetensors, a bare state dict
     LongLive lora.pt                           {"generator_lora": PEFT-keyed LoRA tensors}
 A run checkpoint `ckpt_<step>/` holds adapters.safetensors (every adapter), optim.safetensors
-(AdamW moments), state.json (step, args, schedule states) and lora/ (the exported policy in
-PEFT layout). Tensors go to safetensors, everything else to JSON; nothing is pickled.
+(AdamW moments), state.json (step, args, schedule states, the run's lineage (runs.py), the
+fingerprints of the files it read) and lora/ (the exported policy in PEFT layout). Tensors go to
+safetensors, everything else to JSON; nothing is pickled.
 load_base gives train.py its frozen base from --ckpt (train.add_policies puts the adapters on it).
 
 Test:  python -m pytest tests/test_checkpoint.py tests/test_presets.py -q
 """
-import glob
+import hashlib
 import json
 import os
 import re
@@ -27,9 +28,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from common import UsageError, log, write_atomic
+from common import UsageError, find_file, log, write_atomic
 from lora import adapter_names, adapter_state_dict, load_adapter_state, peft_config
 from model import CONFIGS, CausalWanModel, randomize_head
+from runs import prune
 
 # wrapper prefixes of the released files: WanDiffusionWrapper ("model."), FSDP, DDP, torch.compile
 PREFIXES = ("model.", "_fsdp_wrapped_module.", "diffusion_model.", "module.", "_orig_mod.")
@@ -164,6 +166,14 @@ def save_adapter(model, name, folder):
                  lambda tmp: _write_json(tmp, peft_config(model, name)))
 
 
+def load_lora_init(model, path):
+    """--lora-init into adapter "default"; a file that is no such adapter is a UsageError naming it."""
+    try:
+        load_adapter_file(model, "default", path)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--lora-init {path}: {' '.join(str(e).split())}") from None
+
+
 def load_adapter_file(model, name, path):
     """A PEFT folder / adapter file or a LongLive lora.pt into adapter `name`. alpha comes from
     adapter_config.json beside the weights when there is one, else alpha = r."""
@@ -195,9 +205,11 @@ def _write_json(path, obj):
 
 
 def save_run(args, model, opt, state, export, rank=0, world=1):
-    """Rank 0 writes checkpoint ckpt_<step> of the run into --out-dir (write_run), keeping the newest
-    --keep-ckpts of them; every rank waits until it is on disk."""
+    """Rank 0 writes checkpoint ckpt_<step> of the run into --out-dir (write_run), with the
+    fingerprints of the files it was trained with, keeping the newest --keep-ckpts of its lineage;
+    every rank waits until it is on disk."""
     if rank == 0:
+        state = dict(state, files=fingerprints(args))
         write_run(os.path.join(args.out_dir, f"ckpt_{state['step']:06d}"), model, opt, state, export=export,
                   keep=args.keep_ckpts)
     if world > 1:
@@ -205,9 +217,10 @@ def save_run(args, model, opt, state, export, rank=0, world=1):
 
 
 def write_run(path, model, opt, state, export="default", keep=0):
-    """ckpt folder: every adapter, the optimizer, `state` (JSON-able) and `export` in PEFT layout.
-    Written to a temporary folder, then renamed: a crash leaves the previous checkpoint intact.
-    keep > 0: afterwards only the newest `keep` ckpt_* folders beside it remain."""
+    """ckpt folder: every adapter, the optimizer, `state` (JSON-able, with the run's "lineage") and
+    `export` in PEFT layout. Written to a temporary folder, then renamed: a crash leaves the previous
+    checkpoint intact. keep > 0: afterwards only the newest `keep` checkpoints of the lineage beside
+    it remain (runs.prune: another run's ckpt_* folders are neither counted nor deleted)."""
     def write(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -223,8 +236,8 @@ def write_run(path, model, opt, state, export="default", keep=0):
         _write_json(os.path.join(tmp, "state.json"), dict(state, param_groups=sd["param_groups"]))
         save_adapter(model, export, os.path.join(tmp, "lora"))  # the policy to sample with
     write_atomic(path, write)
-    for older in (run_checkpoints(os.path.dirname(path))[:-keep] if keep else []):
-        shutil.rmtree(older)
+    if keep:
+        prune(os.path.dirname(path), state["lineage"], keep)
 
 
 def load_run(path, model, opt):
@@ -261,15 +274,37 @@ def resume_run(path, model, opt, args, compensator, dynref, guard):
     return state["step"]
 
 
-def checkpoint_step(path):
-    """The step of a ckpt_<step> folder."""
-    return int(os.path.basename(path)[len("ckpt_"):])
+# the files every step reads: a checkpoint records their fingerprints, a resume needs the same ones
+# (--lora-init is not among them: a resume's adapters come from the checkpoint)
+FINGERPRINTED = ("ckpt", "vae", "text_encoder", "prompt_file")
 
 
-def run_checkpoints(out_dir):
-    """ckpt_<step> folders of out_dir, oldest step first (not the temporaries of a write)."""
-    found = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*")) if re.fullmatch(r"ckpt_\d+", os.path.basename(p))]
-    return sorted(found, key=checkpoint_step)
+def fingerprint(path):
+    """What a file is, wherever it has moved: its size and a hash of its first, middle and last MiB
+    (a 28 GB checkpoint costs 3 MiB of reading); "folder" for a folder, None for no file."""
+    if not path:
+        return None
+    path = find_file(path)
+    if os.path.isdir(path) or not os.path.exists(path):  # a missing one is check_args' to report
+        return "folder" if os.path.isdir(path) else "missing"
+    size, h = os.path.getsize(path), hashlib.sha256()
+    with open(path, "rb") as f:
+        for at in (0, max(0, size // 2 - 2 ** 19), max(0, size - 2 ** 20)):
+            f.seek(at)
+            h.update(f.read(2 ** 20))
+    return {"size": size, "sha256": h.hexdigest()[:16]}
+
+
+def fingerprints(args):
+    """{flag: fingerprint} of the files every step reads (FINGERPRINTED), for a checkpoint's state."""
+    return {name: fingerprint(getattr(args, name)) for name in FINGERPRINTED}
+
+
+def describe_file(fp):
+    """A fingerprint in words."""
+    if isinstance(fp, dict):
+        return f"{fp['size']} bytes, sha256 of 3 MiB {fp['sha256']}"
+    return {"folder": "a folder", "missing": "missing"}.get(fp, "none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +324,7 @@ def load_base(args, device="cpu", dtype=torch.float32, cfg=None):
         try:
             load_checkpoint(model, args.ckpt, ema=args.ckpt_ema)
         except (ValueError, OSError) as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(f"--ckpt {args.ckpt}: {e}") from None
     elif args.model == "tiny":
         model = CausalWanModel(cfg)
         randomize_head(model)  # random but not all-zero videos

@@ -1,66 +1,69 @@
 """
 Everything about a run that can be wrong, checked in one pass before anything loads: every
-flag's range and the batch layout, input files, rewards and their weight files, optional
-libraries, the out-dir (one run per folder, a lock against two live runs), the checkpoint to
-resume and whether its flags allow an exact continuation. Plus the settings that run but cannot
-learn, as warnings. train.py prints every problem at once, one line each, and exits with code 2.
+flag's range and the batch layout, input files, rewards (each called once on a probe video) and
+their weight files, optional libraries, the out-dir (one run per folder, its lock, the user's own
+files in it), the checkpoint to resume and whether its flags and files allow an exact
+continuation, the memory the run will need. Plus the settings that run but cannot learn, as
+warnings. train.py prints every problem at once, one line each, and exits with code 2.
 
-    args, resume_path = start_run(args, world, registry, device)   # what train.py calls: all below
+    args, resume_path, lineage = start_run(args, world, registry, device)  # what train.py calls: all below
     errors, warnings = check_args(args, world, registry)
     errors += check_out_dir(args)
-    path, saved, notes, more = find_resume(args)  # the newest intact checkpoint (or None)
-    errors += resume_errors(saved, args)         # flags that would break the continuation
+    path, saved, notes, more = find_resume(args)  # the newest intact checkpoint of the run (or None)
+    errors += resume_errors(saved, args)         # flags and files that would break the continuation
+Which run an out-dir, a checkpoint and a metrics row belong to, the lock and what may be deleted:
+runs.py.
 
-Test:  python -m pytest tests/test_worst_day.py -q
+Test:  python -m pytest tests/test_worst_day.py tests/test_lineage.py -q
 """
 import dataclasses
 import importlib.util
 import json
 import math
 import os
-import re
-import shutil
 
 from safetensors import safe_open
 
 import torch.distributed as dist
 
 import memory
+import runs
 import tiny_world
-from checkpoints import run_checkpoints
+from checkpoints import FINGERPRINTED, describe_file, fingerprint
 from common import UsageError, find_file, log, set_threads, use_bf16
 from kvcache import check_window
 from model import CONFIGS
 from streaming import window_starts
 from reward_models import LEARNED, missing_weights
+import rewards
 from rewards import parse_rewards, takes_frames
 
 FILES = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
 # flags a resumed run may change: they do not enter the numbers of the steps still to come
-# (paths: the same files may have moved). Every other flag must equal the checkpoint's.
+# (paths: the same files may have moved; what is in them is compared: checkpoints.FINGERPRINTED).
+# Every other flag must equal the checkpoint's.
 RESUME_FREE = {"out_dir", "steps", "lr", "weight_decay", "grad_clip", "ckpt_every", "keep_ckpts", "eval_every",
                "eval_prompts", "resume", "track", "progress", "threads", "overwrite", "decode_batch",
-               "grad_checkpointing", *FILES}
-# what this repository writes into an out-dir (what --overwrite clears)
-OUTPUTS = ("metrics.jsonl", "eval", "before_after.mp4", "before_after.png", "reward_curve.png")
+               "grad_checkpointing", "ignore_memory_check", *FILES}
 
 
 def start_run(args, world, registry, device):
-    """Everything before anything loads: check_run; rank 0 takes the out-dir (the lock, away with
-    what a killed run left half-written); CPU threads per process; the memory model's predicted
-    peak. Returns check_run's (args, checkpoint folder to resume from or None)."""
+    """Everything before anything loads: check_run; the memory model's predicted peak (stops when
+    it cannot fit); rank 0 takes the out-dir (the lock, away with what a killed run left
+    half-written, run.json); CPU threads per process. Returns (args with each input file as found,
+    the checkpoint folder to resume from or None, the run's lineage: runs.py)."""
     master = int(os.environ.get("RANK", 0)) == 0
-    args, resume_path = check_run(args, world, registry, master)
-    if world > 1:  # every rank has checked before rank 0 touches the out-dir
-        dist.barrier()
-    if master:
-        own_out_dir(args)
-    if not str(device).startswith("cuda"):  # ranks on one machine must not fight over its cores
-        set_threads(args.threads)
+    args, resume_path, saved, lineage = check_run(args, world, registry, master, device)
     # the largest window start draws the longest history
     memory.report(args, CONFIGS[args.model], start=max(window_starts(args)), world=world,
                   bf16=use_bf16(args, device), device=device)
-    return args, resume_path
+    if world > 1:  # every rank has checked before rank 0 touches the out-dir
+        dist.barrier()
+    if master:
+        runs.own_out_dir(args, lineage, saved["step"] if saved else 0)
+    if not str(device).startswith("cuda"):  # ranks on one machine must not fight over its cores
+        set_threads(args.threads)
+    return args, resume_path, lineage
 
 
 def training_prompts(args):
@@ -71,14 +74,16 @@ def training_prompts(args):
     return prompts or tiny_world.PROMPTS
 
 
-def check_run(args, world, registry, master=True):
+def check_run(args, world, registry, master=True, device="cpu"):
     """Every check of a run at once: raises UsageError with one line per problem, logs the
     warnings and what a resume changes. Returns (args with each input file as found, the
-    checkpoint folder to resume from or None)."""
+    checkpoint folder to resume from or None, its state.json or None, the run's lineage)."""
     errors, warnings = check_args(args, world, registry)
+    if not errors:  # each reward once on a probe video (a flag error may make the probe meaningless)
+        errors += reward_probe(args, registry, device)
     errors += check_out_dir(args, check_lock=master)
     resume_path, saved, notes, resume_problems = find_resume(args)
-    errors += resume_problems + resume_errors(saved, args)
+    errors += resume_problems + resume_errors(saved, args) + runs.resume_target_errors(args, resume_path, saved)
     if errors:
         raise UsageError("\n".join(errors))
     for line in warnings + notes:
@@ -86,9 +91,10 @@ def check_run(args, world, registry, master=True):
     if saved is not None:
         for line in resume_changes(saved, args):
             log(f"resume: {line}")
+    lineage = runs.run_lineage(args, resume_path, saved)
     # each input file as found (relative to the cwd, else to this repository: `assets/...` anywhere)
     found = {f: find_file(getattr(args, f)) for f in FILES if getattr(args, f)}
-    return dataclasses.replace(args, **found), resume_path
+    return dataclasses.replace(args, **found), resume_path, saved, lineage
 
 
 def check_args(args, world, registry):
@@ -103,7 +109,7 @@ def check_args(args, world, registry):
     for name, value in positive.items():
         if value < 1:
             err.append(f"--{name.replace('_', '-')} {value}: must be >= 1")
-    for name in ("ckpt_every", "eval_every", "window", "threads", "sink", "released.aux_rewards",
+    for name in ("ckpt_every", "eval_every", "window", "threads", "sink", "rollout_batch", "released.aux_rewards",
                  "released.reward_frames"):
         if value_of(args, name) < 0:
             err.append(f"{flag(name)} {value_of(args, name)}: must be >= 0")
@@ -154,8 +160,13 @@ def check_args(args, world, registry):
         path = find_file(args.prompt_file)
         if not os.path.isfile(path):
             err.append(f"--prompt-file {args.prompt_file}: not a file")
-        elif not prompt_lines(path):
-            err.append(f"--prompt-file {args.prompt_file}: no prompts in it (one per line)")
+        else:
+            try:
+                if not prompt_lines(path):
+                    err.append(f"--prompt-file {args.prompt_file}: no prompts in it (one per line)")
+            except UsageError as e:
+                err.append(str(e))
+    err += lora_init_errors(args)
     if args.model != "tiny":
         for name in ("ckpt", "vae", "text_encoder"):
             if not getattr(args, name):
@@ -168,9 +179,11 @@ def check_args(args, world, registry):
     # ---- rewards: names, files, weights, the selective mode's needs
     try:
         parsed = parse_rewards(args.rewards, registry, args.released.reward_frames)
-    except Exception as e:  # a user's reward file that fails to import lands here too
+    except (Exception, SystemExit) as e:  # a user's reward file that fails to import (or exits) lands here too
         err.append(f"--rewards: {type(e).__name__}: {e}")
         parsed = []
+    if not args.rewards:
+        err.append("--rewards: none given; name at least one, e.g. --rewards shape_match=1 color_match=1")
     names = [name for name, _, _ in parsed]
     framed = [name for name, fn, _ in parsed if takes_frames(fn)]  # what --released.reward-frames reaches
     err += [f"--rewards: {line}" for line in missing_weights(names)]
@@ -196,7 +209,7 @@ def check_args(args, world, registry):
                     f"({', '.join(takers)}): ignored")
     if args.model == "tiny":
         unreadable = [p for p in args.prompts if not tiny_world.readable(p)]
-        if args.prompt_file and os.path.isfile(find_file(args.prompt_file)):
+        if args.prompt_file and os.path.isfile(find_file(args.prompt_file)) and not err:
             unreadable += [p for p in prompt_lines(find_file(args.prompt_file)) if not tiny_world.readable(p)]
         if unreadable:
             warn.append(f"{len(unreadable)} prompt(s) the tiny model cannot read (it knows "
@@ -206,61 +219,95 @@ def check_args(args, world, registry):
 
 
 def prompt_lines(path):
-    """The non-empty lines of a prompt file."""
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    """The non-empty lines of a prompt file (UTF-8 text; anything else is a UsageError naming it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise UsageError(f"--prompt-file {path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); "
+                         f"save it as UTF-8") from None
+    except OSError as e:
+        raise UsageError(f"--prompt-file {path}: cannot read it ({e.strerror})") from None
+
+
+def lora_init_errors(args):
+    """--lora-init's adapter_config.json (a PEFT folder or beside the file), when there is one, must
+    agree with --lora-rank and --lora-alpha: the run records and exports those, and a resume
+    rebuilds its adapters from them."""
+    path = find_file(args.lora_init) if args.lora_init else None
+    if path is None or not os.path.exists(path):
+        return []
+    cfg = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "adapter_config.json")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("adapter_model.safetensors", "adapter_model.bin")):
+        return [f"--lora-init {args.lora_init}: no adapter_model.safetensors or adapter_model.bin in the folder"]
+    if not os.path.isfile(cfg):
+        return []  # LongLive's lora.pt: no config; the adapter takes --lora-alpha
+    try:
+        with open(cfg) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        return [f"--lora-init {args.lora_init}: cannot read {cfg} ({type(e).__name__})"]
+    err = []
+    if config.get("r", args.lora_rank) != args.lora_rank:
+        err.append(f"--lora-rank {args.lora_rank}: the --lora-init adapter has rank {config['r']} ({cfg}); "
+                   f"give --lora-rank {config['r']}")
+    if config.get("lora_alpha", args.lora_alpha) != args.lora_alpha:
+        err.append(f"--lora-alpha {args.lora_alpha}: the --lora-init adapter was trained with alpha "
+                   f"{config['lora_alpha']} ({cfg}); give --lora-alpha {config['lora_alpha']}")
+    return err
+
+
+def reward_probe(args, registry, device):
+    """Each reward called once on two small random videos shaped as the run's (rewards.probe_rewards):
+    a wrong signature, output or an exception is one line naming the reward and its file, before
+    anything loads. The learned rewards are not called: they would load their models (GBs)."""
+    try:
+        parsed = parse_rewards(args.rewards, registry, args.released.reward_frames)
+    except (Exception, SystemExit):  # reported by check_args already
+        return []
+    cheap = [spec for spec in parsed if spec[0] not in LEARNED]
+    T = args.window or args.num_frames
+    if args.model == "tiny":  # pixel space: the videos the rewards will see, at their size
+        shape = (T, 3, args.height, args.width)
+    else:  # a Wan video decodes to 1 + 4 (T - 1) frames at 480x832: probe a few small frames instead
+        shape = (1 + 4 * (min(T, 3) - 1), 3, 64, 64)
+    prompts = (list(args.prompts) or tiny_world.PROMPTS)[:2]
+    return rewards.probe_rewards(cheap, shape, (prompts * 2)[:2], device)
 
 
 def check_out_dir(args, check_lock=True):
-    """Errors if the out-dir cannot be written or belongs to another run (or, with check_lock, to a
-    live one)."""
+    """Errors if the out-dir cannot be written, belongs to another run (or, with check_lock, to a
+    live one), or holds files this project did not write that --overwrite would have to pass over."""
     out = args.out_dir
+    if not out.strip():
+        return ["--out-dir '': give a folder name (e.g. --out-dir out/run1)"]
     if os.path.exists(out) and not os.path.isdir(out):
         return [f"--out-dir {out}: is a file, not a folder"]
     parent = out
     while not os.path.exists(parent):  # the nearest folder that exists must be writable
         parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent):
+        return [f"--out-dir {out}: {parent} is a file, not a folder"]
     if not os.access(parent, os.W_OK | os.X_OK):
         return [f"--out-dir {out}: cannot write into {parent}"]
-    holder = lock_holder(out) if check_lock else None
+    holder = runs.lock_holder(out) if check_lock else None
     if holder:
-        return [f"--out-dir {out}: a live run (pid {holder}) is writing there; wait for it, stop it, or "
-                f"choose another --out-dir"]
-    ours = [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))] + run_checkpoints(out)
-    if ours and not args.resume and not args.overwrite:
-        return [f"--out-dir {out}: holds another run ({len(run_checkpoints(out))} checkpoint(s), "
+        return [runs.live_message(out, holder)]
+    if not runs.holds_run(out) or args.resume:
+        return []
+    if not args.overwrite:
+        n = len(runs.run_checkpoints(out))
+        return [f"--out-dir {out}: holds another run ({n} checkpoint(s), "
                 f"{'a' if os.path.exists(os.path.join(out, 'metrics.jsonl')) else 'no'} metrics.jsonl); "
                 f"--resume latest continues it, --overwrite replaces it, or choose another --out-dir"]
+    foreign = [os.path.relpath(p, out) for p in runs.survey(out)["foreign"]]
+    if foreign:  # --overwrite deletes only what this project wrote: it will not leave a mixed folder
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        return [f"--out-dir {out}: --overwrite deletes only this project's files, and {out} also holds "
+                f"{len(foreign)} other(s): {', '.join(foreign[:5])}{more}; move them away or choose another --out-dir"]
     return []
-
-
-# ---- the lock: one live run per out-dir
-
-def lock_holder(out):
-    """The pid of a live process holding out/.lock, else None (no lock, or a stale one)."""
-    path = os.path.join(out, ".lock")
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip() or 0)
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except (FileNotFoundError, ValueError, ProcessLookupError):
-        return None
-    except PermissionError:  # it exists, owned by someone else
-        return pid
-    return pid if pid != os.getpid() else None
-
-
-def take_lock(out):
-    """Write our pid into out/.lock (after check_out_dir found no live holder)."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, ".lock"), "w") as f:
-        f.write(str(os.getpid()))
-
-
-def release_lock(out):
-    path = os.path.join(out, ".lock")
-    if os.path.exists(path) and lock_holder(out) is None:
-        os.remove(path)
 
 
 # ---- resume
@@ -278,28 +325,40 @@ def checkpoint_problem(path):
             return "state.json has no step / args"
     except Exception as e:
         return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    named = runs.checkpoint_step(path)
+    if named is not None and named != state["step"]:  # renamed or copied over another: which step is it?
+        return f"its folder name says step {named} but its state.json says step {state['step']}"
     return None
 
 
 def find_resume(args):
-    """(checkpoint folder or None, its state.json or None, notes, errors): the newest intact
-    checkpoint for --resume latest (a damaged newer one is noted and skipped; none at all: a fresh
-    start), or the folder --resume names."""
+    """(checkpoint folder or None, its state.json or None, notes, errors): for --resume latest the
+    newest intact checkpoint of the run that wrote the out-dir last (its lineage, runs.py: a damaged
+    newer one, or one of another run or an abandoned branch, is noted and skipped; none at all: a
+    fresh start), or the folder --resume names."""
     if not args.resume:
         return None, None, [], []
-    if args.resume == "latest":
-        candidates = run_checkpoints(args.out_dir)[::-1]
-        if not candidates:
-            return None, None, [f"--resume latest: no checkpoint in {args.out_dir} yet: starting fresh"], []
-    else:
-        candidates = [args.resume]
-    notes = []
+    latest = args.resume == "latest"
+    lineage = runs.read_lineage(args.out_dir) if latest else None  # None: any (an out-dir from before lineages)
+    candidates = runs.run_checkpoints(args.out_dir)[::-1] if latest else [args.resume]
+    notes, others = [], []
     for path in candidates:
         problem = checkpoint_problem(path)
-        if problem is None:
-            with open(os.path.join(path, "state.json")) as f:
-                return path, json.load(f), notes, []
-        notes.append(f"checkpoint {path} is damaged ({problem}): skipped")
+        if problem is not None:
+            notes.append(f"checkpoint {path} is damaged ({problem}): skipped")
+            continue
+        state = runs.read_state(path)
+        if lineage is not None and not runs.continues(lineage, runs.lineage_id(state), state["step"]):
+            others.append(os.path.basename(path))
+            continue
+        if others:
+            notes.append(f"--resume latest: skipped {', '.join(others)}: of another run or an abandoned branch "
+                         f"(not of run {lineage['id']}, which wrote {args.out_dir} last)")
+        return path, state, notes, []
+    if latest and len(notes) == 0:
+        why = f" ({', '.join(others)}: of other runs)" if others else ""
+        return None, None, [f"--resume latest: no checkpoint of the run in {args.out_dir} yet{why}: starting "
+                            f"fresh"], []
     return None, None, [], notes + [f"--resume {args.resume}: no intact checkpoint to resume from"]
 
 
@@ -340,6 +399,14 @@ def resume_errors(saved, args):
         if key not in RESUME_FREE and key in old and old[key] != _jsonable(value):
             errors.append(f"{flag(key)} {value}: the checkpoint was trained with {old[key]} "
                           f"(resuming needs the same value; start a new --out-dir to change it)")
+    # the same files, wherever they are now (a checkpoint from before fingerprints: at least a
+    # file where there was none, --ckpt None for a random base, is a change)
+    files = saved.get("files", {name: None for name in FINGERPRINTED if old.get(name) is None})
+    for name, was in files.items():
+        now = fingerprint(getattr(args, name))
+        if now != was:
+            errors.append(f"{flag(name)} {getattr(args, name)}: not the file the checkpoint was trained with "
+                          f"({describe_file(was)}; now {describe_file(now)}); resuming needs the same file")
     if args.steps <= saved["step"]:
         errors.append(f"--steps {args.steps}: the checkpoint is already at step {saved['step']}; give a "
                       f"larger --steps to train on")
@@ -356,43 +423,3 @@ def resume_changes(saved, args):
 def _jsonable(value):
     """A value as it reads back from state.json (tuples become lists)."""
     return json.loads(json.dumps(value))
-
-
-def leftovers(out):
-    """Half-written files and folders a killed run left behind (write_atomic's temporaries)."""
-    if not os.path.isdir(out):
-        return []
-    pattern = re.compile(r".*\.(tmp|old)\d+(\.\w+)?$")
-    return [os.path.join(out, f) for f in os.listdir(out) if pattern.fullmatch(f)]
-
-
-def metrics_rows(path, step):
-    """(the rows of metrics.jsonl up to `step`, how many others there were): rows past the
-    checkpoint a crashed run wrote, and a damaged row (a full disk, a kill mid-write), go."""
-    if not os.path.exists(path):
-        return [], 0
-    kept, dropped = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1
-                continue
-            if row.get("step", step + 1) <= step:
-                kept.append(row)
-            else:
-                dropped += 1
-    return kept, dropped
-
-
-def own_out_dir(args):
-    """Rank 0 takes the out-dir: the lock, then away with what a killed run left half-written
-    (and, with --overwrite on a fresh run, with the old run's outputs and checkpoints)."""
-    take_lock(args.out_dir)
-    clear = [os.path.join(args.out_dir, f) for f in OUTPUTS] + run_checkpoints(args.out_dir)
-    for path in leftovers(args.out_dir) + (clear if args.overwrite and not args.resume else []):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)

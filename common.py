@@ -4,9 +4,13 @@ probes and PNG figures. Nothing here is part of the algorithm.
 
 Test:  python -m pytest tests/test_train.py -q      (every helper runs in a training run)
 """
+import contextlib
 import hashlib
+import io
 import os
+import re
 import shutil
+import sys
 import time
 
 import torch
@@ -41,16 +45,33 @@ def missing_files(args, fields):
     return out
 
 
+# write_atomic's temporaries: "<root>.astrolabe-tmp<pid><ext>" while written, "<path>.astrolabe-old<pid>"
+# for a folder being replaced. The marker makes them this project's own names, so clean-up
+# (runs.survey) never mistakes a user's `notes.tmp1` or `ckpt_000002.old1` for one
+TEMP = re.compile(r"(?P<root>.+)\.astrolabe-(?:tmp\d+(?P<ext>\.[^.]+)?|old\d+)")
+
+
+def temp_origin(name):
+    """The name a write_atomic temporary stands for (None for any other name).
+    >>> temp_origin("metrics.astrolabe-tmp12.jsonl"), temp_origin("ckpt_000002.astrolabe-old7")
+    ('metrics.jsonl', 'ckpt_000002')
+    >>> temp_origin("notes.tmp1"), temp_origin("ckpt_000002.old1")  # a user's backups
+    (None, None)
+    """
+    m = TEMP.fullmatch(name)
+    return m.group("root") + (m.group("ext") or "") if m else None
+
+
 def write_atomic(path, write):
     """write(tmp), then rename tmp -> path, so a crash never leaves a half-written file or folder
     under `path` (a folder that already exists is replaced only once the new one is complete).
-    The temporary name keeps the extension (a.mp4 -> a.tmp123.mp4): writers pick formats by it.
-    Returns what write(tmp) returns."""
+    The temporary name keeps the extension (a.mp4 -> a.astrolabe-tmp123.mp4): writers pick formats
+    by it. Returns what write(tmp) returns."""
     root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    tmp = f"{root}.astrolabe-tmp{os.getpid()}{ext}"
     result = write(tmp)
     if os.path.isdir(path):  # os.replace cannot overwrite a folder: move the old one aside first
-        old = f"{path}.old{os.getpid()}"
+        old = f"{path}.astrolabe-old{os.getpid()}"
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old)
@@ -69,6 +90,31 @@ def log(*args):
     """print on rank 0 only (torchrun sets RANK), flushed at once."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(*args, flush=True)
+
+
+def run_cli(main, parse, fixable, interrupted):
+    """main(parse()) as a command. A problem the user can fix (UsageError or one of the `fixable`
+    exception types) ends in its message, one line per problem, and exit code 2, never a traceback;
+    Ctrl-C ends in the line `interrupted` and exit code 130 (the shell's code for SIGINT). Under
+    torchrun every rank finds the same problem: rank 0 alone prints it, and the other ranks parse
+    the flags silently (tyro's own errors would come once per rank). torchrun itself then reports
+    the failed ranks in its own words; that report is its, not ours to silence."""
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        if rank0:
+            args = parse()
+        else:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                args = parse()
+        main(args)
+    except (UsageError, *fixable) as e:
+        if rank0:
+            print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if rank0:
+            print(f"\n{interrupted}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,26 +17,29 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import checks
+import runs
 from common import log, save_curve, save_strip, save_video, seed_of, use_bf16, write_atomic
 from lora import use_adapter
 from streaming import rollout
 
 
 class RunLog:
-    """Rank 0's record of a run: one metrics.jsonl row per step and per eval (strict JSON; Weights &
-    Biases too with --track), the tqdm bar and one print line per step. Other ranks keep quiet.
-    A resumed run first drops the rows a crash left after its checkpoint."""
+    """Rank 0's record of a run: one metrics.jsonl row per step and per eval, each naming the run's
+    lineage (strict JSON; Weights & Biases too with --track), the tqdm bar and one print line per
+    step. Other ranks keep quiet. A run first keeps only the rows of its own lineage up to the step
+    it starts from (runs.metrics_rows): what a crash left after the checkpoint, a branch abandoned
+    after it, or an interrupted run that never reached a checkpoint goes, said in one line."""
 
-    def __init__(self, args, rank, world, device, start, mem_start):
-        self.args, self.master, self.mem_start = args, rank == 0, mem_start
+    def __init__(self, args, rank, world, device, start, mem_start, lineage):
+        self.args, self.master, self.mem_start, self.lineage = args, rank == 0, mem_start, lineage["id"]
         self.path = os.path.join(args.out_dir, "metrics.jsonl")  # one JSON object per line
         self.flat_steps = 0  # steps in a row whose rewards told no two videos of a prompt apart
-        if start and self.master:  # keep the rows up to the checkpoint; a crash may have left more
-            kept, dropped = checks.metrics_rows(self.path, start)
+        if self.master and os.path.exists(self.path):
+            kept, dropped = runs.metrics_rows(self.path, start, lineage)
             write_atomic(self.path, lambda tmp: _write_lines(tmp, kept))
             if dropped:
-                log(f"warning: {self.path}: dropped {dropped} row(s) written after step {start} or damaged")
+                log(f"warning: {self.path}: dropped {dropped} row(s) after step {start}, of another run or branch, "
+                    f"or damaged; this run's rows replace them")
         self.wandb = start_tracking(args) if args.track and self.master else None  # --track only
         # the bar counts RL steps; a resumed run starts it where the checkpoint left off
         self.bar = tqdm(total=args.steps, initial=start, disable=not (self.master and args.progress),
@@ -55,7 +58,8 @@ class RunLog:
         """One row of metrics.jsonl (rank 0). Non-finite numbers become null: strict JSON has no NaN."""
         if not self.master:
             return
-        # NaN / inf -> null (a skipped step's grad_norm is NaN)
+        # NaN / inf -> null (a skipped step's grad_norm is NaN); the lineage right after the step
+        row = {"step": row["step"], "lineage": self.lineage, **row}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, "a") as f:  # appended: a crash loses at most the row being written
             f.write(json.dumps(clean, allow_nan=False) + "\n")
@@ -96,7 +100,7 @@ class RunLog:
         """The end of the run: the bar, the out-dir's lock (rank 0), the process group (torchrun)."""
         self.bar.close()
         if self.master:
-            checks.release_lock(self.args.out_dir)
+            runs.release_lock(self.args.out_dir)
         if dist.is_initialized():  # torchrun, any number of processes
             dist.destroy_process_group()
 

@@ -1,6 +1,7 @@
 """
 The memory model: what one RL step of train.py holds at its peak, predicted from the run's
-config before anything loads (train.py prints it at start; tools/bench.py memory measures it); and
+config before anything loads (train.py prints it at start and stops when it exceeds the memory the
+process can have; sample.py checks its own peak the same way; tools/bench.py memory measures it); and
 train_flops, the FLOPs of one training forward and backward (tools/bench.py gpu's MFU).
 
     static      frozen base weights, every LoRA adapter (float32)
@@ -11,7 +12,8 @@ train_flops, the FLOPs of one training forward and backward (tools/bench.py gpu'
                 saves in the x_theta forward (all blocks, or with --grad-checkpointing each
                 block's input and one block's worth) + the backward's gradient buffers
     decode      the VAE's working set for --decode-batch videos (real models) and the pixels
-    reward      learned reward models' weights and their activations for one chunk of frames
+    reward      the pixels and the copy each reward gets; learned reward models' weights and
+                their activations for one chunk of frames
     eval        the periodic eval's whole videos: a KV cache for each of a rollout batch
 peak = static + optimizer + max(rollout, update, eval) + decode + reward.
 
@@ -29,9 +31,11 @@ micro-batch, n samples per rank, E eval videos per rollout, Lt text tokens, b by
 train_flops: Nt token rows through a block, Nq of them past their K and V, p pixels per patch,
 M rows of one linear, I -> O its features.
 """
+import os
+
 import torch
 
-from common import log
+from common import UsageError, log
 from lora import add_adapter, adapter_numel
 from kvcache import attention_plan, clean_context_frames
 from model import CausalWanModel
@@ -174,7 +178,8 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
         out["decode"] = VAE_WEIGHTS + args.decode_batch * VAE_BYTES_PER_PIXEL * args.height * args.width
         pixels = args.decode_batch * (1 + 4 * (T - 1)) * 3 * args.height * args.width * 4  # float32
     learned = [spec.split("=")[0] for spec in args.rewards if spec.split("=")[0] in REWARD_PARAMS]
-    out["reward"] = pixels + sum(REWARD_PARAMS[r] * 4 for r in learned) + max(
+    # the pixels, and the copy of them the reward being called gets (rewards.MultiReward.score)
+    out["reward"] = 2 * pixels + sum(REWARD_PARAMS[r] * 4 for r in learned) + max(
         [REWARD_CHUNK_BYTES[r] for r in learned], default=0)
 
     # ---- the periodic eval: whole videos for the eval prompts, one cache for all of them
@@ -208,17 +213,74 @@ def levers(args):
 
 
 def report(args, cfg, start, world, bf16, device):
-    """train.py's start-up lines: the predicted peak per rank and, on a GPU, its size and a warning
-    naming the levers when the prediction will not fit (5% head room for the allocator)."""
+    """train.py's start-up lines: the predicted peak per rank; then, before anything loads, a stop
+    (UsageError naming the levers) when it exceeds the memory this process can have (fits)."""
     pred = predict(args, cfg, start=start, world=world, bf16=bf16)
     log(f"memory model: predicted peak {summary(pred)} per rank")
-    if not str(device).startswith("cuda"):
+    fits(pred["peak"], device, levers(args), args.ignore_memory_check)
+
+
+def available(device):
+    """(bytes this process can have, in words; None where unknown). CUDA: the card's free memory
+    (less 5% the allocator needs for itself). CPU: MemAvailable (/proc/meminfo), within a cgroup's
+    limit where one is set, shared by the ranks on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    if str(device).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.95 * free, "this GPU's free memory"
+    try:
+        with open("/proc/meminfo") as f:
+            have = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux
+        return None, "unknown"
+    try:  # a container's limit (cgroup v2): what is left under it, if less
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), int(g.read())
+        if limit != "max":
+            have = min(have, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return have / ranks, "the memory available" + (f" to each of {ranks} ranks" if ranks > 1 else "")
+
+
+def fits(peak, device, what_helps, ignore):
+    """Stop (UsageError) when `peak` bytes exceed what available() finds, naming the levers and
+    --ignore-memory-check; with `ignore`, say so and go on (the prediction may be pessimistic)."""
+    have, where = available(device)
+    if have is None or peak <= have:
         return
-    total_gb = torch.cuda.get_device_properties(device).total_memory / GB
-    log(f"GPU: {total_gb:.1f} GB")
-    if pred["peak"] / GB > 0.95 * total_gb:
-        log(f"WARNING: the predicted peak ({pred['peak'] / GB:.1f} GB) will not fit this GPU "
-            f"({total_gb:.1f} GB); levers: {', '.join(levers(args))}")
+    msg = (f"the memory model predicts a peak of {peak / GB:.1f} GB, more than {where} ({have / GB:.1f} GB); "
+           f"levers: {', '.join(what_helps)}; or --ignore-memory-check to go on anyway")
+    if not ignore:
+        raise UsageError(msg)
+    log(f"warning: {msg} (going on: --ignore-memory-check)")
+
+
+def predict_sample(cfg, videos, frames, hw, local=-1, bf16=False, decode=False, text_file_bytes=0):
+    """Peak bytes of sample.py making `videos` videos of `frames` latent frames at latent size hw:
+    the DiT's weights, a KV cache per video, the latents, one block through a layer's FFN; with
+    decode (Wan) the VAE decoding one video afterwards. The text encoder runs and is freed before
+    the DiT loads, so the peak is the larger of the two phases; it is counted from its files
+    (`text_file_bytes`, bf16 on disk as Wan ships umT5: twice that in float32)."""
+    b = 2 if bf16 else 4
+    ph, pw = cfg.patch_size[1:]
+    P = (hw[0] // ph) * (hw[1] // pw)
+    base, _ = parameter_counts(cfg, 1)
+    cap = local if local >= 0 else frames
+    cache = videos * 2 * cfg.num_layers * (cap * P + cfg.text_len) * cfg.dim * b
+    latents = videos * frames * cfg.in_dim * hw[0] * hw[1] * 4
+    call = videos * cfg.frames_per_block * P * (cfg.ffn_dim + 6 * cfg.dim) * b
+    vae = VAE_WEIGHTS + VAE_BYTES_PER_PIXEL * 64 * hw[0] * hw[1] if decode else 0  # 8x the latent size
+    return max(text_file_bytes * b / 2, base * b + cache + latents + call + vae)
+
+
+def file_bytes(path):
+    """The size of a file, or of every file in a folder (a Diffusers model folder); 0 for None."""
+    if not path:
+        return 0
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, names in os.walk(path) for f in names)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,12 @@ What is here (definitions and sources: docs/rewards.md):
   helpers       grayscale (Astrolabe's trick against colour hacking of motion scores),
                 top_fraction (Astrolabe's top-30% frame aggregation).
   plumbing      REWARDS registry, get_reward("name" | "file.py:fn"), parse_rewards(["NAME=W"]),
-                MultiReward: score() calls and validates, total() sums R = sum_j w_j R_j on raw scores.
+                MultiReward: score() calls and validates, total() sums R = sum_j w_j R_j on raw scores;
+                probe_rewards: each reward once on a tiny video before a run loads anything.
+Rewards are isolated: each is handed its own copy of the videos (PyTorch has no read-only
+tensors), so a reward that writes into its input cannot change what the next one scores, or the
+eval video saved afterwards; whatever it returns is checked (one finite score per video, within
+float32).
 Astrolabe's own HPSv3 and VideoAlign are 2-8 B Qwen2-VL scorers that need their own environment;
 they plug in as `file.py:function` rewards through the same signature. Imports nothing of this
 repository: copy it alone.
@@ -191,8 +196,10 @@ def get_reward(spec, registry=REWARDS):
         sys.modules[key] = module  # registered before running, as importlib's recipe does
         try:
             module.__spec__.loader.exec_module(module)
-        except BaseException:  # a file that fails to run is not cached
+        except BaseException as e:  # a file that fails to run is not cached
             sys.modules.pop(key)
+            if isinstance(e, SystemExit):  # exit() while importing: say which file, not just "3"
+                raise ValueError(f"reward '{spec}': running '{path}' called exit({e.code})") from None
             raise
     fn, todo = getattr(module, name, None), f"define def {name}(videos, prompts) -> Tensor[B]"
     if fn is None:
@@ -282,9 +289,12 @@ class MultiReward:
         if not torch.isfinite(videos).all():  # a detector would score NaN pixels as background
             raise RewardError("the videos hold non-finite pixels (NaN or inf): the model that made "
                               "them diverged; no reward can score them")
-        # each reward on every video, its output checked: {name: (B,)}, in --rewards order
-        return {n: self._check(n, fn(videos, prompts), len(videos), videos.device)
-                for n, fn in zip(self.names, self.fns)}
+        # each reward on every video, its output checked: {name: (B,)}, in --rewards order. Each gets
+        # its own copy of the videos: one that writes into them cannot change what the others see
+        out = {}
+        for name, fn in zip(self.names, self.fns):
+            out[name] = self._check(name, fn(videos.clone(), list(prompts)), len(videos), videos.device)
+        return out
 
     def total(self, scores):
         """R = sum_j w_j R_j over score()'s dict (or any dict of [B] terms with the same names).
@@ -297,16 +307,52 @@ class MultiReward:
 
     @staticmethod
     def _check(name, out, B, device):
-        """Anything convertible to B finite floats ([B] or [B, 1]) -> float32 [B]."""
-        try:
-            t = torch.as_tensor(out, dtype=torch.float32, device=device).detach()
+        """Anything convertible to B finite real numbers within float32's range ([B] or [B, 1]) ->
+        float32 [B] on `device`."""
+        try:  # not a tensor (a list, numpy): float64, so that a too-large score is seen as such below
+            t = out.detach() if torch.is_tensor(out) else torch.as_tensor(out, dtype=torch.float64)
         except Exception as e:
             raise RewardError(f"reward '{name}' returned {type(out).__name__}, which is not "
                               f"convertible to a tensor ({e}); return Tensor[B]") from None
+        if t.is_complex():
+            raise RewardError(f"reward '{name}' returned {t.dtype} scores; return real numbers, Tensor[B]")
         t = t[:, 0] if t.dim() == 2 and t.shape[1] == 1 else t  # [B, 1] -> [B]
         if t.shape != (B,):
             raise RewardError(f"reward '{name}' returned shape {tuple(t.shape)}, expected ({B},): "
                               f"one score per video")
         if not torch.isfinite(t).all():
             raise RewardError(f"reward '{name}' returned non-finite scores {t.tolist()}")
-        return t
+        t32 = t.to(device=device, dtype=torch.float32)
+        if not torch.isfinite(t32).all():  # finite in float64, beyond float32 (|x| > 3.4e38)
+            raise RewardError(f"reward '{name}' returned scores beyond float32's range (largest |score| "
+                              f"{t.abs().max().item():.3g} > 3.4e38), which would become inf; scale them down")
+        return t32
+
+
+def reward_file(fn):
+    """The file a reward function is defined in (through functools.partial and @wraps)."""
+    while isinstance(fn, partial):
+        fn = fn.func
+    try:
+        path = inspect.getsourcefile(inspect.unwrap(fn))
+    except TypeError:  # a builtin
+        return "?"
+    inside = os.path.abspath(path).startswith(os.getcwd() + os.sep)
+    return os.path.relpath(path) if inside else path  # short below the current folder, else in full
+
+
+def probe_rewards(specs, shape, prompts, device="cpu"):
+    """Call each reward of `specs` (parse_rewards' (name, fn, weight)) once on two small random videos
+    [2, *shape] in [0, 1] with `prompts` (two), as MultiReward.score calls it: a wrong signature, a
+    wrong output (shape, dtype, non-finite) or an exception is one line naming the reward and its
+    file. Returns those lines. Pass only cheap rewards: a learned one would load its model here."""
+    videos = torch.rand((2, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+    errors = []
+    for name, fn, weight in specs:
+        try:
+            MultiReward([(name, fn, weight)]).score(videos, prompts)
+        except Exception as e:
+            why = " ".join(str(e).split())[:300]
+            errors.append(f"--rewards {name} ({reward_file(fn)}): on a probe video {tuple(videos.shape)}: "
+                          f"{type(e).__name__}: {why}")
+    return errors

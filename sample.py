@@ -27,7 +27,6 @@ tokens and width.
 import dataclasses
 import functools
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -261,9 +260,11 @@ class Args:
     seed: int = 0
     """noise seed (sample i uses seed + i)"""
     out: str = "out/sample.mp4"
-    """output mp4 path"""
+    """output video (.mp4, .mov, .mkv or .avi); several prompts: <name>_0.mp4, <name>_1.mp4, ..."""
     fps: int = 16
     """frames per second of the mp4"""
+    ignore_memory_check: bool = False
+    """go on when memory.py's predicted peak exceeds the memory this process can have (else: stop)"""
 
 
 def write_decoded(path, vae, lat, block, fps=16):
@@ -289,10 +290,28 @@ def _stream_to_mp4(path, vae, lat, block, fps):
     return n
 
 
+# containers ffmpeg writes H.264 into (what save_video and write_decoded encode)
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi")
+
+
+def output_paths(args):
+    """The file of each video: --out itself for one video, else <root>_<i><ext> (clip.mov ->
+    clip_0.mov, clip_1.mov) for the videos of several prompts."""
+    n = 1 if args.switch_frames else len(args.prompts)  # prompt switches make one video
+    if n == 1:
+        return [args.out]
+    root, ext = os.path.splitext(args.out)
+    return [f"{root}_{i}{ext}" for i in range(n)]
+
+
 def check_sample_args(args):
     """Every problem with the flags, one line each, before anything loads."""
     from common import missing_files
     err = []
+    if not args.prompts:
+        err.append("--prompts: give at least one prompt")
+    if args.fps < 1:
+        err.append(f"--fps {args.fps}: must be >= 1")
     n = CONFIGS[args.model].frames_per_block
     tiny = args.model == "tiny"
     if args.num_frames < n or args.num_frames % n:  # the sampler makes whole blocks only
@@ -326,6 +345,8 @@ def check_sample_args(args):
     absent = missing_files(args, ("ckpt", "lora", "vae", "text_encoder", "tokenizer"))
     if absent:  # all of them in one message, before minutes of loading
         err.append("not found: " + ", ".join(absent) + " (README, Real models)")
+    if not args.out.strip():
+        return err + ["--out '': give a file name ending in .mp4"]
     folder = os.path.dirname(os.path.abspath(args.out))
     while not os.path.exists(folder):  # the nearest existing folder must take the new file
         folder = os.path.dirname(folder)
@@ -333,10 +354,17 @@ def check_sample_args(args):
         err.append(f"--out {args.out}: cannot write into {folder}")
     if os.path.isdir(args.out):
         err.append(f"--out {args.out}: is a folder; give a file name ending in .mp4")
+    elif os.path.splitext(args.out)[1].lower() not in VIDEO_EXTS:  # refused now, not after sampling
+        err.append(f"--out {args.out}: not a video file name; end it in {', '.join(VIDEO_EXTS)}")
+    folders = [p for p in output_paths(args)[1:] if os.path.isdir(p)]
+    if folders:
+        err.append(f"--out {args.out}: {folders[0]}, where a video of the {len(output_paths(args))} prompts "
+                   f"goes, is a folder")
     return err
 
 
 def main(args: Args):
+    import memory
     from checkpoints import load_checkpoint
     from common import UsageError, find_file, save_video
     from frozen import TextEncoder, WanVAE, to_pixels
@@ -352,6 +380,12 @@ def main(args: Args):
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # bf16 as the released pipeline
     multi = len(args.switch_frames) > 0
     prompts = args.prompts if not multi else args.prompts[:1]  # one video; its prompt changes
+    # the predicted peak against the memory there is, before anything loads (latent size: tiny = pixels)
+    hw = (args.height or 32, args.width or 32) if tiny else ((args.height or 480) // 8, (args.width or 832) // 8)
+    need = memory.predict_sample(cfg, len(prompts), args.num_frames, hw, args.local_attn, dev == "cuda", not tiny,
+                                 memory.file_bytes(find_file(args.text_encoder) if args.text_encoder else None))
+    memory.fits(need, dev, ["fewer --prompts at once", "a rolling cache (--local-attn 12 --sink 3)",
+                            "a smaller --num-frames, --height or --width"], args.ignore_memory_check)
     # each file as found: relative to the cwd, else to this repository (`assets/...` from anywhere)
     args = dataclasses.replace(args, **{f: find_file(getattr(args, f)) for f in ("ckpt", "lora", "vae", "text_encoder",
                                                                                    "tokenizer") if getattr(args, f)})
@@ -390,8 +424,7 @@ def main(args: Args):
         # last_cache_pass=False: nothing reads the cache after the last block
         lat = generate(model, ctx, cache, args.num_frames, noise, progress=True, last_cache_pass=False)
     vae = None if tiny else WanVAE.load(args.vae, device=dev)  # after sampling: not part of its peak
-    for i in range(lat.shape[0]):
-        path = args.out if lat.shape[0] == 1 else args.out.replace(".mp4", f"_{i}.mp4")  # out_0.mp4, ...
+    for i, path in enumerate(output_paths(args)):  # one distinct file per video
         if tiny:
             save_video(path, to_pixels(lat[i]), args.fps)
             n, size = args.num_frames, f"{H}x{W}"
@@ -402,9 +435,6 @@ def main(args: Args):
 
 if __name__ == "__main__":
     import tyro
-    from common import UsageError
-    try:
-        main(tyro.cli(Args))
-    except (UsageError, ValueError, OSError) as e:  # flags, files, folders: one line each
-        print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
-        sys.exit(2)
+    from common import run_cli
+    # flags, files, folders: one line each, exit 2
+    run_cli(main, functools.partial(tyro.cli, Args), (ValueError, OSError), "interrupted: no video written")

@@ -35,9 +35,9 @@ import checks
 import nft_loss as nft
 import reward_models
 import tiny_world
-from checkpoints import load_adapter_file, load_base, resume_run, save_run
+from checkpoints import load_base, load_lora_init, resume_run, save_run
 from common import (NonFiniteGuard, StepClock, UsageError, all_reduce_step, gather, init_distributed, log,
-                    memory_in_use, seed_of, use_bf16)
+                    memory_in_use, run_cli, seed_of, use_bf16)
 from evaluation import RunLog, evaluate, pick_eval_prompts, save_before_after
 from frozen import FrozenParts
 from lora import add_adapter, adapter_params, copy_adapter, lerp_adapter, use_adapter
@@ -104,7 +104,10 @@ class Args:
     resume: Optional[str] = None
     """'latest' (newest ckpt_* in out_dir) or a checkpoint folder"""
     overwrite: bool = False
-    """start afresh in an --out-dir that holds another run, deleting its outputs (else: refused)"""
+    """start afresh in an --out-dir that holds another run, deleting its outputs (refused while the
+    folder also holds files this project did not write)"""
+    ignore_memory_check: bool = False
+    """go on when memory.py's predicted peak exceeds the memory this process can have (else: stop)"""
     track: bool = False
     """log to Weights & Biases (wandb must be installed; off by default)"""
     progress: bool = True
@@ -280,7 +283,7 @@ def add_policies(model, args):
     # the --lora-init warm start (LongLive's own LoRA)
     add_adapter(model, "default", args.lora_rank, args.lora_alpha)
     if args.lora_init:
-        load_adapter_file(model, "default", args.lora_init)
+        load_lora_init(model, args.lora_init)
     # θ_old, "old": rolls out the videos (step 1) and anchors the NFT loss; starts as θ, then trails it
     copy_adapter(model, "default", "old")
     # the reference of λ ||x̂_θ - x̂_ref||²: with --selective its own adapter "ref", starting as θ and
@@ -365,8 +368,8 @@ def main(args: Args):
     if args.exact_reference:  # every released-code behaviour at once (RELEASED)
         args = released_behaviour(args)
     # every check before anything loads (all problems at once, one line each), the out-dir's lock,
-    # CPU threads, the predicted memory peak; returns args with each input file as found
-    args, resume_path = checks.start_run(args, world, REGISTRY, device)
+    # CPU threads, the predicted memory peak; returns args with each input file as found, the run's lineage
+    args, resume_path, lineage = checks.start_run(args, world, REGISTRY, device)
     prompts = checks.training_prompts(args)  # --prompts + --prompt-file, else the shapes world's
     frozen = FrozenParts(args, prompts, device)  # embed: text -> (B, Lt, Dt); decode: latents -> pixels
     multi = MultiReward(args.rewards, registry=REGISTRY, frames=args.released.reward_frames)  # R_1 .. R_J
@@ -383,7 +386,7 @@ def main(args: Args):
     dynref = nft.DynamicReference(thres_max=args.released.ref_thres_cap)  # --selective: when ref <- θ
     guard = NonFiniteGuard()  # a non-finite loss skips a step; 3 in a row, or non-finite weights, stop
     start = resume_run(resume_path, model, opt, args, compensator, dynref, guard) if resume_path else 0
-    runlog = RunLog(args, rank, world, device, start, mem_start)  # metrics.jsonl, the bar, wandb (--track)
+    runlog = RunLog(args, rank, world, device, start, mem_start, lineage)  # metrics.jsonl, the bar, wandb
     eval_prompts = pick_eval_prompts(prompts, args.eval_prompts)  # spanning the prompts' words
     policy = "ema" if args.ema else "default"  # what eval, export and the "after" picture use
     after = None  # the final policy's eval videos, once the last step has been evaluated
@@ -489,7 +492,7 @@ def main(args: Args):
             after = evaluate(model, frozen, multi, eval_prompts, args, policy, step + 1, runlog)
         if (args.ckpt_every and (step + 1) % args.ckpt_every == 0) or step + 1 == args.steps:
             state = {"step": step + 1, "bad_steps": guard.bad_steps, "args": dataclasses.asdict(args),
-                     "compensator": compensator.state_dict(), "dynref": dynref.state_dict()}
+                     "lineage": lineage, "compensator": compensator.state_dict(), "dynref": dynref.state_dict()}
             save_run(args, model, opt, state, export=policy, rank=rank, world=world)
 
     # ================================ finish (plumbing) ================================
@@ -497,12 +500,8 @@ def main(args: Args):
     runlog.close()  # the bar, the out-dir's lock, the process group
 
 
-if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (UsageError, RewardError) as e:  # what the user can fix: one line each, no traceback
-        print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # what the user can fix: one line each (rank 0), exit 2, no traceback
+    run_cli(main, parse_args, (RewardError,), "interrupted: --resume latest continues from the last checkpoint")
     # plumbing: everything is written; the interpreter's final garbage collection would walk every
     # object torch made (~1.3 s on a 2-core CPU) to free memory the OS takes back anyway
     gc.freeze()

@@ -18,7 +18,7 @@ import rewards
 import streaming
 import train
 from model import CausalWanModel, ModelConfig
-from test_train import rows, run
+from test_train import rows, run, strip_times
 
 CFG = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=3, out_dim=3, text_dim=16, text_len=8)
 
@@ -56,8 +56,7 @@ def test_exact_reference_run_is_every_released_flag(tmp_path):
     out, stdout = {}, {}
     for name, flags in [("exact", ["--exact-reference"]), ("spelled", SPELLED_OUT), ("default", [])]:
         stdout[name] = run(common + flags, tmp_path / name).stdout
-        out[name] = [{k: v for k, v in row.items() if not k.startswith(("time/", "mem/"))}
-                     for row in rows(tmp_path / name)]
+        out[name] = [strip_times(row) for row in rows(tmp_path / name)]
         assert len(out[name]) == 2, name
     said = next(line for line in stdout["exact"].splitlines() if line.startswith("--exact-reference:"))
     assert "--released.train-mask frame" in said and "--window-context noisy" in said
@@ -199,5 +198,5 @@ def test_ema_start(tmp_path, start):
     other = tmp_path / "other"
     run(["--steps", "1", "--eval-every", "0", "--num-frames", "3",
          "--released.ema-start", "base" if start == "sync" else "sync"], other)
-    strip = [{k: v for k, v in r.items() if not k.startswith(("time/", "mem/"))} for r in rows(out) + rows(other)]
+    strip = [strip_times(r) for r in rows(out) + rows(other)]
     assert strip[0] == strip[1]

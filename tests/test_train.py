@@ -24,6 +24,7 @@ SMALL = ["--height", "16", "--width", "16", "--num-frames", "3", "--window", "0"
          "--group-size", "2", "--micro-batch", "2", "--eval-prompts", "2", "--no-progress"]
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
 TIMING = ("time/", "mem/")  # measurements, not results
+RUN_ID = ("lineage",)  # which run wrote a row: drawn at random per run
 
 
 def run(args, out, cmd=None):
@@ -41,7 +42,8 @@ def rows(out, evals=False):
 
 
 def strip_times(r):
-    return {k: v for k, v in r.items() if not k.startswith(TIMING)}
+    """A row's results: without its measurements and the id of the run that wrote it."""
+    return {k: v for k, v in r.items() if not k.startswith(TIMING) and k not in RUN_ID}
 
 
 def test_help_is_instant_and_offline():
@@ -57,7 +59,7 @@ def test_smoke_artifacts(tmp_path):
          "--rewards", "colorfulness=1", "sharpness=0.5"], out)
     ck = out / "ckpt_000002"
     assert sorted(os.listdir(out)) == ["before_after.mp4", "before_after.png", "ckpt_000002", "eval",
-                                       "metrics.jsonl", "reward_curve.png"]  # keep-ckpts 1
+                                       "metrics.jsonl", "reward_curve.png", "run.json"]  # keep-ckpts 1
     for f in ["adapters.safetensors", "optim.safetensors", "state.json", "lora/adapter_model.safetensors",
               "lora/adapter_config.json"]:
         assert (ck / f).is_file(), f

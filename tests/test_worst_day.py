@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import torch
 import checks
 import reward_models
 import rewards
+import runs
 import sample
 import train
 from common import UsageError
@@ -59,6 +61,9 @@ def problems(tmp_path, *flags, monkeypatch=None):
     (["--resume", "/nowhere"], "--resume /nowhere: no intact checkpoint"),
     (["--ckpt", "/nowhere.pt"], "not found: --ckpt /nowhere.pt"),
     (["--window-select", "random_choice"], "--window-starts []: give block-aligned starts"),
+    (["--rewards"], "--rewards: none given; name at least one"),
+    (["--rollout-batch", "-1"], "--rollout-batch -1: must be >= 0"),
+    (["--out-dir", ""], "--out-dir '': give a folder name"),
 ])
 def test_bad_flags_fail_in_one_line_before_anything_loads(tmp_path, monkeypatch, flags, message):
     monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))  # no learned-reward weights here
@@ -88,6 +93,67 @@ def test_prompt_file_and_out_dir_problems(tmp_path):
     assert any("is a file, not a folder" in line for line in problems(tmp_path, "--out-dir", str(afile)))
     if checks.importlib.util.find_spec("wandb") is None:
         assert any("--track needs the wandb package" in line for line in problems(tmp_path, "--track"))
+
+
+# a user's reward file that cannot work, and how its one line must read
+BROKEN_REWARDS = {
+    "import torch\ndef r(videos):\n    return videos.mean((1, 2, 3, 4))\n": "takes 1 positional argument but 2",
+    "import torch\ndef r(videos, prompts):\n    return videos.mean((2, 3, 4))\n":
+        "returned shape (2, 3), expected (2,)",
+    "def r(videos, prompts):\n    raise RuntimeError('no GPU here')\n": "RuntimeError: no GPU here",
+    "import torch\ndef r(videos, prompts):\n    return torch.full((len(videos),), 1e39, dtype=torch.float64)\n":
+        "beyond float32's range (largest |score| 1e+39",
+}
+
+
+@pytest.mark.parametrize("code", BROKEN_REWARDS)
+def test_a_broken_reward_is_one_line_naming_it_and_its_file_before_anything_loads(tmp_path, monkeypatch, code):
+    f = tmp_path / "mine.py"
+    f.write_text(code)
+    lines = problems(tmp_path, "--rewards", "color_match=1", f"{f}:r=0", monkeypatch=monkeypatch)
+    assert len(lines) == 1 and lines[0].startswith(f"--rewards mine.r ({f}): on a probe video"), lines
+    assert BROKEN_REWARDS[code] in lines[0]
+
+
+def test_a_reward_that_writes_into_its_videos_changes_nothing_for_the_others(tmp_path):
+    f = tmp_path / "vandal.py"
+    f.write_text("import torch\ndef zero(videos, prompts):\n    videos.zero_()\n    return torch.zeros(len(videos))\n")
+    v = torch.rand(2, 3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = v.clone()
+    alone = rewards.MultiReward(["colorfulness=1"]).score(v, ["a", "b"])
+    both = rewards.MultiReward([f"{f}:zero=0", "colorfulness=1"]).score(v, ["a", "b"])  # weight 0: logged only
+    assert torch.equal(both["colorfulness"], alone["colorfulness"]) and alone["colorfulness"].min() > 0
+    assert torch.equal(v, before)  # nor the videos the caller keeps (the eval mp4)
+
+
+def test_user_files_and_folders_that_break_fail_in_one_line(tmp_path, monkeypatch):
+    latin = tmp_path / "prompts.txt"
+    latin.write_bytes("a red circle moving left\na blue café\n".encode("latin-1"))
+    assert problems(tmp_path, "--prompt-file", str(latin), monkeypatch=monkeypatch) == [
+        f"--prompt-file {latin}: not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8"]
+    exits = tmp_path / "exits.py"
+    exits.write_text("import sys\nsys.exit(3)\n")
+    assert any(f"running '{exits}' called exit(3)" in line
+               for line in problems(tmp_path, "--rewards", f"{exits}:r=1", monkeypatch=monkeypatch))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    afile.chmod(0o755)  # even an executable file is no folder
+    assert problems(tmp_path, "--out-dir", str(afile / "sub"), monkeypatch=monkeypatch) == [
+        f"--out-dir {afile / 'sub'}: {afile} is a file, not a folder"]
+    empty = tmp_path / "empty_lora"
+    empty.mkdir()
+    assert any(f"--lora-init {empty}: no adapter_model.safetensors" in line
+               for line in problems(tmp_path, "--lora-init", str(empty), monkeypatch=monkeypatch))
+
+
+def test_a_flag_error_under_torchrun_is_printed_once_by_rank_0(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py"] + SMALL + ["--lr", "-1", "--out-dir", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.stderr.count("error: --lr -1.0: must be a finite number > 0") == 1, r.stderr
+    # torchrun then reports the failed ranks in its own words (its report, not ours to silence): our
+    # code 2, and no traceback of train.py's (torchrun's own follows its "Traceback" line)
+    assert "exitcode  : 2" in r.stderr and "train.py\", line" not in r.stderr
 
 
 def test_settings_that_cannot_learn_warn(tmp_path):
@@ -156,17 +222,27 @@ def test_reused_out_dir_refuses_then_overwrite_replaces(two_steps):
     assert [x["step"] for x in rows(two_steps)] == [1]
 
 
+# a process that holds an out-dir's lock (runs.take_lock) until it is killed
+HOLD = "import sys, time, runs; runs.take_lock(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+
+
 def test_lock_stops_a_second_live_run_and_a_stale_one_does_not(tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                              text=True)
     try:
-        (out / ".lock").write_text(str(holder.pid))
-        assert any(f"a live run (pid {holder.pid})" in line for line in problems(tmp_path, "--out-dir", str(out)))
+        assert holder.stdout.readline().strip() == "held"
+        lines = problems(tmp_path, "--out-dir", str(out))
+        assert any(f"a live run (pid {holder.pid} on {socket.gethostname()})" in line for line in lines), lines
+        with pytest.raises(UsageError, match="a live run"):  # taking it is atomic, not check-then-write
+            runs.take_lock(str(out))
     finally:
         holder.kill()
         holder.wait()
-    run(["--steps", "1", "--eval-every", "0"], out)  # the holder is dead: a stale lock
+    # the holder died and left its lock file; the pid written in it now names a live process (this
+    # one: as when the pid was reused): nobody holds the lock, so it is stale all the same
+    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    run(["--steps", "1", "--eval-every", "0"], out)
     assert not (out / ".lock").exists()  # released at the end
 
 
@@ -181,7 +257,7 @@ def test_two_concurrent_runs(tmp_path):
             time.sleep(0.2)
         second = subprocess.run([sys.executable, "train.py"] + SMALL + ["--out-dir", str(out), "--resume", "latest"],
                                 cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and f"a live run (pid {first.pid})" in second.stderr
+        assert second.returncode == 2 and f"a live run (pid {first.pid} on " in second.stderr
     finally:
         first.kill()
         first.wait()
@@ -207,6 +283,26 @@ def test_kill_9_at_a_random_moment_then_resume_is_exact(tmp_path):
         resume = ["--resume", "latest"] if victim.exists() else []
         run(common[len(SMALL):] + resume, victim)
     assert [strip_times(r) for r in rows(victim)] == [strip_times(r) for r in rows(ref)], f"killed after {delay:.1f} s"
+
+
+# ---- memory: a peak that cannot fit stops before anything loads
+
+def test_a_peak_that_cannot_fit_stops_before_loading(tmp_path, monkeypatch, capsys):
+    import memory
+    assert memory.available("cpu")[0] > 0  # this machine's MemAvailable (Linux)
+    monkeypatch.setattr(memory, "available", lambda device: (1e6, "the memory available"))  # 1 MB left
+    lines = problems(tmp_path, monkeypatch=monkeypatch)
+    assert len(lines) == 1 and lines[0].startswith("the memory model predicts a peak of 0.0 GB, more than the "
+                                                   "memory available (0.0 GB); levers: --grad-checkpointing"), lines
+    assert lines[0].endswith("or --ignore-memory-check to go on anyway") and not (tmp_path / "run").exists()
+    with pytest.raises(UsageError, match="more than the memory available"):  # sample.py, before loading
+        sample.main(sample.Args(num_frames=3, height=16, width=16, out=str(tmp_path / "v.mp4")))
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "available", lambda device: (1e6, "the memory available"))
+    train.main(train.parse_args(SMALL + ["--steps", "1", "--eval-every", "0", "--ignore-memory-check",
+                                         "--out-dir", str(tmp_path / "run")]))
+    assert "(going on: --ignore-memory-check)" in capsys.readouterr().out
+    assert [x["step"] for x in rows(tmp_path / "run")] == [1]
 
 
 # ---- weights that blow up never ship
@@ -266,3 +362,14 @@ def test_sample_flags_fail_before_loading(tmp_path):
     if not os.access(ro, os.W_OK):  # root may write anywhere
         assert "cannot write into" in lines(out=str(ro / "v.mp4"))
     assert "is a folder" in lines(out=str(tmp_path))
+    # a name ffmpeg cannot write H.264 into is refused up front, not after sampling
+    for name in ("v.txt", "v.webm", "v"):
+        assert "not a video file name; end it in .mp4, .mov, .mkv, .avi" in lines(out=str(tmp_path / name))
+    assert "--prompts: give at least one prompt" in lines(prompts=[])
+
+
+def test_sample_several_prompts_write_one_file_each(tmp_path):
+    sample.main(sample.Args(prompts=["a red circle moving left", "a blue square moving up"], num_frames=3,
+                            height=16, width=16, out=str(tmp_path / "clip.mov")))
+    assert sorted(os.listdir(tmp_path)) == ["clip_0.mov", "clip_1.mov"]
+    assert (tmp_path / "clip_0.mov").read_bytes() != (tmp_path / "clip_1.mov").read_bytes()
