@@ -63,7 +63,7 @@ def read_state(path):
     try:
         with open(os.path.join(path, "state.json")) as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, half-written or not JSON: the caller treats it as foreign
         return None
 
 
@@ -72,6 +72,7 @@ def read_state(path):
 
 def lineage_id(state):
     """The lineage id a checkpoint's state.json records (None: written before lineages existed)."""
+    # checkpoints written before lineages existed have no "lineage" key: their id is None
     return (state.get("lineage") or {}).get("id")
 
 
@@ -80,18 +81,22 @@ def new_lineage(parent=None):
     ancestry that checkpoint continues, headed by the checkpoint's own lineage up to its step."""
     ancestry = []
     if parent is not None:
+        # the parent's own lineage (or, for a checkpoint from before lineages, an unnamed one)
         theirs = parent.get("lineage") or {"id": None, "ancestry": []}
+        # the branch inherits the parent lineage's history up to the checkpoint's step, no further
         ancestry.append([theirs["id"], parent["step"]])
         for lid, last in theirs["ancestry"]:  # the parent's ancestors, never past the branch point
             ancestry.append([lid, min(last, parent["step"])])
+    # 8 random hex digits: two runs of one folder never share an id by chance in practice
     return {"id": secrets.token_hex(4), "ancestry": ancestry}
 
 
 def continues(lineage, lid, step):
     """Whether a checkpoint or row of lineage `lid` at `step` is part of `lineage`'s history: its
     own, or an ancestor's up to the step this lineage branched from it."""
-    if lid == lineage["id"]:
+    if lid == lineage["id"]:  # written by this lineage itself: every step counts
         return True
+    # an ancestor's rows and checkpoints count only up to the step this lineage branched from it
     return any(lid == ancestor and step <= last for ancestor, last in lineage["ancestry"])
 
 
@@ -107,11 +112,12 @@ def read_lineage(out):
 def run_lineage(args, path, saved):
     """The lineage this run writes under: a new one (fresh start), the out-dir's own (--resume
     latest, which found a checkpoint of it), or a branch from the checkpoint --resume names."""
-    if saved is None:
+    if saved is None:  # nothing to resume: a fresh start, a fresh id
         return new_lineage()
     current = read_lineage(args.out_dir)
-    if args.resume == "latest" and current is not None:
+    if args.resume == "latest" and current is not None:  # continue the run that wrote here last
         return current
+    # an explicit checkpoint (or a folder from before run.json): a branch, said in one line
     lineage = new_lineage(saved)
     log(f"resume: branch {lineage['id']} from {path} (step {saved['step']} of run {lineage_id(saved)}); "
         f"--resume latest follows this branch from now on")
@@ -122,13 +128,16 @@ def resume_target_errors(args, path, saved):
     """--resume PATH into an --out-dir that holds another run: refused (its rows and checkpoints
     would mix with this one's). The out-dir's run is the checkpoint's own when the checkpoint's
     lineage is in its family (or, in an out-dir from before lineages, when it lies in the out-dir)."""
+    # --resume latest reads its checkpoint from the out-dir itself, and an empty out-dir holds no run
     if saved is None or args.resume == "latest" or not holds_run(args.out_dir):
         return []
     current = read_lineage(args.out_dir)
     if current is not None:
+        # the out-dir's run and every run it descends from: branching from any of them stays in family
         family = [current["id"]] + [lid for lid, _ in current["ancestry"]]
         if lineage_id(saved) in family:
             return []
+    # no run.json (written before lineages): the checkpoint is the out-dir's own if it lies in it
     elif os.path.samefile(os.path.dirname(os.path.abspath(path)), args.out_dir):
         return []
     return [f"--resume {path} --out-dir {args.out_dir}: the out-dir holds another run (lineage "
@@ -151,6 +160,7 @@ def metrics_rows(path, step, lineage):
             except json.JSONDecodeError:
                 dropped += 1
                 continue
+            # a JSON line that is not a row of ours (a user's edit) is dropped like a damaged one
             good = isinstance(row, dict) and isinstance(row.get("step"), int)
             if good and row["step"] <= step and continues(lineage, row.get("lineage"), row["step"]):
                 kept.append(row)
@@ -197,17 +207,19 @@ def survey(out):
             path = os.path.join(folder, name)
             if kind == "out" and name == "wandb":  # Weights & Biases' own folder: left as it is
                 continue
+            # a write_atomic temporary is judged by the name it stands for (ckpt_000004.astrolabe-old7
+            # is a checkpoint folder of ours), every other name as it is
             child = child_kind(kind, temp_origin(name) or name)
             plain = not os.path.islink(path)  # a link is never ours: we write plain files
             if child == "file" and plain and os.path.isfile(path):
                 found["files"].append(path)
             elif child not in (None, "file") and plain and os.path.isdir(path):
                 found["dirs"].append(path)
-                stack.append((path, child))
-            else:
+                stack.append((path, child))  # look inside: a folder of ours may hold a user's file
+            else:  # not a name we write, or the right name but the wrong kind (a folder called metrics.jsonl)
                 found["foreign"].append(path)
                 continue
-            if temp_origin(name) is not None:
+            if temp_origin(name) is not None:  # ours, and left half-written by a killed run
                 found["temps"].append(path)
     return found
 
@@ -240,10 +252,11 @@ def prune(out, lineage, keep):
     ours = []
     for path in run_checkpoints(out):
         state = read_state(path)
+        # a foreign or unreadable ckpt_* folder never counts, so it cannot push ours out
         if isinstance(state, dict) and isinstance(state.get("step"), int) and \
                 continues(lineage, lineage_id(state), state["step"]):
             ours.append(path)
-    if len(ours) > keep:
+    if len(ours) > keep:  # run_checkpoints sorts by step: the oldest go
         remove(ours[:-keep], survey(out))
 
 
@@ -257,14 +270,16 @@ def own_out_dir(args, lineage, start):
         raise UsageError(f"--out-dir {args.out_dir}: another run wrote there while this one started; "
                          f"choose another --out-dir, or --resume latest")
     found = survey(args.out_dir)
-    doomed = list(found["temps"])
+    doomed = list(found["temps"])  # a killed run's half-written files: always ours to remove
     for path in found["files"]:
+        # eval videos after the step we start from belong to steps this run will redo
         step = re.fullmatch(r"step_(\d{6})\.mp4", os.path.basename(path))
         if os.path.basename(os.path.dirname(path)) == "eval" and step and int(step.group(1)) > start:
             doomed.append(path)
-    if args.overwrite and not args.resume:
+    if args.overwrite and not args.resume:  # checks refused --overwrite while anything foreign is here
         doomed += [p for p in found["files"] + found["dirs"] if os.path.basename(p) != ".lock"]
     remove(doomed, found)
+    # written last: only a run that got this far names the out-dir's lineage
     write_atomic(os.path.join(args.out_dir, "run.json"),
                  lambda tmp: _write_json(tmp, {"lineage": lineage, "resumed_from": args.resume}))
 
@@ -316,6 +331,7 @@ def take_lock(out):
     if key in _HELD:  # taken again in one process (tests call main twice): the old hold goes
         os.close(_HELD.pop(key))
     while True:
+        # O_CREAT without O_EXCL: the file may stay from a dead run; the flock, not the file, is the lock
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -336,9 +352,10 @@ def take_lock(out):
         if same:
             break
         os.close(fd)
+    # who holds it, for the message another start prints (the flock alone decides)
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
-    _HELD[key] = fd
+    _HELD[key] = fd  # the open descriptor is the hold: closing it (or dying) releases the flock
 
 
 def live_message(out, holder):

@@ -40,38 +40,43 @@ FRAMES, SIDE = 3, 32  # one block of the tiny world's 32x32 frames
 EVAL_SEEDS = range(1000, 1016)  # sampling seeds no training step draws (those come from seed_of)
 
 
-def brightness_of(model, adapter):
-    """Mean brightness (B,) of one video per eval seed, with LoRA `adapter` (None: the base)."""
-    prompts = [PROMPTS[(3 * i) % len(PROMPTS)] for i in range(len(EVAL_SEEDS))]
+def train_and_load(out, flags, steps):
+    """Run `python train.py` for `steps` steps into `out`, then load the tiny base with the policy it
+    exported (ckpt_<last>/lora, what users sample with) as adapter "default"."""
+    cmd = [sys.executable, "train.py", "--out-dir", str(out), "--steps", str(steps), "--eval-every", "0",
+           "--ckpt-every", "0", "--no-progress"] + flags
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    torch.manual_seed(0)
+    model = CausalWanModel(CONFIGS["tiny"]).eval()
+    load_checkpoint(model, os.path.join(ROOT, "assets", "tiny_world.safetensors"),
+                    lora=str(out / f"ckpt_{steps:06d}" / "lora"))
+    return model
+
+
+def videos_of(model, adapter, prompts, seeds, frames):
+    """One video (B, F, 3, H, W) per (prompt, seed), with LoRA `adapter` (None: the base)."""
     cfg = model.cfg
     ctx = toy_text_embed(prompts, cfg.text_len, cfg.text_dim)  # (B, Lt, Dt)
-    cache = KVCache.for_model(cfg, len(prompts), FRAMES, (SIDE, SIDE))
-    noise = GeneratorNoise(make_generators(EVAL_SEEDS), (cfg.in_dim, SIDE, SIDE))
+    cache = KVCache.for_model(cfg, len(prompts), frames, (SIDE, SIDE))
+    noise = GeneratorNoise(make_generators(seeds), (cfg.in_dim, SIDE, SIDE))
     set_adapter(model, adapter)
-    lat = generate(model, ctx, cache, FRAMES, noise)  # (B, F, C, H, W), pixel space
-    return to_pixels(lat).mean(dim=(1, 2, 3, 4))  # (B,)
+    return to_pixels(generate(model, ctx, cache, frames, noise))
 
 
 def test_rl_raises_a_reward_beyond_its_noise(tmp_path):
     reward = tmp_path / "bright.py"
     reward.write_text(REWARD)
-    out = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--out-dir", str(out), "--rewards", f"{reward}:brightness=1",
-           "--height", str(SIDE), "--width", str(SIDE), "--num-frames", str(FRAMES), "--window", "0",
-           "--prompts-per-step", "4", "--group-size", "4", "--micro-batch", "8", "--steps", "14",
-           "--lr", "3e-3", "--eval-every", "0", "--ckpt-every", "0", "--no-progress"]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-
-    # the base and the exported policy (ckpt_<last>/lora, what users sample with), same seeds
-    torch.manual_seed(0)
-    model = CausalWanModel(CONFIGS["tiny"]).eval()
-    load_checkpoint(model, os.path.join(ROOT, "assets", "tiny_world.safetensors"),
-                    lora=str(out / "ckpt_000014" / "lora"))
+    flags = ["--rewards", f"{reward}:brightness=1", "--height", str(SIDE), "--width", str(SIDE),
+             "--num-frames", str(FRAMES), "--window", "0", "--prompts-per-step", "4", "--group-size", "4",
+             "--micro-batch", "8", "--lr", "3e-3"]
+    model = train_and_load(tmp_path / "run", flags, steps=14)
+    # the base and the exported policy on the same prompts and seeds
+    prompts = [PROMPTS[(3 * i) % len(PROMPTS)] for i in range(len(EVAL_SEEDS))]
     with torch.no_grad():
-        before = brightness_of(model, None)
-        after = brightness_of(model, "default")
+        before = videos_of(model, None, prompts, EVAL_SEEDS, FRAMES).mean(dim=(1, 2, 3, 4))  # (B,) brightness
+        after = videos_of(model, "default", prompts, EVAL_SEEDS, FRAMES).mean(dim=(1, 2, 3, 4))  # (B,)
     gain = after - before  # (B,) paired: the same prompt and noise before and after
     # paired t: the mean gain over its standard error
     t = gain.mean() / (gain.std() / math.sqrt(len(gain)))
@@ -84,34 +89,16 @@ def test_rl_raises_a_reward_beyond_its_noise(tmp_path):
     assert after.mean() > 3 * before.mean(), (before.mean(), after.mean())
 
 
-def held_out_videos(model, adapter, frames=12, side=32):
-    """One video (B, F, 3, H, W) per (prompt, seed) pair: all 48 prompts x 2 seeds no run draws."""
-    prompts = PROMPTS * 2
-    cfg = model.cfg
-    ctx = toy_text_embed(prompts, cfg.text_len, cfg.text_dim)  # (B, Lt, Dt)
-    cache = KVCache.for_model(cfg, len(prompts), frames, (side, side))
-    noise = GeneratorNoise(make_generators(range(10_000, 10_000 + len(prompts))), (cfg.in_dim, side, side))
-    set_adapter(model, adapter)
-    return to_pixels(generate(model, ctx, cache, frames, noise)), prompts
-
-
 def test_default_run_aligns_without_smearing(tmp_path):
-    out = tmp_path / "run"
     # the default configuration, shortened to 2 epochs (12 of its 30 steps)
-    cmd = [sys.executable, "train.py", "--out-dir", str(out), "--steps", "12", "--eval-every", "0",
-           "--ckpt-every", "0", "--no-progress"]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-
-    torch.manual_seed(0)
-    model = CausalWanModel(CONFIGS["tiny"]).eval()
-    load_checkpoint(model, os.path.join(ROOT, "assets", "tiny_world.safetensors"),
-                    lora=str(out / "ckpt_000012" / "lora"))
+    model = train_and_load(tmp_path / "run", [], steps=12)
+    # all 48 prompts x 2 seeds no run draws, 12 frames
+    prompts = PROMPTS * 2
+    seeds = range(10_000, 10_000 + len(prompts))
     scores = {}
     with torch.no_grad():
         for name, adapter in (("base", None), ("after", "default")):
-            videos, prompts = held_out_videos(model, adapter)
+            videos = videos_of(model, adapter, prompts, seeds, frames=12)  # (B, F, 3, H, W)
             late = videos[:, -6:]  # the last 6 of 12 frames: where a smear (or a dissolving base) shows
             scores[name] = {
                 # what the run trains on: the default rewards' sum
