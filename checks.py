@@ -35,8 +35,7 @@ from kvcache import check_window
 from model import CONFIGS
 from streaming import window_starts
 from reward_models import LEARNED, missing_weights
-import rewards
-from rewards import parse_rewards, takes_frames
+from rewards import parse_rewards, probe_rewards, takes_frames
 
 FILES = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
 # flags a resumed run may change: they do not enter the numbers of the steps still to come
@@ -274,7 +273,7 @@ def reward_probe(args, registry, device):
     else:  # a Wan video decodes to 1 + 4 (T - 1) frames at 480x832: probe a few small frames instead
         shape = (1 + 4 * (min(T, 3) - 1), 3, 64, 64)
     prompts = (list(args.prompts) or tiny_world.PROMPTS)[:2]
-    return rewards.probe_rewards(cheap, shape, (prompts * 2)[:2], device)
+    return probe_rewards(cheap, shape, (prompts * 2)[:2], device)
 
 
 def check_out_dir(args, check_lock=True):
