@@ -11,8 +11,10 @@ keys are exactly model.py's:
     LongLive lora.pt                           {"generator_lora": PEFT-keyed LoRA tensors}
 A run checkpoint `ckpt_<step>/` holds adapters.safetensors (every adapter), optim.safetensors
 (AdamW moments), state.json (step, args, schedule states, the run's lineage (runs.py), the
-fingerprints of the files it read) and lora/ (the exported policy in PEFT layout). Tensors go to
-safetensors, everything else to JSON; nothing is pickled.
+fingerprints of the files it read) and lora/ (the exported policy, save_adapter: PEFT's
+adapter_model.safetensors + adapter_config.json, and the original-Wan layout's
+pytorch_lora_weights.safetensors that diffusers and ComfyUI load). Tensors go to safetensors,
+everything else to JSON; nothing is pickled.
 load_base gives train.py its frozen base from --ckpt (train.add_policies puts the adapters on it).
 
 Test:  python -m pytest tests/test_checkpoint.py tests/test_presets.py -q
@@ -26,10 +28,11 @@ import zipfile
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common import UsageError, find_file, log, write_atomic
-from lora import adapter_names, adapter_state_dict, load_adapter_state, peft_config
+from lora import adapter_names, adapter_state_dict, load_adapter_state, peft_config, wan_lora_state_dict
 from model import CONFIGS, CausalWanModel, randomize_head
 from runs import prune
 
@@ -156,14 +159,23 @@ def load_checkpoint(model, path, *, ema=True, lora=None, lora_adapter="default")
 # ----------------------------------------------------------------------------------------------
 # LoRA adapter files
 
+# the adapter files a folder may hold, in the order the loaders take them: PEFT's (ours, the
+# released code's .bin), then the original-Wan layout's (the name diffusers' load_lora_weights looks for)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_lora_weights.safetensors")
+
+
 def save_adapter(model, name, folder):
-    """Adapter `name` as a PEFT folder: adapter_model.safetensors + adapter_config.json."""
+    """Adapter `name` as a folder that PEFT, diffusers and ComfyUI all read: adapter_model.safetensors
+    + adapter_config.json (PEFT layout) and pytorch_lora_weights.safetensors (original-Wan layout
+    with per-layer alpha: WanPipeline.load_lora_weights(folder), or the file in ComfyUI's loras/)."""
     os.makedirs(folder, exist_ok=True)
     sd = {k: v.cpu().contiguous() for k, v in adapter_state_dict(model, name).items()}
     write_atomic(os.path.join(folder, "adapter_model.safetensors"),
                  lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     write_atomic(os.path.join(folder, "adapter_config.json"),
                  lambda tmp: _write_json(tmp, peft_config(model, name)))
+    wan = {k: v.cpu().contiguous() for k, v in wan_lora_state_dict(model, name).items()}
+    write_atomic(os.path.join(folder, ADAPTER_FILES[2]), lambda tmp: save_file(wan, tmp, metadata={"format": "pt"}))
 
 
 def load_lora_init(model, path):
@@ -174,25 +186,50 @@ def load_lora_init(model, path):
         raise UsageError(f"--lora-init {path}: {' '.join(str(e).split())}") from None
 
 
+def adapter_weights_file(path):
+    """The weights file of an adapter path: the path itself, or a folder's first ADAPTER_FILES entry."""
+    if not os.path.isdir(path):
+        return path
+    found = [os.path.join(path, f) for f in ADAPTER_FILES if os.path.isfile(os.path.join(path, f))]
+    if not found:
+        raise FileNotFoundError(f"no {', '.join(ADAPTER_FILES)} in {path}")
+    return found[0]
+
+
+def adapter_rank_alpha(path):
+    """(rank, alpha, where it says so) of an adapter path without loading its weights: its
+    adapter_config.json (PEFT), else the original-Wan file's first layer (lora_A's rows, .alpha);
+    (None, None, None) when the files declare neither (LongLive's lora.pt: alpha = --lora-alpha).
+    Raises FileNotFoundError for a folder without adapter files, ValueError for an unreadable config."""
+    weights = adapter_weights_file(path)
+    cfg = os.path.join(os.path.dirname(weights), "adapter_config.json")
+    if os.path.basename(weights) != ADAPTER_FILES[2] and os.path.isfile(cfg):
+        with open(cfg) as f:
+            config = json.load(f)
+        return config.get("r"), config.get("lora_alpha"), cfg
+    if weights.endswith(".safetensors"):
+        try:
+            with safe_open(weights, "pt") as f:  # the header only, plus one 0-d tensor
+                a = next((k for k in f.keys() if k.endswith(".alpha")), None)
+                if a is not None:
+                    rank = f.get_slice(a[:-len("alpha")] + "lora_A.weight").get_shape()[0]  # A is (r, I)
+                    return rank, float(f.get_tensor(a)), weights
+        except Exception:  # not readable as safetensors: loading it says why (read_tensors)
+            pass
+    return None, None, None
+
+
 def load_adapter_file(model, name, path):
-    """A PEFT folder / adapter file or a LongLive lora.pt into adapter `name`. alpha comes from
-    adapter_config.json beside the weights when there is one, else alpha = r."""
-    if os.path.isdir(path):  # a PEFT folder: ours (.safetensors) or Astrolabe's (.bin)
-        files = [os.path.join(path, f) for f in ("adapter_model.safetensors", "adapter_model.bin")]
-        found = [f for f in files if os.path.isfile(f)]
-        if not found:
-            raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {path}")
-        path = found[0]
+    """A PEFT folder / adapter file, an original-Wan-layout file (diffusers, ComfyUI) or a LongLive
+    lora.pt into adapter `name`. alpha: the file's per-layer .alpha, else adapter_config.json beside
+    the weights, else alpha = r."""
+    path = adapter_weights_file(path)  # a folder: ours, the released code's (.bin) or a diffusers one
     sd = read_tensors(path, "a LoRA file")
     if isinstance(sd, dict) and "generator_lora" in sd:  # LongLive wraps its adapter
         sd = sd["generator_lora"]
     if not isinstance(sd, dict):
         raise ValueError(f"{path} holds a {type(sd).__name__}; expected a LoRA state dict")
-    cfg = os.path.join(os.path.dirname(path), "adapter_config.json")
-    alpha = None
-    if os.path.isfile(cfg):
-        with open(cfg) as f:
-            alpha = json.load(f)["lora_alpha"]
+    _, alpha, _ = adapter_rank_alpha(path)  # None: the layers' own .alpha, or alpha = r
     load_adapter_state(model, name, sd, alpha)
 
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import memory
 import runs
 import tiny_world
-from checkpoints import FINGERPRINTED, describe_file, fingerprint
+from checkpoints import FINGERPRINTED, adapter_rank_alpha, describe_file, fingerprint
 from common import UsageError, find_file, log, set_threads, use_bf16
 from kvcache import check_window
 from model import CONFIGS
@@ -231,30 +231,25 @@ def prompt_lines(path):
 
 
 def lora_init_errors(args):
-    """--lora-init's adapter_config.json (a PEFT folder or beside the file), when there is one, must
-    agree with --lora-rank and --lora-alpha: the run records and exports those, and a resume
-    rebuilds its adapters from them."""
+    """The rank and alpha --lora-init declares (adapter_config.json, or the original-Wan file's
+    .alpha), when it declares them, must agree with --lora-rank and --lora-alpha: the run records
+    and exports those, and a resume rebuilds its adapters from them."""
     path = find_file(args.lora_init) if args.lora_init else None
     if path is None or not os.path.exists(path):
         return []
-    cfg = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "adapter_config.json")
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f))
-                                       for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        return [f"--lora-init {args.lora_init}: no adapter_model.safetensors or adapter_model.bin in the folder"]
-    if not os.path.isfile(cfg):
-        return []  # LongLive's lora.pt: no config; the adapter takes --lora-alpha
     try:
-        with open(cfg) as f:
-            config = json.load(f)
+        rank, alpha, where = adapter_rank_alpha(path)
+    except FileNotFoundError as e:  # a folder without adapter files
+        return [f"--lora-init {args.lora_init}: {e}"]
     except (OSError, ValueError) as e:
-        return [f"--lora-init {args.lora_init}: cannot read {cfg} ({type(e).__name__})"]
+        return [f"--lora-init {args.lora_init}: cannot read its adapter_config.json ({type(e).__name__})"]
     err = []
-    if config.get("r", args.lora_rank) != args.lora_rank:
-        err.append(f"--lora-rank {args.lora_rank}: the --lora-init adapter has rank {config['r']} ({cfg}); "
-                   f"give --lora-rank {config['r']}")
-    if config.get("lora_alpha", args.lora_alpha) != args.lora_alpha:
+    if rank is not None and rank != args.lora_rank:
+        err.append(f"--lora-rank {args.lora_rank}: the --lora-init adapter has rank {rank} ({where}); "
+                   f"give --lora-rank {rank}")
+    if alpha is not None and alpha != args.lora_alpha:
         err.append(f"--lora-alpha {args.lora_alpha}: the --lora-init adapter was trained with alpha "
-                   f"{config['lora_alpha']} ({cfg}); give --lora-alpha {config['lora_alpha']}")
+                   f"{alpha} ({where}); give --lora-alpha {alpha}")
     return err
 
 

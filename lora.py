@@ -15,6 +15,9 @@ Switching policy is switching which adapter the linears use, so one base serves 
 
 Works on any nn.Module whose linears are LoRALinear; imports nothing of this repository, so it
 can be copied alone. File I/O (PEFT folders, LongLive lora.pt) is in checkpoints.py.
+Key layouts here: PEFT's (adapter_state_dict, what PEFT and the released code read), the
+original-Wan layout diffusers and ComfyUI read (wan_lora_state_dict), and the adapter merged into
+the base weights (merged_state_dict).
 
 Test:  python -m pytest tests/test_lora.py -q
 
@@ -161,7 +164,8 @@ def lerp_adapter(model, dst, src, decay):
 
 
 # ----------------------------------------------------------------------------------------------
-# Key layouts: PEFT's (what we save, what Astrolabe saves) and LongLive's lora.pt
+# Key layouts: PEFT's (what we save, what Astrolabe saves), LongLive's lora.pt, and the original-Wan
+# layout of diffusers / ComfyUI
 
 def adapter_state_dict(model, name):
     """Adapter `name` in PEFT's layout: base_model.model.<layer>.lora_{A,B}.weight."""
@@ -180,27 +184,65 @@ def peft_config(model, name):
                 target_modules=LORA_TARGETS)
 
 
+def wan_lora_state_dict(model, name):
+    """Adapter `name` in the original-Wan layout: diffusion_model.<layer>.lora_{A,B}.weight and a
+    scalar diffusion_model.<layer>.alpha. diffusers (WanPipeline.load_lora_weights converts these
+    keys: loaders/lora_conversion_utils.py, _convert_non_diffusers_wan_lora_to_diffusers) and ComfyUI
+    read this layout; neither reads adapter_config.json, so the scale alpha / r travels in the file
+    (without .alpha they use scale 1: silently another model whenever alpha != r)."""
+    sd = {}
+    for n, m in lora_layers(model):
+        r = m.lora[name].A.shape[0]  # A is (r, I)
+        sd[f"diffusion_model.{n}.lora_A.weight"] = m.lora[name].A.detach()  # (r, I)
+        sd[f"diffusion_model.{n}.lora_B.weight"] = m.lora[name].B.detach()  # (O, r)
+        # alpha = scale * r, a 0-d tensor: what the loaders divide by r
+        sd[f"diffusion_model.{n}.alpha"] = torch.tensor(m.scale[name] * r, dtype=torch.float32)
+    return sd
+
+
+@torch.no_grad()
+def merged_state_dict(model, name):
+    """The base weights with adapter `name` merged in, keyed as the base checkpoint (no adapter
+    keys): W' = W + (alpha/r) B A for every adapted linear, computed in float32, returned in float32.
+    A model with W' and no adapter computes what the model with the adapter computes."""
+    sd = {k: v.detach().float() for k, v in model.state_dict().items() if ".lora." not in k}
+    for n, m in lora_layers(model):
+        ad = m.lora[name]
+        # W' = W + s B A:  (O, I) + s (O, r) @ (r, I)
+        sd[f"{n}.weight"] = torch.addmm(sd[f"{n}.weight"], ad.B.float(), ad.A.float(), alpha=m.scale[name])
+    return sd
+
+
 # a layer path of the Wan blocks, then lora_A / lora_B, then PEFT's optional adapter name
-# ("...q.lora_A.default.weight" in LongLive's lora.pt, "...q.lora_A.weight" in a PEFT file)
+# ("...q.lora_A.default.weight" in LongLive's lora.pt, "...q.lora_A.weight" in a PEFT file; any
+# prefix before the layer path: "base_model.model." (PEFT), "diffusion_model." (diffusers, ComfyUI))
 _KEY = re.compile(r"(blocks\.\d+\.(?:self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02])"
                   r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# the original-Wan layout's per-layer alpha: "diffusion_model.blocks.0.self_attn.q.alpha"
+_ALPHA = re.compile(r"(blocks\.\d+\.(?:self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02])\.alpha$")
 
 
 @torch.no_grad()
 def load_adapter_state(model, name, sd, alpha=None):
-    """Load PEFT or LongLive LoRA tensors into adapter `name`, created with the file's rank if
-    missing. alpha: LoRA alpha; default = rank (scale 1, as LongLive and Astrolabe use)."""
+    """Load PEFT, LongLive or original-Wan-layout LoRA tensors into adapter `name`, created with
+    the file's rank if missing. alpha: LoRA alpha; default = rank (scale 1, as LongLive and Astrolabe
+    use). A layer's own `.alpha` in the file (original-Wan layout) wins over `alpha`."""
     found = {}  # (layer path, "A" | "B") -> tensor
+    alphas = {}  # layer path -> the file's alpha for it
     for key, val in sd.items():
         m = _KEY.search(key)  # a LoRA tensor of a block linear; other keys are ignored
         if m:
             found[(m.group(1), m.group(2))] = val
+        a = _ALPHA.search(key)
+        if a:
+            alphas[a.group(1)] = float(val)
     layers = dict(lora_layers(model))
     missing = [n for n in layers if (n, "A") not in found or (n, "B") not in found]
     if missing:
         raise ValueError(f"LoRA file has no weights for {len(missing)} of {len(layers)} "
-                         f"layers (first: {missing[:3]}); expected PEFT keys like "
-                         f"'base_model.model.blocks.0.self_attn.q.lora_A.weight'")
+                         f"layers (first: {missing[:3]}); expected keys like "
+                         f"'base_model.model.blocks.0.self_attn.q.lora_A.weight' (PEFT) or "
+                         f"'diffusion_model.blocks.0.self_attn.q.lora_A.weight' (diffusers, ComfyUI)")
     rank = found[next(iter(layers)), "A"].shape[0]  # A is (r, I)
     if name not in adapter_names(model):
         add_adapter(model, name, rank, alpha)
@@ -208,6 +250,8 @@ def load_adapter_state(model, name, sd, alpha=None):
         for m in layers.values():
             m.scale[name] = alpha / rank
     for n, m in layers.items():
+        if n in alphas:  # the file's own alpha for this layer: scale = alpha / r
+            m.scale[name] = alphas[n] / rank
         for ab in "AB":
             p, v = getattr(m.lora[name], ab), found[(n, ab)]
             if p.shape != v.shape:

@@ -234,9 +234,11 @@ class Args:
     """model size (CONFIGS in model.py)"""
     ckpt: Optional[str] = None
     """generator checkpoint (tiny default: assets/tiny_world.safetensors if present, else random;
-    Wan: self_forcing_dmd.pt, causal_forcing.pt, longlive_base.pt, krea-...-14b.safetensors)"""
+    Wan: self_forcing_dmd.pt, causal_forcing.pt, longlive_base.pt, krea-...-14b.safetensors; a
+    merged tuned generator from tools/merge_lora.py)"""
     lora: Optional[str] = None
-    """LoRA applied on top: LongLive's lora.pt, or a trained run's ckpt_*/lora folder"""
+    """LoRA applied on top: LongLive's lora.pt, a trained run's ckpt_*/lora folder, or a diffusers /
+    ComfyUI-layout file (diffusion_model.* keys)"""
     vae: Optional[str] = None
     """Wan models: Wan2.1_VAE.pth or a Diffusers folder"""
     text_encoder: Optional[str] = None

@@ -160,10 +160,14 @@ def test_peft_folder_roundtrip(tmp_path):
             p.normal_(0, 0.2)
     set_adapter(src, "trained")
     save_adapter(src, "trained", str(tmp_path / "lora"))
-    assert sorted(os.listdir(tmp_path / "lora")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "lora")) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "pytorch_lora_weights.safetensors"]
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (4, 8, "LORA")
-    for path in [tmp_path / "lora", tmp_path / "lora" / "adapter_model.safetensors"]:
+    # every file of the folder reads back as the same adapter: the PEFT one (alpha from the json)
+    # and the original-Wan one (alpha from its own .alpha keys; tests/test_export.py: diffusers)
+    for path in [tmp_path / "lora", tmp_path / "lora" / "adapter_model.safetensors",
+                 tmp_path / "lora" / "pytorch_lora_weights.safetensors"]:
         m = random_model(1)
         load_adapter_file(m, "x", str(path))
         set_adapter(m, "x")

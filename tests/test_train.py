@@ -61,7 +61,7 @@ def test_smoke_artifacts(tmp_path):
     assert sorted(os.listdir(out)) == ["before_after.mp4", "before_after.png", "ckpt_000002", "eval",
                                        "metrics.jsonl", "reward_curve.png", "run.json"]  # keep-ckpts 1
     for f in ["adapters.safetensors", "optim.safetensors", "state.json", "lora/adapter_model.safetensors",
-              "lora/adapter_config.json"]:
+              "lora/adapter_config.json", "lora/pytorch_lora_weights.safetensors"]:
         assert (ck / f).is_file(), f
     state = json.loads((ck / "state.json").read_text())
     assert state["step"] == 2 and state["args"]["steps"] == 2
