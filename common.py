@@ -146,16 +146,18 @@ def all_reduce_grads(params, stats, world):
 
 def all_reduce_step(params, parts, world):
     """The step's statistics, in the one all-reduce that also averages the gradients of `params`
-    over the ranks. parts: (loss, reference term, reference term on every sample) of each of this
-    rank's micro-batches. Returns {"loss", "kl", "kl_all"}: means over every micro-batch of every
-    rank, and {"nonfinite"}: how many of them had a non-finite loss."""
+    over the ranks. parts: (loss, reference term, reference term on every sample, ||x̂_θ - x̂_old||²)
+    of each of this rank's micro-batches. Returns {"loss", "kl", "kl_all", "theta_old"}: means over
+    every micro-batch of every rank, and {"nonfinite"}: how many of them had a non-finite loss."""
+    names = ("loss", "kl", "kl_all", "theta_old")  # the order of each part's entries
     zero = torch.zeros((), device=parts[0][0].device)
-    sums = [sum((part[i] for part in parts), zero) for i in range(3)]  # in order: as one += after another
+    sums = [sum((part[i] for part in parts), zero) for i in range(len(names))]  # in order: as one += after another
     nonfinite = sum(float(not torch.isfinite(part[0])) for part in parts)
     total = all_reduce_grads(params, torch.stack(sums + [zero + nonfinite, zero + len(parts)]), world)
-    count = total[4]
-    return {"loss": (total[0] / count).item(), "kl": (total[1] / count).item(),
-            "kl_all": (total[2] / count).item(), "nonfinite": int(total[3].item())}
+    count = total[-1]  # micro-batches over all ranks
+    stats = {name: (total[i] / count).item() for i, name in enumerate(names)}
+    stats["nonfinite"] = int(total[len(names)].item())
+    return stats
 
 
 class NonFiniteGuard:

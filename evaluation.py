@@ -33,7 +33,8 @@ class RunLog:
     def __init__(self, args, rank, world, device, start, mem_start, lineage):
         self.args, self.master, self.mem_start, self.lineage = args, rank == 0, mem_start, lineage["id"]
         self.path = os.path.join(args.out_dir, "metrics.jsonl")  # one JSON object per line
-        self.flat_steps = 0  # steps in a row whose rewards told no two videos of a prompt apart
+        # steps in a row with most prompt groups flat / the reference term over half the loss
+        self.streaks = {"flat": 0, "ref": 0}
         if self.master and os.path.exists(self.path):
             kept, dropped = runs.metrics_rows(self.path, start, lineage)
             write_atomic(self.path, lambda tmp: _write_lines(tmp, kept))
@@ -66,12 +67,19 @@ class RunLog:
         if self.wandb:
             self.wandb.log(row, step=row["step"])
 
-    def warn_if_flat(self, adv, step):
-        """Warn once three steps in a row had no sample better than another: r = 1/2, nothing learned."""
-        self.flat_steps = self.flat_steps + 1 if bool((adv == 0).all()) else 0
-        if self.flat_steps == 3:
-            log(f"warning: steps {step - 1}-{step + 1} had the same reward for every video of a prompt: "
-                f"r = 0.5 everywhere, nothing is learned (a reward that ignores the videos?)")
+    def warn_if_stuck(self, row):
+        """One warning when a run cannot learn for a stated reason, once it has held 3 steps in a row
+        (README, "When the reward does not rise")."""
+        n = row["step"]
+        self.streaks["flat"] = self.streaks["flat"] + 1 if row["diag/flat_groups"] >= 0.5 else 0
+        self.streaks["ref"] = self.streaks["ref"] + 1 if row["diag/ref_share"] >= 0.5 else 0
+        if self.streaks["flat"] == 3:
+            log(f"warning: steps {n - 2}-{n}: in most prompt groups all {self.args.group_size} videos got the same "
+                f"reward, so r = 1/2 and no gradient: a reward that cannot tell these videos apart? (more "
+                f"--group-size, another reward; diag/flat_groups in metrics.jsonl)")
+        if self.streaks["ref"] == 3:
+            log(f"warning: steps {n - 2}-{n}: the reference term is over half the loss, so the step mostly pulls "
+                f"back to the reference (lower --kl-weight; diag/ref_share in metrics.jsonl)")
 
     def step(self, n, multi, scores, r, kl_mask, stats, grad_norm, opt, s, clock, skipped):
         """The row of step n (1-based), the bar and the print line."""
@@ -83,14 +91,19 @@ class RunLog:
         row.update({"window_start": s, "r_mean": r.mean().item(), "loss": stats["loss"], "kl": stats["kl"],
                     "kl_all": stats["kl_all"], "mask_frac": kl_mask.float().mean().item(), "grad_norm": grad_norm,
                     "lr": opt.param_groups[0]["lr"], "skipped": skipped})
+        row.update(diagnostics(total, r, self.args.group_size, stats, self.args.kl_weight))  # diag/*
         row.update(clock.row(self.mem_start))  # time/*_s and mem/*_mb
         self.write(row)
+        if self.master:
+            self.warn_if_stuck(row)
         self.bar.update(1)
         if not self.master:
             return
         self.bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.2e}")
         msg = (f"step {n}/{self.args.steps} | reward {row['reward_mean']:.4f} | loss {row['loss']:.5f} | kl "
-               f"{row['kl']:.2e} | r {row['r_mean']:.3f} | grad {grad_norm:.2e} | {row['time/step_s']:.1f}s")
+               f"{row['kl']:.2e} | |r-1/2| {row['diag/r_dev']:.3f} | grad {grad_norm:.2e} | {row['time/step_s']:.1f}s")
+        if row["diag/flat_groups"] > 0:  # only when some groups taught nothing
+            msg += f" | flat groups {row['diag/flat_groups']:.0%}"
         if self.args.progress:
             self.bar.write(msg)
         else:
@@ -103,6 +116,31 @@ class RunLog:
             runs.release_lock(self.args.out_dir)
         if dist.is_initialized():  # torchrun, any number of processes
             dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics: the signals that explain a reward curve that does not rise (docs/metrics.md)
+
+# a group is flat when its rewards' std is at most this: a tenth of the advantage's eps (1e-4 in
+# nft_loss.group_advantages), so its advantages are at most a tenth of a real group's
+FLAT_STD = 1e-5
+
+
+def diagnostics(total, r, K, stats, kl_weight):
+    """diag/* of one step. total (N,) the rewards R, r (N,) optimality probabilities, K the group size,
+    stats all_reduce_step's means. Sample j is candidate j % K of prompt j // K."""
+    groups = total.double().view(-1, K)  # (G, K): one row per prompt
+    # flat: std_k R <= FLAT_STD; such a group gives r = 1/2 to all its videos, hence no gradient
+    flat = groups.std(dim=1, correction=0) <= FLAT_STD  # (G,)
+    loss = stats["loss"]
+    return {"diag/flat_groups": flat.float().mean().item(),
+            # mean |r - 1/2|: 0 = the step pushes towards and away from nothing; 1/2 = all at the clip
+            "diag/r_dev": (r.double() - 0.5).abs().mean().item(),
+            # mean ||x̂_θ - x̂_old||²: 0 while θ_old = θ, when NFT's step is a plain signed,
+            # advantage-weighted regression (its trust region acts only once θ has moved from θ_old)
+            "diag/theta_old_mse": stats["theta_old"],
+            # λ · reference term / loss: how much of the loss pulls back towards the reference
+            "diag/ref_share": kl_weight * stats["kl"] / loss if loss > 0 else 0.0}
 
 
 def pick_eval_prompts(prompts, n):

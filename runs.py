@@ -36,7 +36,8 @@ OUT_FILES = ("metrics.jsonl", "run.json", "before_after.mp4", "before_after.png"
 # what says that an out-dir holds a run (a stale .lock alone does not)
 OUTPUTS = ("metrics.jsonl", "run.json", "eval", "before_after.mp4", "before_after.png", "reward_curve.png")
 CKPT_FILES = ("adapters.safetensors", "optim.safetensors", "state.json")
-LORA_FILES = ("adapter_model.safetensors", "adapter_config.json")  # ckpt_<step>/lora/: the exported policy
+# ckpt_<step>/lora/: the exported policy (PEFT files, and the original-Wan layout for diffusers / ComfyUI)
+LORA_FILES = ("adapter_model.safetensors", "adapter_config.json", "pytorch_lora_weights.safetensors")
 CKPT_NAME = re.compile(r"ckpt_(\d+)")
 EVAL_NAME = re.compile(r"step_\d{6}\.mp4")
 _HELD = {}  # out-dir (real path) -> the open .lock whose flock is this process's hold on it

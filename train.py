@@ -340,7 +340,8 @@ def nft_microbatch(model, args, *, x0, ctx, r, kl_mask, history, step, first_sam
     L = L_NFT(x̂_θ, x̂_old, x0, r) + λ ||x̂_θ - x̂_ref||² over the samples in kl_mask.
 
     x0 (m, T, C, H, W) clean window latents; r (m,) optimality probabilities; kl_mask (m,) bool.
-    Returns (loss with its graph, the reference term as used, the reference term on every sample)."""
+    Returns (loss with its graph, the reference term as used, the reference term on every sample,
+    ||x̂_θ - x̂_old||²: how far θ has moved from the rollout policy, a diagnostic)."""
     x_t, t, sigma = training_noise(args, x0, step, first_sample)
     ref = "ref" if args.selective else None  # the dynamic reference adapter, or the base
     common = dict(clean_x0=x0, start=start, history=history)
@@ -356,7 +357,7 @@ def nft_microbatch(model, args, *, x0, ctx, r, kl_mask, history, step, first_sam
     loss_ref = nft.ref_loss(x_th, x_ref, kl_mask)
     # L = L_NFT + λ_KL · reference term
     loss = loss_nft + args.kl_weight * loss_ref
-    return loss, loss_ref.detach(), nft.ref_loss(x_th.detach(), x_ref)
+    return loss, loss_ref.detach(), nft.ref_loss(x_th.detach(), x_ref), nft.sq_err(x_th.detach(), x_old).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,25 +445,24 @@ def main(args: Args):
                                             rel.rank_ties)  # (N,) bool
         else:
             kl_mask = torch.ones(N, dtype=torch.bool, device=device)
-        runlog.warn_if_flat(adv, step)  # plumbing: a reward that never tells videos apart
         clock.lap("reward")
 
         # ------------------------------------------------------------------ 4. NFT update
         model.train()
         mine = slice(js.start, js.stop)  # this rank's rows of the step's (N,) tensors
         r_mine, mask_mine = r[mine], kl_mask[mine]  # (n,)
-        parts = []  # (loss, reference term, reference term on all) of every micro-batch
+        parts = []  # (loss, reference term, reference term on all, θ-old distance) of every micro-batch
         for i in range(0, n, m):  # micro-batches; gradients accumulate into one optimizer step
-            loss, kl, kl_all = nft_microbatch(
+            loss, kl, kl_all, theta_old = nft_microbatch(
                 model, args, x0=x0[i:i + m], ctx=ctx[i:i + m], r=r_mine[i:i + m], kl_mask=mask_mine[i:i + m],
                 history=history.for_samples(i, i + m) if history else None, step=step, first_sample=js[i],
                 start=s, autocast=autocast)
             if torch.isfinite(loss):  # plumbing: a non-finite loss is not back-propagated (see guard)
                 (loss / n_micro).backward()
-            parts.append((loss.detach(), kl, kl_all))
+            parts.append((loss.detach(), kl, kl_all, theta_old))
         del history  # free the histories before the next rollout makes its own
         # plumbing: one all-reduce averages θ's gradients over ranks and sums the statistics
-        stats = all_reduce_step(params, parts, world)  # {"loss", "kl", "kl_all"}: means; "nonfinite": a count
+        stats = all_reduce_step(params, parts, world)  # {"loss", "kl", "kl_all", "theta_old"}: means; "nonfinite"
 
         # ------------------------------------------------------------------ 5. after the update
         grad_norm = float("nan")

@@ -91,7 +91,7 @@ def test_adv_clip_reaches_the_adaptive_loss():
     losses = {}
     for clip in (2.0, 5.0):
         a = dataclasses.replace(args, adv_clip=clip)
-        losses[clip], _, _ = train.nft_microbatch(m, a, x0=x0, ctx=ctx, r=torch.tensor([0.2, 0.9]),
+        losses[clip], *_ = train.nft_microbatch(m, a, x0=x0, ctx=ctx, r=torch.tensor([0.2, 0.9]),
                                                   kl_mask=torch.ones(2, dtype=torch.bool), history=None, step=0,
                                                   first_sample=0, start=0, autocast=torch.autocast("cpu", enabled=False))
     assert losses[2.0].item() == pytest.approx(losses[5.0].item() * 2 / 5, rel=1e-5)

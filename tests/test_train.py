@@ -71,6 +71,12 @@ def test_smoke_artifacts(tmp_path):
                 "r_mean", "mask_frac", "grad_norm", "lr", "time/step_s"]:
         assert key in train_rows[0], key
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    # diagnostics (docs/metrics.md): rewards that tell videos apart, θ_old trailing θ after the first update
+    d1, d2 = train_rows
+    assert d1["diag/flat_groups"] == d2["diag/flat_groups"] == 0 and d1["diag/r_dev"] > 0.01
+    assert d1["diag/theta_old_mse"] == 0 < 1e-11 < d2["diag/theta_old_mse"], (d1, d2)  # linear: old = 0.001 θ_0 + 0.999 θ_1
+    assert d1["diag/ref_share"] == 0 < d2["diag/ref_share"] < 1e-3  # θ = the base before the first update
+    assert d2["diag/ref_share"] == pytest.approx(1e-4 * d2["kl"] / d2["loss"])
     ev = rows(out, evals=True)
     assert [r["step"] for r in ev] == [0, 2] and "eval/rewards/sharpness/mean" in ev[0]
     assert sorted(os.listdir(out / "eval")) == ["step_000000.mp4", "step_000002.mp4"]
@@ -132,7 +138,8 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     ra, rb = rows(one), rows(two)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2]  # both ran, both logged
     for x, y in zip(ra, rb, strict=True):
-        for k in ["reward_mean", "rewards/colorfulness/mean", "loss", "kl", "r_mean", "grad_norm"]:
+        for k in ["reward_mean", "rewards/colorfulness/mean", "loss", "kl", "r_mean", "grad_norm",
+                  "diag/flat_groups", "diag/r_dev", "diag/theta_old_mse", "diag/ref_share"]:
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-7), k
 
 
@@ -156,6 +163,30 @@ def test_user_reward_file_selective_mode_and_the_other_options(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["grad_norm"] > 0 for r in rs)
     # the selective mask picks a strict subset (the top u; ties at the threshold may leave none)
     assert all(r["mask_frac"] < 1 for r in rs) and any(r["mask_frac"] > 0 for r in rs)
+    # --old-decay delayed: θ_old = θ for 75 steps, so x̂_θ and x̂_old differ only by float rounding
+    assert all(r["diag/theta_old_mse"] < 1e-11 for r in rs), [r["diag/theta_old_mse"] for r in rs]
+
+
+def test_a_reward_that_cannot_tell_videos_apart_is_named(tmp_path):
+    """Every group flat (a constant reward): r = 1/2 everywhere, the diagnostics say so and one
+    warning names the reason after 3 steps."""
+    f = tmp_path / "const.py"
+    f.write_text("import torch\ndef score(videos, prompts):\n    return torch.zeros(len(videos))\n")
+    r = run(["--steps", "4", "--ckpt-every", "0", "--eval-every", "0", "--rewards", f"{f}:score=1"], tmp_path / "run")
+    rs = rows(tmp_path / "run")
+    assert all(x["diag/flat_groups"] == 1 and x["diag/r_dev"] == 0 for x in rs)
+    log = r.stdout + r.stderr
+    assert log.count("warning: steps 1-3: in most prompt groups all 2 videos got the same reward") == 1, log[-3000:]
+
+
+def test_diagnostics_arithmetic():
+    """evaluation.diagnostics on hand-made numbers: which groups are flat, |r - 1/2|, the reference share."""
+    total = torch.tensor([1.0, 1.0, 0.2, 0.7, 3.0, 3.0 + 1e-6])  # 3 groups of 2: equal, apart, within 1e-5
+    r = torch.tensor([0.5, 0.5, 0.1, 0.9, 0.5, 0.5])
+    d = evaluation.diagnostics(total, r, 2, {"loss": 0.5, "kl": 1000.0, "theta_old": 0.25}, kl_weight=1e-4)
+    assert d["diag/flat_groups"] == pytest.approx(2 / 3)
+    assert d["diag/r_dev"] == pytest.approx(0.8 / 6)
+    assert d["diag/ref_share"] == pytest.approx(0.2) and d["diag/theta_old_mse"] == 0.25
 
 
 def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):

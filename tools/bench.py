@@ -176,7 +176,7 @@ def update_step(model, mode, frames, hw, ctx, dev, local=-1, sink=0, rank=64, B=
     base = reset_peak(dev)
     t0 = time.perf_counter()
     if mode == "nft":
-        loss, _, _ = train.nft_microbatch(model, args, x0=x0, ctx=c, r=r, kl_mask=torch.ones(B, dtype=torch.bool),
+        loss, *_ = train.nft_microbatch(model, args, x0=x0, ctx=c, r=r, kl_mask=torch.ones(B, dtype=torch.bool),
                                           history=None, step=0, first_sample=0, start=0, autocast=autocast)
     else:  # flow matching: || v_theta(x_t, t) - (eps - x0) ||^2 at one noise level
         eps = torch.randn(x0.shape, generator=g, device=dev)
