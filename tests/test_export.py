@@ -126,6 +126,16 @@ def test_without_alpha_diffusers_would_silently_scale_wrong(tmp_path):
     assert (ours(model, x, t, ctx) - theirs(tr, x, t, ctx)).abs().max().item() > 1e-2  # ... at the wrong scale
 
 
+def test_the_peft_files_alone_load_nothing_in_diffusers(tmp_path):
+    """Why the folder holds a second file: diffusers reads no PEFT-layout keys for Wan (one logged
+    warning, 0 layers: one would silently sample the base model)."""
+    model = tuned_model()
+    save_adapter(model, "default", str(tmp_path / "lora"))
+    os.remove(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    _, n_lora = load_into_diffusers(model, tmp_path / "lora")
+    assert n_lora == 0
+
+
 def test_our_loaders_and_lora_init_read_the_diffusers_file(tmp_path):
     model = tuned_model()
     save_adapter(model, "default", str(tmp_path / "lora"))
@@ -188,6 +198,17 @@ def test_merged_generator_round_trip(tmp_path):
         with torch.no_grad():  # block-causal, as our sampler and training run it
             err = (fresh(x, t, ctx) - model(x, t, ctx)).abs().max().item()
         assert err <= 1e-5, (adapter, err)
+    # Self-Forcing's container (.pt): the wrapper's "model." keys under generator_ema and generator,
+    # tensors only; our loader (as theirs) takes it as a generator
+    pt = tmp_path / "tuned.pt"
+    merge_lora.main(merge_lora.tyro.cli(merge_lora.Args, args=[str(ck), "--out", str(pt)]))
+    container = torch.load(pt, weights_only=True)
+    assert sorted(container["generator_ema"]) == sorted(f"model.{k}" for k in load_file(base))
+    set_adapter(model, "ema")
+    for ema in [True, False]:
+        from_pt = load_checkpoint(CausalWanModel(CFG).eval(), str(pt), ema=ema)
+        with torch.no_grad():
+            assert (from_pt(x, t, ctx) - model(x, t, ctx)).abs().max().item() <= 1e-5
     # diffusers' single-file converter takes the merged file as a Wan2.1 DiT: the tuned outputs
     tr = diffusers_transformer(fresh)
     set_adapter(model, "default")

@@ -1,9 +1,14 @@
 """
-Merge a trained LoRA adapter into its base generator: one .safetensors file holding the weights
-W' = W + (alpha / r) B A, keyed exactly as the base checkpoint's model (the original Wan2.1 layout:
-`blocks.0.self_attn.q.weight`, ...; no adapter keys). It is a plain generator: `train.py --ckpt` and
-`sample.py --ckpt` load it (our block-causal few-step sampler, no --lora), as do tools that take
-an original-layout Wan2.1 DiT without adapters (README, "Use the tuned model elsewhere").
+Merge a trained LoRA adapter into its base generator: the weights W' = W + (alpha / r) B A of every
+adapted linear, the rest unchanged, no adapter keys, in one of two upstream layouts (by --out's
+extension):
+  .safetensors  the original Wan2.1 keys (`blocks.0.self_attn.q.weight`, ...), as Wan2.1's own
+                DiT file and ComfyUI hold them
+  .pt           Self-Forcing's container {"generator_ema": sd, "generator": sd} with the wrapper's
+                `model.` prefix, what Self-Forcing / Causal Forcing / LongLive inference loads
+                (`--checkpoint_path merged.pt [--use_ema]`); tensors only (torch.load weights_only)
+Either is a plain generator: `train.py --ckpt` and `sample.py --ckpt` load it (our block-causal
+few-step sampler, no --lora). README, "Use the tuned model elsewhere".
 
 What it merges:
   a run checkpoint  ckpt_<step>/ of train.py: the adapter --adapter (default ema, the policy train.py
@@ -47,7 +52,7 @@ class Args:
     """a run checkpoint folder (ckpt_<step>/, with state.json) or an adapter: a ckpt_*/lora folder, a
     PEFT or original-Wan-layout .safetensors, LongLive's lora.pt"""
     out: str = "merged.safetensors"
-    """the merged generator to write (.safetensors)"""
+    """the merged generator to write: .safetensors (original Wan2.1 keys) or .pt (Self-Forcing's container)"""
     adapter: Literal["ema", "default", "old", "ref"] = "ema"
     """a run checkpoint's adapter to merge: ema (what train.py evaluates and exports) or default
     (theta at that step); old / ref for inspection"""
@@ -96,8 +101,9 @@ def bf16_loss(merged, base_sd, model):
 
 
 def main(args: Args):
-    if not args.out.endswith(".safetensors"):
-        raise UsageError(f"--out {args.out}: the merged generator is written as .safetensors")
+    if not args.out.endswith((".safetensors", ".pt")):
+        raise UsageError(f"--out {args.out}: write the merged generator as .safetensors (original Wan2.1 keys) "
+                         f"or .pt (Self-Forcing's container)")
     source = find_file(args.source) or args.source
     if not os.path.exists(source):
         raise UsageError(f"{args.source}: not found")
@@ -134,7 +140,13 @@ def main(args: Args):
     meta = {"format": "pt", "merged_from": os.path.abspath(source), "base": os.path.abspath(ckpt),
             "adapter": args.adapter if is_run else "the file's"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_atomic(args.out, lambda tmp: save_file(merged, tmp, metadata=meta))
+    if args.out.endswith(".pt"):  # Self-Forcing's container: the wrapper's keys, under both names
+        wrapped = {f"model.{k}": v for k, v in merged.items()}  # WanDiffusionWrapper holds the DiT as .model
+        # one dict under both names: torch.save stores each tensor once
+        container = {"generator_ema": wrapped, "generator": wrapped, "merged_from": meta}
+        write_atomic(args.out, lambda tmp: torch.save(container, tmp))
+    else:
+        write_atomic(args.out, lambda tmp: save_file(merged, tmp, metadata=meta))
     log(f"wrote {args.out}: {len(merged)} tensors, {sum(v.numel() for v in merged.values()) / 1e6:.1f} M "
         f"parameters ({args.dtype}); load it with --ckpt {args.out}")
 
