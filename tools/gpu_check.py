@@ -32,11 +32,12 @@ need their own files):
         before/after mp4s (the GPU machine has no ffmpeg), the CUDA allocator capped at N GiB
 
 On the GPU machine (Python 3.12, torch 2.11, no tyro or diffusers): the wheels travel in .whl/
-(ignored by git), fetched here once with tools/gpu_wheels.sh; then the device tool's run, with
-carry [".whl"] (docs/benchmarks.md, "GPU check"):
+(ignored by git, 6.4 MB), fetched here once with `sh tools/gpu_wheels.sh`; then the device tool's
+run, with carry [".whl"] (docs/benchmarks.md, "GPU check"), one line:
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \\
-    PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --out $OUT/check
+    PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --out /tmp/check 2>&1 | tee $OUT/check.log; \\
+    cp /tmp/check/gpu_check.json /tmp/check/gpu_check.txt $OUT/
 
 Test:  python -m pytest tests/test_gpu_check.py -q
 Shape legend: B batch, F latent frames, C channels, H, W latent size (tiny: pixels), Fp pixel frames.
