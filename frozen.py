@@ -165,6 +165,14 @@ class WanVAE:
         x = self.vae.decode(z.transpose(1, 2)).sample                        # [B, 3, Fp, H, W], clamped
         return x.transpose(1, 2).contiguous()                                # [B, Fp, 3, H, W]
 
+    def tile(self, size):
+        """decode() from now on in tiles of size x size pixels (a multiple of 32) every 3/4 tile, the
+        overlaps blended (diffusers' tiled decode, its default 256 / 192 scaled): the working set of
+        one tile instead of whole frames (memory.vae_decode_bytes)."""
+        stride = size * 3 // 4
+        self.vae.enable_tiling(tile_sample_min_height=size, tile_sample_min_width=size,
+                               tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+
     def stream(self):
         """A fresh block-by-block decoder for one video (its own cache; this VAE is left untouched)."""
         return StreamingDecoder(self)
@@ -364,6 +372,8 @@ class FrozenParts:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # umT5-XXL's 11 GB leave the GPU before the DiT arrives
             self.vae = WanVAE.load(args.vae, device=device)  # float32, as diffusers recommends for it
+            if args.vae_tile:
+                self.vae.tile(args.vae_tile)
         except (ValueError, OSError) as e:
             raise UsageError(str(e)) from None
 

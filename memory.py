@@ -11,7 +11,8 @@ train_flops, the FLOPs of one training forward and backward (tools/bench.py gpu'
     update      histories + a micro-batch's stacked copy of them + the activations autograd
                 saves in the x_theta forward (all blocks, or with --grad-checkpointing each
                 block's input and one block's worth) + the backward's gradient buffers
-    decode      the VAE's working set for --decode-batch videos (real models) and the pixels
+    decode      the VAE's working set for --decode-batch videos (real models): whole frames, or
+                one --vae-tile tile and the decoded tiles (vae_decode_bytes)
     reward      the pixels and the copy each reward gets; learned reward models' weights and
                 their activations for one chunk of frames
     eval        the periodic eval's whole videos: a KV cache for each of a rollout batch
@@ -61,6 +62,12 @@ SAVED_BYTES = {torch.float32: {"kv": (12, 0, 8), "query": (44, 8, 24)},
 # pixels; its 127 M float32 weights
 VAE_BYTES_PER_PIXEL = 45e3
 VAE_WEIGHTS = 127e6 * 4
+# --vae-tile: diffusers' tiled decode (AutoencoderKLWan.tiled_decode) cuts the latent into tiles of
+# `tile` pixels every 3/4 tile (its default: 256 every 192), decodes each tile over all frames with
+# the working set above, keeps every decoded tile, then blends them into rows, concatenates the rows
+# and clamps: the tiles + 3 whole videos at the end
+VAE_TILE_STRIDE = 3 / 4
+VAE_TILE_ASSEMBLY = 3
 
 # learned rewards: float32 parameters (open_clip / torchvision architectures, counted), and a
 # forward's working set per image of a chunk (CHUNK = 32 in reward_models.py), no grad
@@ -173,10 +180,11 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
     if tiny or not decode:  # pixels are the latents' own size (tiny: pixel space; dry runs)
         pixels = n * T * 3 * h * w * 4
         out["decode"] = 0
-    else:  # the VAE's working set, and 1 + 4 (T - 1) frames at 8x the latent size per video of
-        # the --decode-batch the rewards score at once (train.py's reward step)
-        out["decode"] = VAE_WEIGHTS + args.decode_batch * VAE_BYTES_PER_PIXEL * args.height * args.width
-        pixels = args.decode_batch * (1 + 4 * (T - 1)) * 3 * args.height * args.width * 4  # float32
+    else:  # the VAE's working set (whole frames or --vae-tile tiles), and 1 + 4 (T - 1) frames at 8x
+        # the latent size per video of the --decode-batch the rewards score at once (train.py's reward step)
+        Fp = 1 + 4 * (T - 1)
+        out["decode"] = vae_decode_bytes(args.height, args.width, Fp, args.vae_tile, args.decode_batch)
+        pixels = args.decode_batch * Fp * 3 * args.height * args.width * 4  # float32
     learned = [spec.split("=")[0] for spec in args.rewards if spec.split("=")[0] in REWARD_PARAMS]
     # the pixels, and the copy of them the reward being called gets (rewards.MultiReward.score)
     out["reward"] = 2 * pixels + sum(REWARD_PARAMS[r] * 4 for r in learned) + max(
@@ -189,6 +197,24 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
     out["peak"] = (out["weights"] + out["adapters"] + out["optimizer"]
                    + max(out["rollout"], out["update"], out["eval"]) + out["decode"] + out["reward"])
     return out
+
+
+def vae_decode_bytes(height, width, pixel_frames, tile=0, videos=1):
+    """Peak bytes of the Wan VAE decoding `videos` videos of `pixel_frames` frames of height x width
+    pixels at once: its weights, plus the working set of whole frames; or, with tiles of `tile`
+    pixels (frozen.FrozenParts, --vae-tile), the larger of (one tile's working set + the tiles
+    decoded before it) and (every decoded tile + the blended rows, their concatenation and its
+    clamped copy at the end)."""
+    if not tile or (height <= tile and width <= tile):  # diffusers tiles only a larger frame
+        return VAE_WEIGHTS + videos * VAE_BYTES_PER_PIXEL * height * width
+    stride = int(tile * VAE_TILE_STRIDE)
+    # a tile starts every stride pixels and is cut at the frame's edge: overlaps are decoded twice
+    tiled_area = (sum(min(tile, height - i) for i in range(0, height, stride))
+                  * sum(min(tile, width - j) for j in range(0, width, stride)))
+    tiles = pixel_frames * 3 * tiled_area * 4  # every decoded tile, float32
+    video = pixel_frames * 3 * height * width * 4
+    one_tile = VAE_BYTES_PER_PIXEL * min(tile, height) * min(tile, width)
+    return VAE_WEIGHTS + videos * max(one_tile + tiles, tiles + VAE_TILE_ASSEMBLY * video)
 
 
 def summary(pred):
@@ -206,6 +232,8 @@ def levers(args):
         out.append("a smaller --micro-batch")
     if args.local_attn < 0 and args.num_frames > 21:
         out.append("a rolling cache (--local-attn 12 --sink 3)")
+    if args.model != "tiny" and not args.vae_tile:
+        out.append("VAE decode in tiles (--vae-tile 160)")
     out.append("a smaller --lora-rank")
     if args.ema:
         out.append("--no-ema")

@@ -209,6 +209,9 @@ class Args:
     all of them, for ~1/3 more update time"""
     decode_batch: int = 1
     """real models: videos the VAE decodes at once (its activations at 480x832 are large)"""
+    vae_tile: int = 0
+    """real models: the VAE decodes tiles of N x N pixels overlapping by N/4, seams blended (diffusers'
+    tiled decode; at 480x832, N = 160: 2.1 GB instead of 17.2, memory.vae_decode_bytes); 0: whole frames"""
     # ---- replication of the released code
     exact_reference: bool = False
     """every released-code behaviour at once: all of --released.* plus the noisy window context and the
@@ -236,6 +239,9 @@ _LONGLIVE = dict(ckpt="longlive_models/models/longlive_base.pt", local_attn=12, 
 PRESETS = {  # python train.py <preset> [--flags]; every field stays overridable
     "tiny": Args(),
     "self-forcing": _real(ckpt="checkpoints/self_forcing_dmd.pt", out_dir="out/self-forcing"),
+    # one 24 GB GPU (README, Memory): LoRA rank 64 and the VAE in 160-pixel tiles, the rest as self-forcing
+    "self-forcing-24gb": _real(ckpt="checkpoints/self_forcing_dmd.pt", out_dir="out/self-forcing-24gb",
+                               lora_rank=64, lora_alpha=64.0, vae_tile=160),
     "causal-forcing": _real(ckpt="checkpoints/chunkwise/causal_forcing.pt", out_dir="out/causal-forcing"),
     # LongLive: rolling cache (12 frames, 3 sink); Astrolabe's streaming config trains the window
     # [21, 42) after a 21-frame history (window_choices = [21]); -lora: LongLive's LoRA as warm start

@@ -196,6 +196,27 @@ def test_streaming_decode_equals_full_decode(vae_files):
             assert (torch.cat(parts, 1) - full).abs().max() <= 1e-6, n
 
 
+def test_tiled_decode_is_diffusers_tiles_and_costs_less(vae_files):
+    """WanVAE.tile(32): tiles of 4 latents every 3 (24 pixels). The first tile is decoded alone and
+    kept unblended up to the stride, so there the output equals a whole-frame decode of that crop;
+    the rest is blended (a random VAE sees far: no closeness to the untiled decode is claimed), and
+    the memory model's decode term shrinks with the tile."""
+    import memory
+    w = WanVAE(vae_files[0])
+    z = torch.randn(1, 2, 16, 8, 12, generator=torch.Generator().manual_seed(3))  # 64 x 96 pixels
+    whole, corner = w.decode(z), w.decode(z[..., :4, :4])
+    w.tile(32)
+    tiled = w.decode(z)
+    w.vae.disable_tiling()  # the module's VAE is shared by the other tests
+    assert tiled.shape == whole.shape and tiled.abs().max() <= 1
+    assert torch.equal(tiled[..., :24, :24], corner[..., :24, :24])
+    assert not torch.equal(tiled, whole)  # tiled at all
+    # 480x832, 81 frames: a 160-pixel tile's working set and the decoded tiles, not whole frames
+    full, tiles = memory.vae_decode_bytes(480, 832, 81), memory.vae_decode_bytes(480, 832, 81, tile=160)
+    assert full - memory.VAE_WEIGHTS == memory.VAE_BYTES_PER_PIXEL * 480 * 832
+    assert tiles < full / 5 and memory.vae_decode_bytes(128, 128, 81, tile=160) == memory.vae_decode_bytes(128, 128, 81)
+
+
 # ----------------------------------------------------------------------------------------------
 # ---- umT5 text encoder
 

@@ -7,6 +7,9 @@ the released layouts that let train.py run the real-model path with nothing down
                                            self-forcing preset each in a fresh process: measured
                                            peak next to memory.predict; then every preset's
                                            prediction at its real size
+    python tools/bench.py vae                    the Wan2.1 VAE (random weights) decoding whole frames
+                                           and in tiles (--vae-tile): measured peak next to
+                                           memory.vae_decode_bytes, 128x192 pixels, 3 latent frames
     python tools/bench.py realsize [--keep]      the full wan-1.3b (random weights, full Wan2.1 VAE,
                                            a one-layer umT5) through the same preset on the CPU:
                                            64x64 pixels, 6 latent frames, one step end to end
@@ -267,3 +270,41 @@ def realsize(args):
     if not args.keep:
         shutil.rmtree(folder)
     return res
+
+
+# (name, pixel height, width, latent frames, tile: 0 whole frames); tiles of 64 at 128x192 make a
+# 3 x 4 grid with every kind of edge, as 160 does at 480x832
+VAE_CASES = [("whole frames 128x192 F3", 128, 192, 3, 0), ("tiles of 64 128x192 F3", 128, 192, 3, 64)]
+
+
+def vae_case(index):
+    """(in a fresh process) one VAE_CASES entry: the full Wan2.1 VAE (random weights, float32)
+    decoding one video through frozen.WanVAE, tiled as FrozenParts tiles it; the peak's growth over
+    the loaded VAE next to memory.vae_decode_bytes less the weights."""
+    from diffusers import AutoencoderKLWan
+    from frozen import WanVAE
+    name, H, W, F, tile = VAE_CASES[index]
+    torch.manual_seed(0)
+    vae = WanVAE(AutoencoderKLWan().eval())
+    if tile:
+        vae.tile(tile)
+    z = torch.randn(1, F, 16, H // 8, W // 8)
+    base = reset_peak("cpu")
+    t0 = time.perf_counter()
+    video = vae.decode(z)  # (1, 1 + 4 (F - 1), 3, H, W)
+    seconds = time.perf_counter() - t0
+    measured = common.peak_growth("cpu", base)
+    pred = memory.vae_decode_bytes(H, W, video.shape[1], tile) - memory.VAE_WEIGHTS
+    return {"name": name, "measured_mb": measured, "predicted_mb": pred / 2 ** 20, "decode_s": seconds}
+
+
+def vae_bench(args):
+    """Every VAE_CASES entry in a fresh process (glibc's mmap threshold fixed, as memory_bench)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    cases = []
+    for i, case in enumerate(VAE_CASES):
+        r = json.loads(subprocess_json([sys.executable, BENCH, "--case", f"vae:{i}"], env=env).strip().splitlines()[-1])
+        cases.append(r)
+        print(f"{r['name']:26s} measured {r['measured_mb']:7.0f} MiB  predicted {r['predicted_mb']:7.0f} MiB  "
+              f"({r['predicted_mb'] / r['measured_mb'] - 1:+.1%})  decode {r['decode_s']:.0f} s", flush=True)
+    return cases

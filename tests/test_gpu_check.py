@@ -1,0 +1,52 @@
+"""
+tools/gpu_check.py before a GPU session: its small mode (--tiny, the same parts at small shapes)
+runs end to end on a CPU and every part reports; a part past its budget is stopped and recorded
+while the check goes on.
+
+Test:  OMP_NUM_THREADS=1 python -m pytest tests/test_gpu_check.py -q      (CPU, ~45 s)
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers")  # the real presets' VAE and umT5 stand-ins
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import gpu_check
+
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def test_tiny_mode_runs_every_part(tmp_path):
+    r = subprocess.run([sys.executable, "tools/gpu_check.py", "--out", str(tmp_path)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["env"]["tiny"]  # no CUDA: small shapes by themselves
+    assert [n for n in gpu_check.BUDGET_S if "error" in res[n]] == [], {n: res[n].get("log_tail") for n in res}
+    assert res["parity"]["ok"] and res["tiny"]["ok"] and res["tiny"]["resume_equal"]
+    assert sorted(res["tiny"]["window_starts"]) == [0, 3]  # a plain and a streaming step
+    for v in res["parity"]["sets"].values():  # float32 replays the fixtures; bf16 is near, not equal
+        assert max(v["max_diff"].values()) <= 1e-4 and 0 < v["bf16_rel_l2"] <= gpu_check.BF16_BOUND
+    bench = res["bench"]
+    assert bench["latent_fps"] > 0 and bench["ckpt"]["seconds"] > 0 and bench["ckpt"]["predicted_mb"] > 0
+    whole, tiled = bench["vae"]
+    assert tiled["tile"] and tiled["predicted_mb"] < whole["predicted_mb"]
+    for name, preset in [("full", "self-forcing"), ("24gb", "self-forcing-24gb")]:
+        assert res[name]["preset"] == preset and res[name]["steps"] == 2 and res[name]["predicted_gib"] > 0
+    report = (tmp_path / "gpu_check.txt").read_text()
+    assert "resume from step 1: the same step-2 row" in report and "failed: none" in report
+
+
+def test_a_late_part_is_stopped_and_the_check_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(gpu_check.BUDGET_S, "tiny", 1)  # three train.py runs cannot finish in 1 s
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    gpu_check.main(gpu_check.Args(out=str(tmp_path), parts=("tiny", "parity")))
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["tiny"]["error"] == "over its budget of 1 s"
+    assert res["parity"]["ok"]  # the next part ran
+    assert "failed: ['tiny']" in (tmp_path / "gpu_check.txt").read_text()
