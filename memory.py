@@ -57,15 +57,20 @@ GB = 2 ** 30
 SAVED_BYTES = {torch.float32: {"kv": (12, 0, 8), "query": (44, 8, 24)},
                torch.bfloat16: {"kv": (12, 0, 4), "query": (34, 4, 12)}}
 
-# the Wan2.1 VAE decoding frame by frame (diffusers' feature cache), float32: working set per
-# output pixel of one frame chunk, measured on a CPU with random weights at 64x64 and 128x128
-# pixels; its 127 M float32 weights
-VAE_BYTES_PER_PIXEL = 45e3
+# the Wan2.1 VAE decoding frame by frame (diffusers' feature cache), float32: its working set is
+# VAE_DECODE_FIXED + VAE_BYTES_PER_PIXEL x (output height x width), whatever the frame count; a
+# straight line through the peaks measured on a CPU (random weights, glibc's mmap threshold fixed,
+# docs/benchmarks.md) at 64x64, 128x128, 256x256, 240x416 and 480x832 pixels, each within 1% of it
+# (8.0 GiB at 480x832); its 127 M float32 weights
+VAE_BYTES_PER_PIXEL = 21.0e3
+VAE_DECODE_FIXED = 30e6
 VAE_WEIGHTS = 127e6 * 4
 # --vae-tile: diffusers' tiled decode (AutoencoderKLWan.tiled_decode) cuts the latent into tiles of
 # `tile` pixels every 3/4 tile (its default: 256 every 192), decodes each tile over all frames with
 # the working set above, keeps every decoded tile, then blends them into rows, concatenates the rows
 # and clamps: the tiles + 3 whole videos at the end
+# (measured on a CPU within 2.1% for tiles of 128 and 160; tiles of 64 carry overhead this does not
+# count, 1.4x the prediction: docs/benchmarks.md)
 VAE_TILE_STRIDE = 3 / 4
 VAE_TILE_ASSEMBLY = 3
 
@@ -206,14 +211,14 @@ def vae_decode_bytes(height, width, pixel_frames, tile=0, videos=1):
     decoded before it) and (every decoded tile + the blended rows, their concatenation and its
     clamped copy at the end)."""
     if not tile or (height <= tile and width <= tile):  # diffusers tiles only a larger frame
-        return VAE_WEIGHTS + videos * VAE_BYTES_PER_PIXEL * height * width
+        return VAE_WEIGHTS + videos * (VAE_DECODE_FIXED + VAE_BYTES_PER_PIXEL * height * width)
     stride = int(tile * VAE_TILE_STRIDE)
     # a tile starts every stride pixels and is cut at the frame's edge: overlaps are decoded twice
     tiled_area = (sum(min(tile, height - i) for i in range(0, height, stride))
                   * sum(min(tile, width - j) for j in range(0, width, stride)))
     tiles = pixel_frames * 3 * tiled_area * 4  # every decoded tile, float32
     video = pixel_frames * 3 * height * width * 4
-    one_tile = VAE_BYTES_PER_PIXEL * min(tile, height) * min(tile, width)
+    one_tile = VAE_DECODE_FIXED + VAE_BYTES_PER_PIXEL * min(tile, height) * min(tile, width)
     return VAE_WEIGHTS + videos * max(one_tile + tiles, tiles + VAE_TILE_ASSEMBLY * video)
 
 
@@ -298,7 +303,7 @@ def predict_sample(cfg, videos, frames, hw, local=-1, bf16=False, decode=False, 
     cache = videos * 2 * cfg.num_layers * (cap * P + cfg.text_len) * cfg.dim * b
     latents = videos * frames * cfg.in_dim * hw[0] * hw[1] * 4
     call = videos * cfg.frames_per_block * P * (cfg.ffn_dim + 6 * cfg.dim) * b
-    vae = VAE_WEIGHTS + VAE_BYTES_PER_PIXEL * 64 * hw[0] * hw[1] if decode else 0  # 8x the latent size
+    vae = vae_decode_bytes(8 * hw[0], 8 * hw[1], 1 + 4 * (frames - 1)) if decode else 0  # 8x the latent size
     return max(text_file_bytes * b / 2, base * b + cache + latents + call + vae)
 
 

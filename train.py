@@ -211,7 +211,7 @@ class Args:
     """real models: videos the VAE decodes at once (its activations at 480x832 are large)"""
     vae_tile: int = 0
     """real models: the VAE decodes tiles of N x N pixels overlapping by N/4, seams blended (diffusers'
-    tiled decode; at 480x832, N = 160: 2.1 GB instead of 17.2, memory.vae_decode_bytes); 0: whole frames"""
+    tiled decode; at 480x832, N = 160: 2.1 GB instead of 8.3, memory.vae_decode_bytes); 0: whole frames"""
     # ---- replication of the released code
     exact_reference: bool = False
     """every released-code behaviour at once: all of --released.* plus the noisy window context and the

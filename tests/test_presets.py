@@ -129,16 +129,18 @@ def test_missing_files_are_listed_before_anything_loads(tmp_path):
 
 def test_24gb_preset_fits_a_24gb_gpu():
     """self-forcing-24gb: memory.py's peak on one GPU (bf16, its default batch) <= 22 GiB, leaving 2
-    of a 24 GB card to the allocator; self-forcing itself needs about twice that. It differs from
-    self-forcing only in the LoRA rank and the tiled VAE decode, and both count."""
+    of a 24 GB card to the allocator; self-forcing itself needs half as much again. It differs from
+    self-forcing only in the LoRA rank and the tiled VAE decode, and each alone would not fit."""
     import memory
     cfg = CONFIGS["wan-1.3b"]
     small, full = train.PRESETS["self-forcing-24gb"], train.PRESETS["self-forcing"]
     p, q = memory.predict(small, cfg, bf16=True), memory.predict(full, cfg, bf16=True)
-    assert p["peak"] <= 22 * memory.GB < 40 * memory.GB < q["peak"]
+    assert p["peak"] <= 22 * memory.GB < 30 * memory.GB < q["peak"]
     changed = {k for k, v in dataclasses.asdict(small).items() if dataclasses.asdict(full)[k] != v}
     assert changed == {"lora_rank", "lora_alpha", "vae_tile", "out_dir"}
-    assert p["decode"] < q["decode"] / 5 and p["adapters"] == q["adapters"] / 4
+    assert p["decode"] < q["decode"] / 3 and p["adapters"] == q["adapters"] / 4
     untiled = memory.predict(dataclasses.replace(small, vae_tile=0), cfg, bf16=True)
-    assert untiled["peak"] > 30 * memory.GB and "VAE decode in tiles (--vae-tile 160)" in memory.levers(
+    full_rank = memory.predict(dataclasses.replace(small, lora_rank=256, lora_alpha=256.0), cfg, bf16=True)
+    assert full_rank["peak"] > 24 * memory.GB
+    assert untiled["peak"] > 24 * memory.GB and "VAE decode in tiles (--vae-tile 160)" in memory.levers(
         dataclasses.replace(small, vae_tile=0))
