@@ -230,6 +230,15 @@ def prompt_lines(path):
         raise UsageError(f"--prompt-file {path}: cannot read it ({e.strerror})") from None
 
 
+def released_behaviour(args, released):
+    """args with every value of `released` (train.RELEASED) in place: what --exact-reference runs,
+    said in the log."""
+    args = dataclasses.replace(args, **released)
+    flags = {k: v for k, v in flat_args(args).items() if k in flat_args(released)}
+    log("--exact-reference: " + ", ".join(f"{flag(k)} {v}" for k, v in flags.items()))
+    return args
+
+
 def lora_init_errors(args):
     """The rank and alpha --lora-init declares (adapter_config.json, or the original-Wan file's
     .alpha), when it declares them, must agree with --lora-rank and --lora-alpha: the run records

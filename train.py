@@ -36,7 +36,7 @@ import nft_loss as nft
 import reward_models
 import tiny_world
 from checkpoints import load_base, load_lora_init, resume_run, save_run
-from common import (NonFiniteGuard, StepClock, UsageError, all_reduce_step, gather, init_distributed, log,
+from common import (NonFiniteGuard, StepClock, UsageError, all_reduce_step, gather, init_distributed,
                     memory_in_use, run_cli, seed_of, use_bf16)
 from evaluation import RunLog, evaluate, pick_eval_prompts, save_before_after
 from frozen import FrozenParts
@@ -259,14 +259,6 @@ RELEASED = dict(released=Released(train_mask="frame", train_sink=False, train_ti
                 window_context="noisy", global_std=True, reward_norm="none", adaptive_weight=False, old_decay="linear")
 
 
-def released_behaviour(args):
-    """args with every RELEASED value in place (what --exact-reference runs), said in the log."""
-    args = dataclasses.replace(args, **RELEASED)
-    flags = {k: v for k, v in checks.flat_args(args).items() if k in checks.flat_args(RELEASED)}
-    log("--exact-reference: " + ", ".join(f"{checks.flag(k)} {v}" for k, v in flags.items()))
-    return args
-
-
 def parse_args(argv=None):
     """`train.py [PRESET] [--flags]`: the preset is a named Args default, flags override it."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -373,7 +365,7 @@ def main(args: Args):
     rank, world, device = init_distributed()  # torchrun sets RANK and WORLD_SIZE; else one process
     mem_start = memory_in_use(device)  # the process before anything loads (mem/total_mb)
     if args.exact_reference:  # every released-code behaviour at once (RELEASED)
-        args = released_behaviour(args)
+        args = checks.released_behaviour(args, RELEASED)
     # every check before anything loads (all problems at once, one line each), the out-dir's lock,
     # CPU threads, the predicted memory peak; returns args with each input file as found, the run's lineage
     args, resume_path, lineage = checks.start_run(args, world, REGISTRY, device)

@@ -24,7 +24,7 @@ CFG = ModelConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=3, out_d
 
 
 def test_exact_reference_sets_every_released_behaviour():
-    default, exact = train.Args(), train.released_behaviour(train.Args())
+    default, exact = train.Args(), checks.released_behaviour(train.Args(), train.RELEASED)
     released = train.RELEASED["released"]
     group = [f.name for f in dataclasses.fields(train.Released)]
     assert exact.released == released

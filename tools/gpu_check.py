@@ -50,7 +50,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, replace
 
 import torch
