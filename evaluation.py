@@ -74,9 +74,9 @@ class RunLog:
         self.streaks["flat"] = self.streaks["flat"] + 1 if row["diag/flat_groups"] >= 0.5 else 0
         self.streaks["ref"] = self.streaks["ref"] + 1 if row["diag/ref_share"] >= 0.5 else 0
         if self.streaks["flat"] == 3:
-            log(f"warning: steps {n - 2}-{n}: in most prompt groups all {self.args.group_size} videos got the same "
-                f"reward, so r = 1/2 and no gradient: a reward that cannot tell these videos apart? (more "
-                f"--group-size, another reward; diag/flat_groups in metrics.jsonl)")
+            log(f"warning: steps {n - 2}-{n}: in most prompt groups every video got the same reward "
+                f"({self.args.group_size} per prompt), so r = 1/2 and no gradient: a reward that cannot tell these "
+                f"videos apart? (more --group-size, another reward; diag/flat_groups in metrics.jsonl)")
         if self.streaks["ref"] == 3:
             log(f"warning: steps {n - 2}-{n}: the reference term is over half the loss, so the step mostly pulls "
                 f"back to the reference (lower --kl-weight; diag/ref_share in metrics.jsonl)")

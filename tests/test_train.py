@@ -176,7 +176,7 @@ def test_a_reward_that_cannot_tell_videos_apart_is_named(tmp_path):
     rs = rows(tmp_path / "run")
     assert all(x["diag/flat_groups"] == 1 and x["diag/r_dev"] == 0 for x in rs)
     log = r.stdout + r.stderr
-    assert log.count("warning: steps 1-3: in most prompt groups all 2 videos got the same reward") == 1, log[-3000:]
+    assert log.count("warning: steps 1-3: in most prompt groups every video got the same reward (2 per") == 1, log[-3000:]
 
 
 def test_diagnostics_arithmetic():

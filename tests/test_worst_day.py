@@ -167,7 +167,7 @@ def test_settings_that_cannot_learn_warn(tmp_path):
     assert "--window-starts is used only by --window-select random_choice" in out
     assert "--released.aux-rewards: used only with --selective" in out
     assert "prompt(s) the tiny model cannot read" in out and "a purple cat" in out
-    assert "had the same reward for every video of a prompt" in out
+    assert "in most prompt groups every video got the same reward" in out
     assert "threads: " in out
 
 
