@@ -159,9 +159,11 @@ def load_checkpoint(model, path, *, ema=True, lora=None, lora_adapter="default")
 # ----------------------------------------------------------------------------------------------
 # LoRA adapter files
 
+# the original-Wan layout's file: the name diffusers' load_lora_weights(folder) looks for
+WAN_LORA_FILE = "pytorch_lora_weights.safetensors"
 # the adapter files a folder may hold, in the order the loaders take them: PEFT's (ours, the
-# released code's .bin), then the original-Wan layout's (the name diffusers' load_lora_weights looks for)
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_lora_weights.safetensors")
+# released code's .bin), then the original-Wan layout's
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", WAN_LORA_FILE)
 
 
 def save_adapter(model, name, folder):
@@ -175,7 +177,7 @@ def save_adapter(model, name, folder):
     write_atomic(os.path.join(folder, "adapter_config.json"),
                  lambda tmp: _write_json(tmp, peft_config(model, name)))
     wan = {k: v.cpu().contiguous() for k, v in wan_lora_state_dict(model, name).items()}
-    write_atomic(os.path.join(folder, ADAPTER_FILES[2]), lambda tmp: save_file(wan, tmp, metadata={"format": "pt"}))
+    write_atomic(os.path.join(folder, WAN_LORA_FILE), lambda tmp: save_file(wan, tmp, metadata={"format": "pt"}))
 
 
 def load_lora_init(model, path):
@@ -203,7 +205,8 @@ def adapter_rank_alpha(path):
     Raises FileNotFoundError for a folder without adapter files, ValueError for an unreadable config."""
     weights = adapter_weights_file(path)
     cfg = os.path.join(os.path.dirname(weights), "adapter_config.json")
-    if os.path.basename(weights) != ADAPTER_FILES[2] and os.path.isfile(cfg):
+    # the original-Wan file carries its own alpha: a PEFT config beside it does not speak for it
+    if os.path.basename(weights) != WAN_LORA_FILE and os.path.isfile(cfg):
         with open(cfg) as f:
             config = json.load(f)
         return config.get("r"), config.get("lora_alpha"), cfg
