@@ -68,6 +68,7 @@ def check_keys(model, sd, path, what, hint="", skip=()):
     """strict=True, explained: one ValueError listing every missing, unexpected and mis-shaped
     key, and `hint`, the likely cause. Keys containing a `skip` string (our LoRA adapters) are
     not expected in the file."""
+    # shapes only: comparing keys and shapes never touches the (possibly meta) tensors themselves
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not any(s in k for s in skip)}
     have = {k: tuple(v.shape) for k, v in sd.items()}
     missing = [k for k in want if k not in have]
@@ -76,6 +77,7 @@ def check_keys(model, sd, path, what, hint="", skip=()):
     if not (missing or unexpected or shaped):
         return
     cause = f"\n  likely cause: {hint}" if hint else ""
+    # the first few of each kind: enough to recognise the layout, short enough to read
     raise ValueError(
         f"{path} does not match {what} ({len(missing)} missing, {len(unexpected)} unexpected, "
         f"{len(shaped)} mis-shaped keys):\n  missing:     {missing[:4]}\n  unexpected:  "
@@ -89,7 +91,7 @@ def strip_prefixes(sd):
     """Drop leading wrapper prefixes, repeatedly: 'model._fsdp_wrapped_module.blocks.0...'."""
     out = {}
     for k, v in sd.items():
-        while k.startswith(PREFIXES):
+        while k.startswith(PREFIXES):  # wrappers nest (FSDP inside the diffusion wrapper, ...)
             prefix = next(p for p in PREFIXES if k.startswith(p))
             k = k[len(prefix):]
         out[k] = v
@@ -111,6 +113,8 @@ def generator_state_dict(obj, path, ema):
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
+    # a training checkpoint's other entries (step counters, configs) have been left behind above;
+    # anything still not a tensor means this is not the container we think it is
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{path} is not a state dict: entries {bad[:5]} are not tensors (top-level "
@@ -283,8 +287,8 @@ def write_run(path, model, opt, state, export="default", keep=0):
 def load_run(path, model, opt):
     """Restore the adapters the model has (others in the file are ignored) and the optimizer;
     returns state.json's dict."""
-    ad = load_file(os.path.join(path, "adapters.safetensors"))
-    for name in adapter_names(model):
+    ad = load_file(os.path.join(path, "adapters.safetensors"))  # {"<adapter>/<PEFT key>": tensor}
+    for name in adapter_names(model):  # the model decides which adapters matter (a run without --selective has no ref)
         sd = {k[len(name) + 1:]: v for k, v in ad.items() if k.startswith(name + "/")}
         if not sd:
             raise ValueError(f"{path}: no adapter {name!r} in adapters.safetensors")
@@ -292,6 +296,7 @@ def load_run(path, model, opt):
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     flat = load_file(os.path.join(path, "optim.safetensors"))
+    # rebuild AdamW's nested state from "i.name" keys; param_groups (lr, betas, ...) came from the JSON
     osd = {"state": {}, "param_groups": state.pop("param_groups")}
     for k, v in flat.items():
         i, name = k.split(".", 1)
