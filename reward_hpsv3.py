@@ -32,8 +32,9 @@ Files (in reward_models.WEIGHTS_DIR = $ASTRO_WEIGHTS, read when called; nothing 
                          Qwen/Qwen2-VL-7B-Instruct; its weight shards are NOT needed: HPSv3's
                          checkpoint holds every tensor of the model)
   HPSv3.safetensors      HF MizzenAI/HPSv3
-Cost at real size: 8.3 B parameters, 16.6 GB in bf16 (the head in float32), one forward per
-frame of ~260 image tokens + ~640 prompt tokens; docs/rewards.md#hpsv3.
+Cost at real size: 7.75 B parameters kept (vision 0.68 B + language model 7.07 B; the checkpoint's
+0.54 B lm_head is skipped), 15.5 GB on the GPU in bf16 (the 3.7 M head in float32); per frame one
+forward of ~250-270 image tokens + ~560 prompt tokens (estimate); docs/rewards.md#hpsv3.
 
 Use: --rewards hpsv3=1 (registered by the lead in reward_models.REWARDS), or as a file reward
 `--rewards reward_hpsv3.py:hpsv3=1`. Test: python -m pytest tests/test_hpsv3.py -q
@@ -200,7 +201,8 @@ class HPSv3(torch.nn.Module):
         # No position ids, as HPSv3's forward calls the language model (qwen2vl_trainer.py, the
         # self.model(...) call): positions 0..L-1 on all three M-RoPE axes, NOT Qwen2-VL's
         # (t, h, w) image positions. That is what HPSv3 was trained and scores with.
-        hidden = text(inputs_embeds=emb, attention_mask=attention_mask).last_hidden_state
+        hidden = text(inputs_embeds=emb, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state  # [m, L, D]; no KV cache: one pass
         at = input_ids == self.ids[REWARD_TOKEN]  # [m, L], one True per row
         assert (at.sum(1) == 1).all(), "hpsv3: one <|Reward|> token per text expected"
         # the head runs in float32 on the reward token's hidden state (create_model_and_processor
