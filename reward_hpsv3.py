@@ -246,12 +246,13 @@ def load_hpsv3(base, checkpoint, dtype=torch.bfloat16):
     sized to the checkpoint's vocabulary (HPSv3 resized it to the tokenizer + <|Reward|>), then
     every tensor is loaded strictly from HPSv3.safetensors: the base folder's weights are never
     read, since the checkpoint overwrites all of them in HPSv3's own loader."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
     from tokenizers import Tokenizer
     from transformers import Qwen2VLConfig, Qwen2VLModel
     from transformers.models.qwen2_vl import modeling_qwen2_vl as q
 
-    sd = load_file(checkpoint)
+    with safe_open(checkpoint, "pt") as f:  # lm_head (0.54 B) only checked for, never read
+        sd = {k: None if k == "lm_head.weight" else f.get_tensor(k) for k in f.keys()}
     cfg = Qwen2VLConfig.from_pretrained(base, attn_implementation="sdpa")
     cfg.text_config.vocab_size = sd["model.embed_tokens.weight"].shape[0]  # resized, as trained
     tok = Tokenizer.from_file(os.path.join(base, "tokenizer.json"))
