@@ -36,8 +36,7 @@ Cost at real size: 7.75 B parameters kept (vision 0.68 B + language model 7.07 B
 0.54 B lm_head is skipped), 15.5 GB on the GPU in bf16 (the 3.7 M head in float32); per frame one
 forward of ~250-270 image tokens + ~560 prompt tokens (estimate); docs/rewards.md#hpsv3.
 
-Use: --rewards hpsv3=1 (registered by the lead in reward_models.REWARDS), or as a file reward
-`--rewards reward_hpsv3.py:hpsv3=1`. Test: python -m pytest tests/test_hpsv3.py -q
+Use: --rewards hpsv3=1 (train.REGISTRY holds this file's REWARDS). Test: python -m pytest tests/test_hpsv3.py -q
 
 Shapes: B videos, F frames, n frames scored per video, M images (B*n), m images in one forward
 (<= BATCH), L tokens, D hidden width, P patches of 14x14 (x 2 time steps) per image, K = 3*2*14*14
@@ -54,12 +53,10 @@ import torch
 import reward_models
 from rewards import top_fraction
 
-# canonical names in the weights folder -> where to download them
-HPSV3_SOURCES = {"Qwen2-VL-7B-Instruct": "https://huggingface.co/Qwen/Qwen2-VL-7B-Instruct",
-                 "HPSv3.safetensors": "https://huggingface.co/MizzenAI/HPSv3"}
-BASE = "Qwen2-VL-7B-Instruct"
-BASE_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json")  # all we read of it
-CHECKPOINT = "HPSv3.safetensors"
+# the files, by their names in the weights folder (listed, with their sources, in reward_models)
+BASE = reward_models.HPSV3_BASE  # Qwen2-VL-7B-Instruct/: all we read of it
+BASE_FILES = reward_models.HPSV3_BASE_FILES  # config.json, tokenizer.json, preprocessor_config.json
+CHECKPOINT = reward_models.HPSV3_CHECKPOINT  # HPSv3.safetensors
 FRAMES = reward_models.FRAMES  # 8 evenly spaced frames by default; 0 = every frame, as released
 BATCH = 4  # images per forward: the released reward_batch_size (a 7B VLM at ~900 tokens each)
 PIXELS = 256 * 28 * 28  # HPSv3 resizes every image to about this many pixels (min = max)
@@ -105,30 +102,12 @@ def chat_text(prompt, n_image_tokens):
 # ----------------------------------------------------------------------------------------------
 # files
 
-def hpsv3_files():
-    """[(path, source)] of every file the reward reads, in the weights folder as it is now."""
-    root = reward_models.WEIGHTS_DIR
-    return ([(os.path.join(root, BASE, f), HPSV3_SOURCES[BASE]) for f in BASE_FILES]
-            + [(os.path.join(root, CHECKPOINT), HPSV3_SOURCES[CHECKPOINT])])
-
-
-def missing_hpsv3_files():
-    """'hpsv3: file in folder (from source)' for each file that is not there; cheap (no import),
-    for the start-up checks, in the format of reward_models.missing_weights."""
-    return [f"hpsv3: {os.path.relpath(path, reward_models.WEIGHTS_DIR)} in "
-            f"{os.path.abspath(reward_models.WEIGHTS_DIR)} (from {src})"
-            for path, src in hpsv3_files() if not os.path.isfile(path)]
-
-
 def _require():
     """The paths (base folder, checkpoint), or one line that says which file is missing, in which
-    folder, and where it comes from - before anything heavy is imported or loaded."""
-    for path, src in hpsv3_files():
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"reward 'hpsv3' needs {os.path.relpath(path, reward_models.WEIGHTS_DIR)} in "
-                f"{os.path.abspath(reward_models.WEIGHTS_DIR)} (set ASTRO_WEIGHTS to the folder "
-                f"that holds it); download it from {src}")
+    folder, and where it comes from (reward_models.weight_file) - before anything heavy loads.
+    The start-up checks find the same files through reward_models.missing_weights(["hpsv3"])."""
+    for names in reward_models.LEARNED["hpsv3"]:
+        reward_models.weight_file("hpsv3", *names)
     return (os.path.join(reward_models.WEIGHTS_DIR, BASE),
             os.path.join(reward_models.WEIGHTS_DIR, CHECKPOINT))
 

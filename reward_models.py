@@ -18,9 +18,11 @@ downloaded, and a missing file stops the reward with its name and source:
 Assigning `reward_models.WEIGHTS_DIR = path` moves the folder for every learned reward, since every
 lookup reads it when called. The `arch=` keyword of each reward picks another backbone of the
 same family (the tests use tiny random ones saved in the real file layouts).
-VideoAlign (Astrolabe's motion-quality model) is not here: its Qwen2-VL forward and key names
-follow transformers 4.45, and the 5.x layout needs a port (docs/rewards.md#astrolabes-own-reward-models);
-bring it in as a `file.py:function` reward from an environment pinned to 4.45.
+  hpsv3           Qwen2-VL-7B-Instruct/{config,      HF Qwen/Qwen2-VL-7B-Instruct
+                    tokenizer,preprocessor_config}.json
+                  HPSv3.safetensors                  HF MizzenAI/HPSv3
+HPSv3 is scored in its own file, reward_hpsv3.py (a port of its Qwen2-VL model onto the current
+transformers); its files are listed here so the start-up checks find them like every other's.
 
 Shapes: B videos, F frames, H, W pixels, n sub-sampled frames, M images of one CLIP batch (B*n),
 D embedding width; optical_flow: F' frames kept at the stride, P = F' - 1 pairs, Hs, Ws the
@@ -47,6 +49,13 @@ WEIGHT_SOURCES = {  # canonical file name -> where to download it
     **{f: "https://download.pytorch.org/models/" + f
        for f in ("raft_large_C_T_V1-22a6c225.pth", "raft_small_C_T_V2-01064c6d.pth")},
 }
+# HPSv3 (reward_hpsv3.py, its own file: a Qwen2-VL port) reads three small files of the base
+# folder (its checkpoint holds every tensor, so the 7B shards are not needed) and its checkpoint
+HPSV3_BASE = "Qwen2-VL-7B-Instruct"
+HPSV3_BASE_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json")
+HPSV3_CHECKPOINT = "HPSv3.safetensors"
+WEIGHT_SOURCES.update({f"{HPSV3_BASE}/{f}": "https://huggingface.co/Qwen/Qwen2-VL-7B-Instruct" for f in HPSV3_BASE_FILES})
+WEIGHT_SOURCES[HPSV3_CHECKPOINT] = "https://huggingface.co/MizzenAI/HPSv3"
 CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # either will do
 RAFT_FILES = {"raft_large": "raft_large_C_T_V1-22a6c225.pth",  # ported RAFT "things", as VBench
               "raft_small": "raft_small_C_T_V2-01064c6d.pth"}
@@ -229,7 +238,8 @@ def dynamic_degree(videos, prompts, arch="raft_large", stride=2, iters=20, cap=1
 # check for them before anything loads
 LEARNED = {"hpsv2": [("HPS_v2.1_compressed.pt",)], "clip_score": [CLIP_FILES],
            "aesthetic": [CLIP_FILES, ("sac+logos+ava1-l14-linearMSE.pth",)],
-           "dynamic_degree": [(RAFT_FILES["raft_large"],)]}
+           "dynamic_degree": [(RAFT_FILES["raft_large"],)],
+           "hpsv3": [(f"{HPSV3_BASE}/{f}",) for f in HPSV3_BASE_FILES] + [(HPSV3_CHECKPOINT,)]}
 
 
 def missing_weights(names):

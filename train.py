@@ -33,6 +33,7 @@ import tyro
 
 import checks
 import nft_loss as nft
+import reward_hpsv3
 import reward_models
 import tiny_world
 from checkpoints import load_base, load_lora_init, resume_run, save_run
@@ -45,8 +46,8 @@ from rewards import REWARDS, MultiReward, RewardError
 from sample import sampler_timesteps, sigma_of
 from streaming import prompts_for_step, rollout_histories, rollout_windows, window_start
 
-# every reward --rewards can name: weight-free (rewards.py), learned, the shapes world's detectors
-REGISTRY = {**REWARDS, **reward_models.REWARDS, **tiny_world.REWARDS}
+# every reward --rewards can name: weight-free (rewards.py), learned (open_clip / RAFT, HPSv3), the shapes world's
+REGISTRY = {**REWARDS, **reward_models.REWARDS, **reward_hpsv3.REWARDS, **tiny_world.REWARDS}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,14 +96,14 @@ def test_frames_keyword_picks_frames_as_the_other_learned_rewards(ref):
 def test_missing_file_is_one_line_before_anything_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))
     monkeypatch.setattr(R, "load_hpsv3", lambda *a: pytest.fail("loaded despite a missing file"))
-    assert len(R.missing_hpsv3_files()) == 4
+    assert len(reward_models.missing_weights(["hpsv3"])) == 4
     with pytest.raises(FileNotFoundError) as e:
         R.hpsv3(torch.rand(1, 2, 3, 8, 8), ["a"])
     msg = str(e.value)
     assert "\n" not in msg and "Qwen2-VL-7B-Instruct/config.json" in msg and str(tmp_path) in msg
     assert "huggingface.co/Qwen/Qwen2-VL-7B-Instruct" in msg
     base_only(tmp_path)  # the base folder's three files: the checkpoint is what is missing then
-    assert [m.split()[1] for m in R.missing_hpsv3_files()] == ["HPSv3.safetensors"]
+    assert [m.split()[1] for m in reward_models.missing_weights(["hpsv3"])] == ["HPSv3.safetensors"]
     with pytest.raises(FileNotFoundError, match=r"HPSv3.safetensors in .*/MizzenAI/HPSv3$"):
         R.hpsv3(torch.rand(1, 2, 3, 8, 8), ["a"])
 
@@ -120,7 +120,7 @@ def test_base_weights_are_not_needed(ref, tmp_path, monkeypatch):
     base_only(tmp_path)
     os.symlink(os.path.join(FIX, R.CHECKPOINT), tmp_path / R.CHECKPOINT)
     monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))
-    assert R.missing_hpsv3_files() == []
+    assert reward_models.missing_weights(["hpsv3"]) == []
     mu = R.frame_scores(ref["videos"], ref["prompts"], frames=1)
     assert rel(mu, torch.tensor(ref["frame_mu"])[:, :1]) <= TOL
 
