@@ -16,7 +16,8 @@ train_flops, the FLOPs of one training forward and backward (tools/bench.py gpu'
     reward      the pixels and the copy each reward gets; learned reward models' weights and
                 their activations for one chunk of frames
     eval        the periodic eval's whole videos: a KV cache for each of a rollout batch
-peak = static + optimizer + max(rollout, update, eval) + decode + reward.
+    reward_model  a Qwen2-VL reward (HPSv3) and one of its forwards, on the GPU only while it scores
+peak = static + optimizer + max(rollout, update, eval, reward_model) + decode + reward.
 
 Activations are counted from what autograd saves per transformer block, element by element
 (tests/test_scale.py checks the counts against torch's saved-tensor hooks); attention never
@@ -79,6 +80,14 @@ VAE_TILE_ASSEMBLY = 3
 REWARD_PARAMS = {"hpsv2": 986e6, "clip_score": 428e6, "aesthetic": 428e6 + 0.9e6, "dynamic_degree": 5.3e6}
 REWARD_CHUNK_BYTES = {"hpsv2": 32 * 257 * 1280 * 12 * 4, "clip_score": 32 * 257 * 1024 * 12 * 4,
                       "aesthetic": 32 * 257 * 1024 * 12 * 4, "dynamic_degree": 32 * 1.5e8}
+# the Qwen2-VL rewards: (parameters, a forward's working set in bf16). They sit on the GPU only
+# while they score (reward_hpsv3 moves the model back to the CPU after each call), so they compete
+# with the rollout and the update for the peak instead of adding to it. HPSv3: 7.745 B parameters
+# kept (Qwen2-VL-7B's vision 0.676 B + language model 7.069 B, counted from its config; the
+# checkpoint's lm_head is never loaded), bf16 on a GPU; a forward of 4 frames of ~830 tokens:
+# ~0.25 GB per frame, an estimate from the config (the MLP's 3 x L x 18944 and the vision tower's
+# attention), not measured
+VLM_REWARDS = {"hpsv3": (7.745e9, 4 * 0.25e9)}
 
 
 def parameter_counts(cfg, rank):
@@ -190,7 +199,8 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
         Fp = 1 + 4 * (T - 1)
         out["decode"] = vae_decode_bytes(args.height, args.width, Fp, args.vae_tile, args.decode_batch)
         pixels = args.decode_batch * Fp * 3 * args.height * args.width * 4  # float32
-    learned = [spec.split("=")[0] for spec in args.rewards if spec.split("=")[0] in REWARD_PARAMS]
+    named = [spec.split("=")[0] for spec in args.rewards]
+    learned = [name for name in named if name in REWARD_PARAMS]
     # the pixels, and the copy of them the reward being called gets (rewards.MultiReward.score)
     out["reward"] = 2 * pixels + sum(REWARD_PARAMS[r] * 4 for r in learned) + max(
         [REWARD_CHUNK_BYTES[r] for r in learned], default=0)
@@ -199,8 +209,14 @@ def predict(args, cfg, start=0, world=1, decode=True, bf16=False):
     E = min(args.eval_prompts, rb) if args.eval_every else 0  # videos per eval rollout
     out["eval"] = E * (per_video_cache + F * cfg.in_dim * h * w * 4) + E * block * P * (cfg.ffn_dim + 6 * cfg.dim) * b
 
+    # ---- a Qwen2-VL reward while it scores: its weights (bf16 on a GPU, as the base) and one
+    # forward; one at a time (MultiReward calls the rewards in turn, each leaves the GPU after)
+    wb = 2 if bf16 else 4
+    out["reward_model"] = max([VLM_REWARDS[r][0] * wb + VLM_REWARDS[r][1] * wb / 2 for r in named if r in VLM_REWARDS],
+                              default=0)
+
     out["peak"] = (out["weights"] + out["adapters"] + out["optimizer"]
-                   + max(out["rollout"], out["update"], out["eval"]) + out["decode"] + out["reward"])
+                   + max(out["rollout"], out["update"], out["eval"], out["reward_model"]) + out["decode"] + out["reward"])
     return out
 
 

@@ -276,7 +276,18 @@ def frame_scores(videos, prompts, frames=FRAMES, batch=BATCH, dtype=None):
     dev = videos.device
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     model, tok, pre = load_hpsv3(base, checkpoint, dtype)
-    model.to(dev)  # the cached model follows the videos (train: GPU, tests: CPU)
+    # on the videos' device only while it scores: 15.5 GB that the rollout and the update can use
+    # in between (memory.VLM_REWARDS); the move costs ~2 x 15.5 GB over PCIe per step
+    model.to(dev)
+    try:
+        return _score(model, tok, pre, videos, prompts, frames, batch)
+    finally:
+        model.to("cpu")
+
+
+def _score(model, tok, pre, videos, prompts, frames, batch):
+    """frame_scores' loop, with the model on the videos' device."""
+    dev = videos.device
     x = reward_models._subsample(videos, frames)  # [B, n, 3, H, W]
     B, n = x.shape[:2]
     # uint8 frames, as the released code hands HPSv3 PIL images: round(255 x), clamped

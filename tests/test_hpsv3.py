@@ -134,3 +134,16 @@ def test_checkpoint_keys_are_mapped_strictly():
         R.convert_keys({**sd, "score.weight": 5})
     with pytest.raises(KeyError, match="lacks"):
         R.convert_keys({k: v for k, v in sd.items() if k != "lm_head.weight"})
+
+
+def test_the_model_leaves_the_device_after_scoring(ref, monkeypatch):
+    """The 7B model sits on the videos' device only while it scores (memory.VLM_REWARDS counts it
+    so): the last move of the cached model is back to the CPU, also when scoring fails."""
+    model, _, _ = R.load_hpsv3(*R._require(), torch.float32)  # the cached object frame_scores uses
+    moves, real_to = [], model.to
+    monkeypatch.setattr(model, "to", lambda device: (moves.append(str(device)), real_to(device))[1])
+    R.frame_scores(ref["videos"], ref["prompts"], frames=1)
+    assert moves == ["cpu", "cpu"]  # to the videos' device (the CPU here), then back
+    with pytest.raises(Exception):
+        R.frame_scores(ref["videos"], ref["prompts"][:0], frames=1)  # no prompts: scoring fails
+    assert moves == ["cpu"] * 4  # there and back again, though the scoring raised
