@@ -63,7 +63,7 @@ FRAMES, SIZE = 10, (336, 588)  # vision_process.py:300-306: fixed, whatever mode
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (BT.601 rounded its own way)
 BATCH = 4  # videos per forward: ~2.1k tokens each at real size
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # Qwen2-VL's chat template
-# VideoAlign's "detailed_special" rating prompt (prompt_template.py:23-61), the text its head was
+# VideoAlign's "detailed_special" rating prompt (prompt_template.py:23-60), the text its head was
 # trained on, so it is kept to the byte: trailing spaces included; {text_prompt} is the user's prompt
 PROMPT = "\n".join((
     '',
@@ -305,7 +305,7 @@ def _model(base, ckpt_path, load):
 
 def _pixels(videos, gray, pre):
     """[B, F, 3, H, W] in [0, 1] -> Qwen2-VL video patches [B*P, D_p] and grid [B, 3] = (t, h, w)."""
-    # the release hands the scorer uint8 frames: x_u8 = round(255 x) (rewards.py:143-144)
+    # the release hands the scorer uint8 frames: x_u8 = round(255 x) (rewards.py:139-140)
     x = (videos.float() * 255).round().clamp(0, 255)  # [B, F, 3, H, W], integers as floats
     if gray:  # torchvision's rgb_to_grayscale on uint8: the luma, truncated to uint8, 3 channels
         luma = GRAY[0] * x[:, :, 0] + GRAY[1] * x[:, :, 1] + GRAY[2] * x[:, :, 2]  # [B, F, H, W]
@@ -356,7 +356,7 @@ def videoalign(videos, prompts, dim, gray, load="released", reward=None):
     assert load in ("released", "full")
     paths = _require(reward or f"videoalign_{dim.lower()}")  # before anything heavy
     model, tok, token_ids, pre, mean, std = _model(*paths, load)
-    # bf16 on CUDA as released (rewards.py:135), float32 elsewhere; the cached model follows
+    # bf16 on CUDA as released (rewards.py:133), float32 elsewhere; the cached model follows
     model.to(videos.device, torch.bfloat16 if videos.is_cuda else torch.float32)
     k = DIMS.index(dim)
     out = []

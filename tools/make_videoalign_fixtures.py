@@ -235,7 +235,7 @@ def main():
         for dim, gray in (("VQ", False), ("MQ", True), ("TA", False), ("MQ_rgb", False)):
             scorer = VideoAlignScorer(model_path=ckpt, device="cpu", dtype=torch.float32,
                                       reward_type=dim.split("_")[0], use_grayscale=gray)
-            with torch.no_grad():  # the uint8 step of astrolabe/rewards.py:143-144, then the scorer
+            with torch.no_grad():  # the uint8 step of astrolabe/rewards.py:139-140, then the scorer
                 u8 = (v * 255).round().clamp(0, 255).to(torch.uint8)
                 s = scorer(list(u8), PROMPTS)
             out["scores"][loader_name][dim] = s.tolist()
