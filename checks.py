@@ -25,6 +25,7 @@ import os
 from safetensors import safe_open
 
 import torch.distributed as dist
+import tyro
 
 import memory
 import runs
@@ -35,6 +36,7 @@ from kvcache import check_window
 from model import CONFIGS
 from streaming import window_starts
 from reward_models import LEARNED, missing_weights
+from reward_videoalign import REWARDS as VIDEOALIGN, missing_videoalign_files
 from rewards import parse_rewards, probe_rewards, takes_frames
 
 FILES = ("ckpt", "lora_init", "vae", "text_encoder", "tokenizer", "prompt_file")
@@ -185,7 +187,7 @@ def check_args(args, world, registry):
         err.append("--rewards: none given; name at least one, e.g. --rewards shape_match=1 color_match=1")
     names = [name for name, _, _ in parsed]
     framed = [name for name, fn, _ in parsed if takes_frames(fn)]  # what --released.reward-frames reaches
-    err += [f"--rewards: {line}" for line in missing_weights(names)]
+    err += [f"--rewards: {line}" for line in missing_weights(names) + missing_videoalign_files(names)]
     if any(name in LEARNED for name in names) and importlib.util.find_spec("open_clip") is None:
         err.append("learned rewards need the open_clip_torch package (pip install -r requirements.txt)")
     if args.selective and len(names) < 2:
@@ -230,6 +232,19 @@ def prompt_lines(path):
         raise UsageError(f"--prompt-file {path}: cannot read it ({e.strerror})") from None
 
 
+def parse_cli(args_class, presets, argv, doc):
+    """`train.py [PRESET] [--flags]`: a leading word names the preset (a named default of
+    args_class), the flags override it; the --help text lists the presets."""
+    argv = list(argv)
+    name = "tiny"
+    if argv and not argv[0].startswith("-"):  # a leading word names the preset
+        name = argv.pop(0)
+    if name not in presets:
+        raise UsageError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
+    return tyro.cli(args_class, args=argv, default=presets[name],
+                    description=doc.split("\n\n")[0] + f"\n\nPresets: {', '.join(presets)}")
+
+
 def released_behaviour(args, released):
     """args with every value of `released` (train.RELEASED) in place: what --exact-reference runs,
     said in the log."""
@@ -270,7 +285,7 @@ def reward_probe(args, registry, device):
         parsed = parse_rewards(args.rewards, registry, args.released.reward_frames)
     except (Exception, SystemExit):  # reported by check_args already
         return []
-    cheap = [spec for spec in parsed if spec[0] not in LEARNED]
+    cheap = [spec for spec in parsed if spec[0] not in LEARNED and spec[0] not in VIDEOALIGN]
     T = args.window or args.num_frames
     if args.model == "tiny":  # pixel space: the videos the rewards will see, at their size
         shape = (T, 3, args.height, args.width)

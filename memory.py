@@ -16,7 +16,7 @@ train_flops, the FLOPs of one training forward and backward (tools/bench.py gpu'
     reward      the pixels and the copy each reward gets; learned reward models' weights and
                 their activations for one chunk of frames
     eval        the periodic eval's whole videos: a KV cache for each of a rollout batch
-    reward_model  a Qwen2-VL reward (HPSv3) and one of its forwards, on the GPU only while it scores
+    reward_model  a Qwen2-VL reward (HPSv3, VideoAlign) and one forward, on the GPU only while it scores
 peak = static + optimizer + max(rollout, update, eval, reward_model) + decode + reward.
 
 Activations are counted from what autograd saves per transformer block, element by element
@@ -87,7 +87,10 @@ REWARD_CHUNK_BYTES = {"hpsv2": 32 * 257 * 1280 * 12 * 4, "clip_score": 32 * 257 
 # checkpoint's lm_head is never loaded), bf16 on a GPU; a forward of 4 frames of ~830 tokens:
 # ~0.25 GB per frame, an estimate from the config (the MLP's 3 x L x 18944 and the vision tower's
 # attention), not measured
-VLM_REWARDS = {"hpsv3": (7.745e9, 4 * 0.25e9)}
+# VideoAlign (reward_videoalign, one model for its rewards): Qwen2-VL-2B, 2.209 B parameters
+# (vision 0.665 B + text 1.543 B), a forward of 4 videos of ~2,100 tokens: ~0.25 GB each (estimate)
+VLM_REWARDS = {"hpsv3": (7.745e9, 4 * 0.25e9),
+               **{f"videoalign_{d}": (2.209e9, 4 * 0.25e9) for d in ("vq", "mq", "ta", "mq_rgb")}}
 
 
 def parameter_counts(cfg, rank):

@@ -20,14 +20,15 @@ Ported onto the current transformers' Qwen2VLModel (5.x: .visual + .language_mod
 .visual + .model); their checkpoint is loaded with our own key map, strictly, attention is SDPA
 (upstream hard-codes flash-attention 2), bf16 on CUDA as released, float32 on CPU.
 
-Two things the release does that a reader would not guess, both kept (see docs/rewards.md):
+Two things the release does that a reader would not guess (docs/rewards.md): the first kept, the second a choice:
   * the frames: their in-memory path ignores model_config.json's fps / max_frame_pixels and always
     takes 10 evenly spaced frames at 336 x 588 (vision_process.py:292-315);
   * the checkpoint: their loader renames every "base_model.model.model.*" key to "base_model.model.*"
     and loads with strict=False (utils.py:191-202), which silently drops all language-model keys of
     the official checkpoint, so the LoRA deltas never apply (the vision tower, the embeddings - via
-    the tied lm_head - and the head do load). load="released" (default) scores like that;
-    load="full" applies every key, as VideoAlign itself (and its own inference) does.
+    the tied lm_head - and the head do load). load="full" (our default, LOAD) applies every key, as
+    VideoAlign itself (and its own inference) does; load="released" scores as the release does
+    (train.py --released.videoalign-load released, and --exact-reference).
 
 Files, from one folder WEIGHTS_DIR = reward_models.WEIGHTS_DIR ($ASTRO_WEIGHTS), read at call time:
   Qwen2-VL-2B-Instruct/  config.json, preprocessor_config.json, tokenizer.json, model weights
@@ -58,6 +59,10 @@ BASE, VIDEOREWARD = "Qwen2-VL-2B-Instruct", "VideoReward"  # folder names inside
 SOURCES = {BASE: "https://huggingface.co/Qwen/Qwen2-VL-2B-Instruct",
            VIDEOREWARD: "https://huggingface.co/KlingTeam/VideoReward"}
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")  # train_reward.py:95, in order
+# how the checkpoint loads when a reward is called without load=: "full" (every key, the LoRA
+# applied) or "released" (the release's loader: the language model's keys dropped); train.py sets
+# it from --released.videoalign-load, as reward_models.WEIGHTS_DIR is set from the environment
+LOAD = "full"
 DIMS = ("VQ", "MQ", "TA")  # column k of the raw scores belongs to REWARD_TOKENS[k]
 FRAMES, SIZE = 10, (336, 588)  # vision_process.py:300-306: fixed, whatever model_config.json says
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (BT.601 rounded its own way)
@@ -351,13 +356,25 @@ def _tokens(prompts, n_video, tok, device):
 # the rewards
 
 @torch.no_grad()
-def videoalign(videos, prompts, dim, gray, load="released", reward=None):
-    """One VideoAlign dimension ("VQ", "MQ" or "TA"), de-normalised: (s - mean) / std -> [B]."""
+def videoalign(videos, prompts, dim, gray, load=None, reward=None):
+    """One VideoAlign dimension ("VQ", "MQ" or "TA"), de-normalised: (s - mean) / std -> [B].
+    load: "full" or "released" (None: LOAD)."""
+    load = load or LOAD
     assert load in ("released", "full")
     paths = _require(reward or f"videoalign_{dim.lower()}")  # before anything heavy
     model, tok, token_ids, pre, mean, std = _model(*paths, load)
-    # bf16 on CUDA as released (rewards.py:133), float32 elsewhere; the cached model follows
+    # bf16 on CUDA as released (rewards.py:133), float32 elsewhere; the cached model follows the
+    # videos while it scores, then goes back to the CPU: 4.4 GB the rollout and the update can use
+    # in between (memory.VLM_REWARDS)
     model.to(videos.device, torch.bfloat16 if videos.is_cuda else torch.float32)
+    try:
+        return _score(model, tok, token_ids, pre, mean, std, videos, prompts, dim, gray)
+    finally:
+        model.to("cpu")
+
+
+def _score(model, tok, token_ids, pre, mean, std, videos, prompts, dim, gray):
+    """videoalign's loop, with the model on the videos' device."""
     k = DIMS.index(dim)
     out = []
     for v, p in zip(videos.split(BATCH), [prompts[i:i + BATCH] for i in range(0, len(prompts), BATCH)]):
@@ -368,23 +385,23 @@ def videoalign(videos, prompts, dim, gray, load="released", reward=None):
     return (torch.cat(out) - mean[k].item()) / std[k].item()  # [B]
 
 
-def videoalign_vq(videos, prompts, load="released"):
+def videoalign_vq(videos, prompts, load=None):
     """VideoAlign visual quality on RGB frames (astrolabe videoalign_vq_score). Needs the files above."""
     return videoalign(videos, prompts, "VQ", False, load, "videoalign_vq")
 
 
-def videoalign_mq(videos, prompts, load="released"):
+def videoalign_mq(videos, prompts, load=None):
     """VideoAlign motion quality on grayscale frames (astrolabe videoalign_mq_score): a colour change
     that keeps the luma cannot move it."""
     return videoalign(videos, prompts, "MQ", True, load, "videoalign_mq")
 
 
-def videoalign_ta(videos, prompts, load="released"):
+def videoalign_ta(videos, prompts, load=None):
     """VideoAlign text alignment on RGB frames (astrolabe videoalign_ta_score)."""
     return videoalign(videos, prompts, "TA", False, load, "videoalign_ta")
 
 
-def videoalign_mq_rgb(videos, prompts, load="released"):
+def videoalign_mq_rgb(videos, prompts, load=None):
     """Motion quality on RGB frames (astrolabe videoalign_mq_rgb_score; in no released preset)."""
     return videoalign(videos, prompts, "MQ", False, load, "videoalign_mq_rgb")
 

@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
-import tyro
 
 import checks
 import nft_loss as nft
 import reward_hpsv3
 import reward_models
+import reward_videoalign
 import tiny_world
 from checkpoints import load_base, load_lora_init, resume_run, save_run
-from common import (NonFiniteGuard, StepClock, UsageError, all_reduce_step, gather, init_distributed,
+from common import (NonFiniteGuard, StepClock, all_reduce_step, gather, init_distributed,
                     memory_in_use, run_cli, seed_of, use_bf16)
 from evaluation import RunLog, evaluate, pick_eval_prompts, save_before_after
 from frozen import FrozenParts
@@ -46,8 +46,9 @@ from rewards import REWARDS, MultiReward, RewardError
 from sample import sampler_timesteps, sigma_of
 from streaming import prompts_for_step, rollout_histories, rollout_windows, window_start
 
-# every reward --rewards can name: weight-free (rewards.py), learned (open_clip / RAFT, HPSv3), the shapes world's
-REGISTRY = {**REWARDS, **reward_models.REWARDS, **reward_hpsv3.REWARDS, **tiny_world.REWARDS}
+# every reward --rewards can name: weight-free (rewards.py), learned (open_clip / RAFT; the Qwen2-VL ones,
+# HPSv3 and VideoAlign, each in its own file), the shapes world's detectors
+REGISTRY = {**REWARDS, **reward_models.REWARDS, **reward_hpsv3.REWARDS, **reward_videoalign.REWARDS, **tiny_world.REWARDS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +84,9 @@ class Released:
     8-GPU layout: --prompts-per-step 1 --group-size 384)"""
     reward_frames: int = 8
     """frames per video the learned image rewards score, evenly spaced (0: all, as released)"""
+    videoalign_load: Literal["full", "released"] = "full"
+    """VideoAlign's checkpoint: full (every key, its LoRA applied); released (the release's loader drops the
+    language model's keys, so the LoRA never applies: astrolabe/reward_models/videoalign/utils.py:191-202)"""
 
 
 @dataclass
@@ -256,20 +260,14 @@ PRESETS = {  # python train.py <preset> [--flags]; every field stays overridable
 # --exact-reference: the released code's choice for every flag that has one (docs/method.md)
 RELEASED = dict(released=Released(train_mask="frame", train_sink=False, train_timesteps="raw",
                                   uncertainty_sign="released", aux_rewards=2, rank_ties="ordinal",
-                                  ref_thres_cap=0.05, ema_start="sync", prompt_draw="released", reward_frames=0),
+                                  ref_thres_cap=0.05, ema_start="sync", prompt_draw="released", reward_frames=0,
+                                  videoalign_load="released"),
                 window_context="noisy", global_std=True, reward_norm="none", adaptive_weight=False, old_decay="linear")
 
 
 def parse_args(argv=None):
     """`train.py [PRESET] [--flags]`: the preset is a named Args default, flags override it."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    name = "tiny"
-    if argv and not argv[0].startswith("-"):  # a leading word names the preset
-        name = argv.pop(0)
-    if name not in PRESETS:
-        raise UsageError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return tyro.cli(Args, args=argv, default=PRESETS[name],
-                    description=__doc__.split("\n\n")[0] + f"\n\nPresets: {', '.join(PRESETS)}")
+    return checks.parse_cli(Args, PRESETS, sys.argv[1:] if argv is None else list(argv), __doc__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,6 +370,7 @@ def main(args: Args):
     args, resume_path, lineage = checks.start_run(args, world, REGISTRY, device)
     prompts = checks.training_prompts(args)  # --prompts + --prompt-file, else the shapes world's
     frozen = FrozenParts(args, prompts, device)  # embed: text -> (B, Lt, Dt); decode: latents -> pixels
+    reward_videoalign.LOAD = args.released.videoalign_load  # plumbing: how VideoAlign's checkpoint loads
     multi = MultiReward(args.rewards, registry=REGISTRY, frames=args.released.reward_frames)  # R_1 .. R_J
     bf16 = use_bf16(args, device)
     model = load_base(args, device, torch.bfloat16 if bf16 else torch.float32)  # frozen; bf16 on GPU

@@ -176,7 +176,7 @@ def test_reward_frames():
     args = dataclasses.replace(train.Args(), released=train.Released(reward_frames=4))
     _, warnings = checks.check_args(args, 1, train.REGISTRY)
     assert "--released.reward-frames: used only by rewards with a `frames` keyword (aesthetic, clip_score, " \
-        "hpsv2)" in " ".join(warnings)
+        "hpsv2, hpsv3)" in " ".join(warnings)
     v = torch.rand(1, 81, 3, 4, 4)
     assert reward_models._subsample(v, 0).shape[1] == 81 and reward_models._subsample(v, 8).shape[1] == 8
 

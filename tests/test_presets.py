@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import streaming
+import common
 import train
 from checkpoints import load_base
 from common import UsageError
@@ -118,7 +119,7 @@ def test_real_model_needs_its_files(tmp_path):
 def test_missing_files_are_listed_before_anything_loads(tmp_path):
     args = dataclasses.replace(train.PRESETS["longlive-lora"], prompts=["a cat"], out_dir=str(tmp_path),
                                vae=str(tmp_path))  # the VAE path exists (a folder), the rest do not
-    with pytest.raises(train.UsageError) as e:
+    with pytest.raises(common.UsageError) as e:
         train.main(args)
     msg = str(e.value)
     for flag, name in [("--ckpt", "longlive_base.pt"), ("--lora-init", "lora.pt"),

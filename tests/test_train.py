@@ -18,6 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import evaluation
 import tiny_world
+import common
 import train
 
 SMALL = ["--height", "16", "--width", "16", "--num-frames", "3", "--window", "0", "--prompts-per-step", "2",
@@ -194,7 +195,7 @@ def test_non_finite_loss_skips_then_stops(tmp_path, monkeypatch):
                                      "--out-dir", str(tmp_path)])
     import nft_loss
     monkeypatch.setattr(nft_loss, "nft_policy_loss", lambda *a, **k: torch.tensor(float("nan")))
-    with pytest.raises(train.UsageError, match="non-finite loss"):
+    with pytest.raises(common.UsageError, match="non-finite loss"):
         train.main(args)
     rs = rows(tmp_path)
     assert [r["skipped"] for r in rs] == [True, True]  # the third raises before logging

@@ -94,3 +94,23 @@ def test_missing_file_one_line(fixture, tmp_path):
         assert reward_videoalign.missing_videoalign_files(["hpsv2"]) == []
     finally:
         reward_models.WEIGHTS_DIR = old
+
+
+def test_the_run_chooses_the_load_and_checks_the_files(fixture, tmp_path, monkeypatch):
+    """train.py's --released.videoalign-load reaches a reward called without load= (LOAD; full by
+    default, released under --exact-reference), and the start-up checks name a missing file and
+    never probe these rewards (a probe would load the model)."""
+    import checks
+    import train
+    videos, ref = fixture
+    assert reward_videoalign.LOAD == "full" == train.Args().released.videoalign_load
+    assert train.RELEASED["released"].videoalign_load == "released"
+    monkeypatch.setattr(reward_videoalign, "LOAD", "released")
+    got = REWARDS["videoalign_mq"](videos, ref["prompts"])
+    assert torch.allclose(got, torch.tensor(ref["scores"]["released"]["MQ"]), rtol=1e-3, atol=1e-6)
+    args = train.parse_args(["--rewards", "videoalign_mq=1", "color_match=1"])
+    monkeypatch.setattr(reward_videoalign, "_require", lambda reward: pytest.fail(f"{reward} was probed"))
+    assert checks.reward_probe(args, train.REGISTRY, "cpu") == []  # the cheap reward alone, fine
+    monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))
+    errors, _ = checks.check_args(args, 1, train.REGISTRY)
+    assert any(e.startswith("--rewards: videoalign_mq: config.json in ") for e in errors), errors
