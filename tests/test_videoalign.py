@@ -114,3 +114,17 @@ def test_the_run_chooses_the_load_and_checks_the_files(fixture, tmp_path, monkey
     monkeypatch.setattr(reward_models, "WEIGHTS_DIR", str(tmp_path))
     errors, _ = checks.check_args(args, 1, train.REGISTRY)
     assert any(e.startswith("--rewards: videoalign_mq: config.json in ") for e in errors), errors
+
+
+def test_the_model_leaves_the_device_after_scoring(fixture, monkeypatch):
+    """The model sits on the videos' device only while it scores (memory.VLM_REWARDS counts it so):
+    every call ends with the cached model moved back to the CPU, also when scoring raises."""
+    videos, ref = fixture
+    model = reward_videoalign._model(*reward_videoalign._require("videoalign_vq"), "full")[0]  # the cached one
+    moves, real_to = [], model.to
+    monkeypatch.setattr(model, "to", lambda *a: (moves.append(str(a[0])), real_to(*a))[1])
+    REWARDS["videoalign_vq"](videos, ref["prompts"], load="full")
+    assert moves == ["cpu", "cpu"]  # to the videos' device (the CPU here), then back
+    with pytest.raises(Exception):
+        REWARDS["videoalign_vq"](videos, ref["prompts"][:0], load="full")  # no prompts: scoring fails
+    assert moves == ["cpu"] * 4
