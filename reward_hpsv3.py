@@ -34,7 +34,7 @@ Files (in reward_models.WEIGHTS_DIR = $ASTRO_WEIGHTS, read when called; nothing 
   HPSv3.safetensors      HF MizzenAI/HPSv3
 Cost at real size: 7.75 B parameters kept (vision 0.68 B + language model 7.07 B; the checkpoint's
 0.54 B lm_head is skipped), 15.5 GB on the GPU in bf16 (the 3.7 M head in float32); per frame one
-forward of ~250-270 image tokens + ~560 prompt tokens (estimate); docs/rewards.md#hpsv3.
+forward of ~250-270 image tokens + ~560 prompt tokens (estimate); docs/rewards.md, "Shipped".
 
 Use: --rewards hpsv3=1 (train.REGISTRY holds this file's REWARDS). Test: python -m pytest tests/test_hpsv3.py -q
 

@@ -20,9 +20,8 @@ Rewards are isolated: each is handed its own copy of the videos (PyTorch has no 
 tensors), so a reward that writes into its input cannot change what the next one scores, or the
 eval video saved afterwards; whatever it returns is checked (one finite score per video, within
 float32).
-Astrolabe's own HPSv3 and VideoAlign are 2-8 B Qwen2-VL scorers that need their own environment;
-they plug in as `file.py:function` rewards through the same signature. Imports nothing of this
-repository: copy it alone.
+Astrolabe's own HPSv3 and VideoAlign (2-8 B Qwen2-VL scorers) have the same signature; they live in
+reward_hpsv3.py and reward_videoalign.py. Imports nothing of this repository: copy it alone.
 
 Shapes: B videos, F frames, H, W pixels, N pixels per frame (H*W).
 Test: python -m pytest tests/test_rewards.py tests/test_learned_rewards.py -q
