@@ -81,16 +81,16 @@ REWARD_PARAMS = {"hpsv2": 986e6, "clip_score": 428e6, "aesthetic": 428e6 + 0.9e6
 REWARD_CHUNK_BYTES = {"hpsv2": 32 * 257 * 1280 * 12 * 4, "clip_score": 32 * 257 * 1024 * 12 * 4,
                       "aesthetic": 32 * 257 * 1024 * 12 * 4, "dynamic_degree": 32 * 1.5e8}
 # the Qwen2-VL rewards: (parameters, a forward's working set in bf16). They sit on the GPU only
-# while they score (reward_hpsv3 moves the model back to the CPU after each call), so they compete
-# with the rollout and the update for the peak instead of adding to it. HPSv3: 7.745 B parameters
-# kept (Qwen2-VL-7B's vision 0.676 B + language model 7.069 B, counted from its config; the
-# checkpoint's lm_head is never loaded), bf16 on a GPU; a forward of 4 frames of ~830 tokens:
-# ~0.25 GB per frame, an estimate from the config (the MLP's 3 x L x 18944 and the vision tower's
-# attention), not measured
-# VideoAlign (reward_videoalign, one model for its rewards): Qwen2-VL-2B, 2.209 B parameters
-# (vision 0.665 B + text 1.543 B), a forward of 4 videos of ~2,100 tokens: ~0.25 GB each (estimate)
-VLM_REWARDS = {"hpsv3": (7.745e9, 4 * 0.25e9),
-               **{f"videoalign_{d}": (2.209e9, 4 * 0.25e9) for d in ("vq", "mq", "ta", "mq_rgb")}}
+# while they score (reward_hpsv3 / reward_videoalign move the model back to the CPU after each
+# call), so they compete with the rollout and the update for the peak instead of adding to it.
+# Parameters counted from the real configs (the lm_head is never built): HPSv3 7.745 B
+# (Qwen2-VL-7B: vision 0.676 B + language model 7.069 B), VideoAlign 2.209 B (Qwen2-VL-2B: 0.665 B
+# + 1.543 B). Working set of one forward of the released batch (4 frames of ~830 tokens; 4 videos of
+# ~2,100 tokens), measured on a CPU in bf16 at the real widths and token counts with 2 layers (a
+# no-grad forward holds one layer's intermediates at a time; peak RSS growth, docs/rewards.md):
+# HPSv3 465 MiB, VideoAlign 869 MiB (float32: 914, 1518)
+VLM_REWARDS = {"hpsv3": (7.745e9, 465 * 2 ** 20),
+               **{f"videoalign_{d}": (2.209e9, 869 * 2 ** 20) for d in ("vq", "mq", "ta", "mq_rgb")}}
 
 
 def parameter_counts(cfg, rank):

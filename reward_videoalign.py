@@ -268,7 +268,7 @@ class VideoAlign(torch.nn.Module):
         emb = emb.masked_scatter(at, vis.to(emb.dtype))
         # position_ids=None on purpose: their forward passes none either (trainer.py:116-126), so the
         # text model counts 0..L-1 on all three M-RoPE axes, not Qwen2-VL's 3D video positions
-        h = lm(inputs_embeds=emb, attention_mask=mask).last_hidden_state  # [B, L, D]
+        h = lm(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state  # [B, L, D]; no KV cache
         # the hidden state at each reward token, each present once per prompt: [B, 3, D]
         feats = torch.stack([h[ids == t] for t in token_ids], 1)
         s = self.rm_head(feats)  # [B, 3, output_dim]

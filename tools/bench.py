@@ -17,7 +17,7 @@ beside those of the released code run the same way (float32, B = 1, 2 threads).
                                          update (LoRA r 256) with and without activation
                                          checkpointing: time, peak memory, MFU (skipped
                                          without CUDA; --device cpu --size tiny: a smoke run)
-    python tools/bench.py memory / realsize / vae   the memory model against measured peaks (tools/bench_memory.py)
+    python tools/bench.py memory / realsize / vae / vlm   the memory model against measured peaks (tools/bench_memory.py)
 
 Every case runs in a fresh subprocess; peak memory is the RSS growth over the value just before
 the measured call (CPU), or torch.cuda.max_memory_allocated growth (GPU).
@@ -43,7 +43,8 @@ sys.path.insert(0, ROOT)
 
 import train
 # the memory and realsize harnesses, and the bench sizes and helpers they share with this file
-from bench_memory import SIZES, memory_bench, memory_case, random_model, realsize, subprocess_json, vae_bench, vae_case
+from bench_memory import (SIZES, memory_bench, memory_case, random_model, realsize, subprocess_json, vae_bench, vae_case,
+                          vlm_bench, vlm_case)
 from common import peak_growth, reset_peak, write_atomic
 from memory import train_flops
 from kvcache import KVCache
@@ -58,13 +59,14 @@ GPU_HW = {"tiny": (32, 32)}  # latent size of `gpu --size tiny` (a CPU smoke run
 @dataclass
 class Args:
     what: tyro.conf.Positional[Literal["rollout", "train", "update", "streaming", "gpu", "memory",
-                                       "realsize", "vae"]] = "rollout"
+                                       "realsize", "vae", "vlm"]] = "rollout"
     """rollout: AR sampling (global and rolling cache); train: block-causal forward / +backward;
     update: an NFT update vs a flow-matching step; streaming: one RL step per video length;
     gpu: the real size on one GPU (rollout, NFT update with/without checkpointing, MFU);
     memory: one RL step's measured peak next to memory.py's prediction, and every preset's
     prediction; realsize: the full wan-1.3b through the self-forcing preset, small frames, CPU;
-    vae: the VAE's decode peak, whole frames and tiled, next to memory.py's"""
+    vae: the VAE's decode peak, whole frames and tiled, next to memory.py's; vlm: the working set of
+    one HPSv3 / VideoAlign forward at real width, next to memory.py's"""
     lengths: list[int] = field(default_factory=lambda: [21, 42, 84, 168, 240])
     """video lengths (latent frames) of the streaming bench; the window is 21"""
     frames: int = 21
@@ -346,6 +348,9 @@ def main(args: Args):
     if args.case.startswith("vae:"):
         print(json.dumps(vae_case(int(args.case.split(":")[1]))))
         return
+    if args.case.startswith("vlm:"):
+        print(json.dumps(vlm_case(int(args.case.split(":")[1]))))
+        return
     if args.case:
         print(json.dumps(run_case(args, args.case)))
         return
@@ -353,6 +358,8 @@ def main(args: Args):
         return write_json(args.json, memory_bench(args))
     if args.what == "vae":
         return write_json(args.json, vae_bench(args))
+    if args.what == "vlm":
+        return write_json(args.json, vlm_bench(args))
     if args.what == "realsize":
         return write_json(args.json, realsize(args))
     if args.what == "streaming":

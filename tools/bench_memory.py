@@ -1,5 +1,5 @@
 """
-Memory harnesses behind `python tools/bench.py memory` and `python tools/bench.py realsize`: the memory model
+Memory harnesses behind `python tools/bench.py memory`, `realsize`, `vae` and `vlm`: the memory model
 (memory.py) set against what one RL step of train.py really holds, plus the random Wan files in
 the released layouts that let train.py run the real-model path with nothing downloaded.
 
@@ -10,6 +10,9 @@ the released layouts that let train.py run the real-model path with nothing down
     python tools/bench.py vae                    the Wan2.1 VAE (random weights) decoding whole frames
                                            and in tiles (--vae-tile): measured peak next to
                                            memory.vae_decode_bytes (128x192 whole, 256x384 in tiles of 128)
+    python tools/bench.py vlm                    HPSv3's and VideoAlign's Qwen2-VL at real width and token
+                                           counts, 2 layers: one forward's working set (bf16) next
+                                           to memory.VLM_REWARDS (the numbers it was set from)
     python tools/bench.py realsize [--keep]      the full wan-1.3b (random weights, full Wan2.1 VAE,
                                            a one-layer umT5) through the same preset on the CPU:
                                            64x64 pixels, 6 latent frames, one step end to end
@@ -308,4 +311,52 @@ def vae_bench(args):
         cases.append(r)
         print(f"{r['name']:26s} measured {r['measured_mb']:7.0f} MiB  predicted {r['predicted_mb']:7.0f} MiB  "
               f"({r['predicted_mb'] / r['measured_mb'] - 1:+.1%})  decode {r['decode_s']:.0f} s", flush=True)
+    return cases
+
+
+# the Qwen2-VL rewards at their real widths and token counts, depth cut to 2 layers (a no-grad forward
+# holds one layer's intermediates at a time, so its working set does not grow with depth):
+# (name, text widths (hidden, MLP, heads, kv heads), merger width, grid (t, h, w) in patches per
+# item, tokens per item); the released batch of 4 items per forward
+VLM_CASES = [("hpsv3 4 frames", (3584, 18944, 28, 4), 3584, (1, 24, 42), 830),
+             ("videoalign 4 videos", (1536, 8960, 12, 2), 1536, (5, 24, 42), 2100)]
+
+
+def vlm_case(index, dtype=torch.bfloat16, batch=4, vocab=1000):
+    """(in a fresh process) one VLM_CASES entry: peak RSS growth of the vision tower and language model
+    scoring `batch` items, next to memory.VLM_REWARDS' working-set term."""
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+    name, (D, Df, heads, kv), merger, grid, L = VLM_CASES[index]
+    text = dict(hidden_size=D, intermediate_size=Df, num_attention_heads=heads, num_key_value_heads=kv,
+                num_hidden_layers=2, vocab_size=vocab, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    vision = dict(depth=2, embed_dim=1280, hidden_size=merger, mlp_ratio=4, num_heads=16)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, attn_implementation="sdpa",
+                        image_token_id=vocab - 1, video_token_id=vocab - 2)
+    torch.manual_seed(0)
+    m = Qwen2VLModel(cfg).to(dtype).eval()
+    P = grid[0] * grid[1] * grid[2]  # patches per item; 4 patches merge into one token
+    ids = torch.randint(0, vocab - 3, (batch, L))
+    ids[:, 10:10 + P // 4] = vocab - 1  # the visual tokens' places
+    pixels = torch.randn(batch * P, 3 * 2 * 14 * 14, dtype=dtype)
+    with torch.no_grad():
+        emb = m.language_model.embed_tokens(ids)
+        base = reset_peak("cpu")
+        visual = m.visual(pixels, grid_thw=torch.tensor([grid] * batch)).pooler_output
+        emb = emb.masked_scatter((ids == vocab - 1).unsqueeze(-1), visual.to(emb.dtype))
+        m.language_model(inputs_embeds=emb, attention_mask=torch.ones(batch, L, dtype=torch.long), use_cache=False)
+        measured = common.peak_growth("cpu", base)
+    key = "hpsv3" if name.startswith("hpsv3") else "videoalign_mq"
+    return {"name": name, "measured_mb": measured, "predicted_mb": memory.VLM_REWARDS[key][1] / 2 ** 20}
+
+
+def vlm_bench(args):
+    """Every VLM_CASES entry in a fresh process (glibc's mmap threshold fixed, as memory_bench)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
+    cases = []
+    for i in range(len(VLM_CASES)):
+        r = json.loads(subprocess_json([sys.executable, BENCH, "--case", f"vlm:{i}"], env=env).strip().splitlines()[-1])
+        cases.append(r)
+        print(f"{r['name']:22s} measured {r['measured_mb']:6.0f} MiB  memory.py {r['predicted_mb']:6.0f} MiB "
+              f"(bf16, one forward of the released batch)", flush=True)
     return cases
