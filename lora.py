@@ -78,8 +78,7 @@ def merge_applies(layer, x):
 
 def merged_forward(layer, x):
     """(W + s B A) x + b with the active adapter merged into the weight for this call."""
-    ad, s = layer.lora[layer.active], layer.scale[layer.active]
-    return Fn.linear(x, torch.addmm(layer.weight, ad.B, ad.A, alpha=s), layer.bias)  # W + s B A: (O, I)
+    return Fn.linear(x, merged_weight(layer, layer.active), layer.bias)
 # ---- end of the fenced optimisation -------------------------------------------------------------
 
 
@@ -207,10 +206,17 @@ def merged_state_dict(model, name):
     A model with W' and no adapter computes what the model with the adapter computes."""
     sd = {k: v.detach().float() for k, v in model.state_dict().items() if ".lora." not in k}
     for n, m in lora_layers(model):
-        ad = m.lora[name]
-        # W' = W + s B A:  (O, I) + s (O, r) @ (r, I)
-        sd[f"{n}.weight"] = torch.addmm(sd[f"{n}.weight"], ad.B.float(), ad.A.float(), alpha=m.scale[name])
+        sd[f"{n}.weight"] = merged_weight(m, name)  # W' = W + s B A
     return sd
+
+
+def merged_weight(layer, name):
+    """W + s B A of one LoRALinear with adapter `name` folded in, in float32: (O, I). What
+    merged_forward multiplies by (float32 there already) and merged_state_dict writes."""
+    ad = layer.lora[name]
+    # W + s B A:  (O, I) + s (O, r) @ (r, I)
+    return torch.addmm(layer.weight.detach().float(), ad.B.detach().float(), ad.A.detach().float(),
+                       alpha=layer.scale[name])
 
 
 # a layer path of the Wan blocks, then lora_A / lora_B, then PEFT's optional adapter name
