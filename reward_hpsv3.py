@@ -276,18 +276,6 @@ def frame_scores(videos, prompts, frames=FRAMES, batch=BATCH, dtype=None):
     dev = videos.device
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     model, tok, pre = load_hpsv3(base, checkpoint, dtype)
-    # on the videos' device only while it scores: 15.5 GB that the rollout and the update can use
-    # in between (memory.VLM_REWARDS); the move costs ~2 x 15.5 GB over PCIe per step
-    model.to(dev)
-    try:
-        return _score(model, tok, pre, videos, prompts, frames, batch)
-    finally:
-        model.to("cpu")
-
-
-def _score(model, tok, pre, videos, prompts, frames, batch):
-    """frame_scores' loop, with the model on the videos' device."""
-    dev = videos.device
     x = reward_models._subsample(videos, frames)  # [B, n, 3, H, W]
     B, n = x.shape[:2]
     # uint8 frames, as the released code hands HPSv3 PIL images: round(255 x), clamped
@@ -295,13 +283,15 @@ def _score(model, tok, pre, videos, prompts, frames, batch):
     texts = [p for p in prompts for _ in range(n)]  # each frame scored with its video's prompt
     merge = pre["merge_size"] ** 2
     mu = []
-    for i in range(0, B * n, batch):  # `batch` images per forward (released: 4)
-        pix, grids = zip(*[frame_patches(f, pre) for f in x[i:i + batch]])
-        grid = torch.tensor(grids)  # [m, 3]
-        ids, mask = encode(tok, [chat_text(p, int(g.prod()) // merge)
-                                 for p, g in zip(texts[i:i + batch], grid)], model.ids["<|endoftext|>"])
-        out = model(ids.to(dev), mask.to(dev), torch.cat(pix).to(dev), grid.to(dev))  # [m, 2]
-        mu.append(out[:, 0])  # (mu, sigma): mu is the score
+    # on the videos' device only while it scores (reward_models.visiting), then back to the CPU
+    with reward_models.visiting(model, dev):
+        for i in range(0, B * n, batch):  # `batch` images per forward (released: 4)
+            pix, grids = zip(*[frame_patches(f, pre) for f in x[i:i + batch]])
+            grid = torch.tensor(grids)  # [m, 3]
+            ids, mask = encode(tok, [chat_text(p, int(g.prod()) // merge)
+                                     for p, g in zip(texts[i:i + batch], grid)], model.ids["<|endoftext|>"])
+            out = model(ids.to(dev), mask.to(dev), torch.cat(pix).to(dev), grid.to(dev))  # [m, 2]
+            mu.append(out[:, 0])  # (mu, sigma): mu is the score
     return torch.cat(mu).view(B, n)
 
 

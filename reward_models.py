@@ -32,6 +32,7 @@ Test: python -m pytest tests/test_learned_rewards.py -q
 import math
 import os
 import pickle
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -72,6 +73,19 @@ def weight_file(reward, *names):
     raise FileNotFoundError(
         f"reward '{reward}' needs {' or '.join(names)} in {os.path.abspath(WEIGHTS_DIR)} (set "
         f"ASTRO_WEIGHTS to the folder that holds it); download it from {WEIGHT_SOURCES[names[0]]}")
+
+
+@contextmanager
+def visiting(model, *to):
+    """`with visiting(model, device[, dtype]):` the model sits there while the block scores, then
+    goes back to the CPU, also when scoring raises. For the Qwen2-VL rewards (reward_hpsv3.py,
+    reward_videoalign.py): 15.5 / 4.4 GB the rollout and the update can use in between
+    (memory.VLM_REWARDS), for two PCIe copies per step."""
+    model.to(*to)
+    try:
+        yield model
+    finally:
+        model.to("cpu")
 
 
 @lru_cache(maxsize=None)

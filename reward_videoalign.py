@@ -363,25 +363,16 @@ def videoalign(videos, prompts, dim, gray, load=None, reward=None):
     assert load in ("released", "full")
     paths = _require(reward or f"videoalign_{dim.lower()}")  # before anything heavy
     model, tok, token_ids, pre, mean, std = _model(*paths, load)
-    # bf16 on CUDA as released (rewards.py:133), float32 elsewhere; the cached model follows the
-    # videos while it scores, then goes back to the CPU: 4.4 GB the rollout and the update can use
-    # in between (memory.VLM_REWARDS)
-    model.to(videos.device, torch.bfloat16 if videos.is_cuda else torch.float32)
-    try:
-        return _score(model, tok, token_ids, pre, mean, std, videos, prompts, dim, gray)
-    finally:
-        model.to("cpu")
-
-
-def _score(model, tok, token_ids, pre, mean, std, videos, prompts, dim, gray):
-    """videoalign's loop, with the model on the videos' device."""
     k = DIMS.index(dim)
     out = []
-    for v, p in zip(videos.split(BATCH), [prompts[i:i + BATCH] for i in range(0, len(prompts), BATCH)]):
-        pixels, grid = _pixels(v, gray, pre)
-        n_video = int(grid[0].prod()) // pre["merge_size"] ** 2  # merged tokens per video
-        ids, mask = _tokens(p, n_video, tok, videos.device)
-        out.append(model(ids, mask, pixels, grid, token_ids)[:, k])
+    # bf16 on CUDA as released (rewards.py:133), float32 elsewhere; the cached model sits on the
+    # videos' device only while it scores, then goes back to the CPU (reward_models.visiting)
+    with reward_models.visiting(model, videos.device, torch.bfloat16 if videos.is_cuda else torch.float32):
+        for v, p in zip(videos.split(BATCH), [prompts[i:i + BATCH] for i in range(0, len(prompts), BATCH)]):
+            pixels, grid = _pixels(v, gray, pre)
+            n_video = int(grid[0].prod()) // pre["merge_size"] ** 2  # merged tokens per video
+            ids, mask = _tokens(p, n_video, tok, videos.device)
+            out.append(model(ids, mask, pixels, grid, token_ids)[:, k])
     return (torch.cat(out) - mean[k].item()) / std[k].item()  # [B]
 
 
