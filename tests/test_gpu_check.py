@@ -1,7 +1,7 @@
 """
 tools/gpu_check.py before a GPU session: its small mode (--tiny, the same parts at small shapes)
 runs end to end on a CPU and every part reports; a part past its budget is stopped and recorded
-while the check goes on.
+while the check goes on; a package that cannot be imported stops it before any part, in one line.
 
 Test:  OMP_NUM_THREADS=1 python -m pytest tests/test_gpu_check.py -q      (CPU, ~45 s)
 """
@@ -50,3 +50,20 @@ def test_a_late_part_is_stopped_and_the_check_goes_on(tmp_path, monkeypatch):
     assert res["tiny"]["error"] == "over its budget of 1 s"
     assert res["parity"]["ok"]  # the next part ran
     assert "failed: ['tiny']" in (tmp_path / "gpu_check.txt").read_text()
+
+
+def test_a_package_that_cannot_be_imported_stops_it_before_any_part(tmp_path):
+    # a diffusers that fails on import as the real one does when a need of its own is missing
+    (tmp_path / "fake" / "diffusers").mkdir(parents=True)
+    (tmp_path / "fake" / "diffusers" / "__init__.py").write_text(
+        "raise ImportError(\"No package metadata was found for requests\\nTry: pip install ...\")\n")
+    env = dict(ENV, PYTHONPATH=str(tmp_path / "fake"))
+    r = subprocess.run([sys.executable, "tools/gpu_check.py", "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == ("gpu check stopped before any part: cannot import diffusers: "
+                                                 "No package metadata was found for requests")
+    res = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert res["error"] == ["diffusers: No package metadata was found for requests"]
+    assert res["env"]["transformers"] and "diffusers" not in res["env"]
+    assert not list((tmp_path / "out").glob("part_*.json"))  # no part ran

@@ -42,6 +42,7 @@ run, with carry [".whl"] (docs/benchmarks.md, "GPU check"), one line:
 Test:  python -m pytest tests/test_gpu_check.py -q
 Shape legend: B batch, F latent frames, C channels, H, W latent size (tiny: pixels), Fp pixel frames.
 """
+import importlib
 import json
 import os
 import re
@@ -326,6 +327,23 @@ OUT = ""  # the --out folder, for the parts
 
 # ----------------------------------------------------------------------------------------------
 
+# what the parts import besides torch and tyro; on the GPU machine diffusers travels as a wheel and
+# needs packages of that machine's own (requests, regex, filelock, huggingface_hub)
+NEEDED = ("numpy", "einops", "tqdm", "safetensors", "PIL", "imageio", "transformers", "diffusers")
+
+
+def package_versions():
+    """Import each of NEEDED once, before any part spends GPU time: ({name: version}, [one line per
+    package that fails to import]). Without it a missing package fails three parts one by one."""
+    versions, errors = {}, []
+    for name in NEEDED:
+        try:
+            versions[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except Exception as e:  # ImportError, or diffusers' PackageNotFoundError for a need of its own
+            errors.append(f"{name}: {str(e).strip().splitlines()[0]}")
+    return versions, errors
+
+
 def run_part(name, args):
     """One part in a fresh process under its budget: its dict, or {"error": ...}."""
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name, "--out", args.out] + (["--tiny"] * args.tiny)
@@ -364,8 +382,15 @@ def main(args):
         with open(os.path.join(OUT, f"part_{args.part}.json"), "w") as f:
             json.dump(out, f, indent=1)
         return
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": args.tiny}
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": args.tiny,
+           "python": sys.version.split()[0]}
     print(f"gpu check on {env['device']} (torch {env['torch']}{', tiny shapes' if args.tiny else ''})", flush=True)
+    versions, errors = package_versions()
+    env.update(versions)
+    if errors:  # stop before any part: one line, the JSON says the same
+        with open(os.path.join(OUT, "gpu_check.json"), "w") as f:
+            json.dump({"env": env, "error": errors}, f, indent=1)
+        sys.exit("gpu check stopped before any part: cannot import " + "; ".join(errors))
     results, lines, t0 = {"env": env}, [], time.perf_counter()
     for name in args.parts:
         r = run_part(name, args)
@@ -383,7 +408,8 @@ def main(args):
     with open(os.path.join(OUT, "gpu_check.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(OUT, "gpu_check.txt"), "w") as f:
-        f.write(f"gpu check on {env['device']} (torch {env['torch']})\n" + "\n".join(lines) + "\n")
+        f.write(f"gpu check on {env['device']} (torch {env['torch']}, Python {env['python']}, transformers "
+                f"{env['transformers']}, diffusers {env['diffusers']})\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
