@@ -29,15 +29,14 @@ need their own files):
     python train.py self-forcing --ckpt DIR/self_forcing_random.pt --vae DIR --text-encoder DIR \\
         --prompts "a fox in the snow" --rewards colorfulness=1
     python tools/gpu_check.py train [--cap-gib N] PRESET --flags    train.py without the final
-        before/after mp4s (the GPU machine has no ffmpeg), the CUDA allocator capped at N GiB
+        before/after mp4s (for a machine without ffmpeg), the CUDA allocator capped at N GiB
 
-On the GPU machine (Python 3.12, torch 2.11, no tyro or diffusers): the wheels travel in .whl/
-(ignored by git, 6.4 MB), fetched here once with `sh tools/gpu_wheels.sh`; then the device tool's
-run, with carry [".whl"] (docs/benchmarks.md, "GPU check"), one line:
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; \\
-    PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --out /tmp/check 2>&1 | tee $OUT/check.log; \\
-    cp /tmp/check/gpu_check.json /tmp/check/gpu_check.txt $OUT/
+On a GPU machine without internet access whose Python has torch but not tyro or diffusers (the
+one this was prepared for: Python 3.12, torch 2.11, transformers 5.17, no ffmpeg), the missing
+packages travel as wheels: `sh tools/gpu_wheels.sh` where pip works puts them in .whl/ (ignored by
+git, 6.4 MB); there (docs/benchmarks.md, "GPU check"):
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    PYTHONUNBUFFERED=1 python3 tools/gpu_check.py --out /tmp/check 2>&1 | tee /tmp/check.log
 
 Test:  python -m pytest tests/test_gpu_check.py -q
 Shape legend: B batch, F latent frames, C channels, H, W latent size (tiny: pixels), Fp pixel frames.
@@ -118,8 +117,8 @@ def write_random_files(folder, cfg, device="cpu", vae_kw=None):
 
 def train_without_videos(argv):
     """`gpu_check.py train [--cap-gib N] [--tiny-wan] PRESET --flags`: train.py's main() on the
-    flags, without the before/after videos of the end (imageio needs ffmpeg, which the GPU machine
-    lacks; they are two more rollouts and measure nothing new); --cap-gib: the CUDA caching
+    flags, without the before/after videos of the end (imageio needs ffmpeg, which a GPU machine may
+    lack; they are two more rollouts and measure nothing new); --cap-gib: the CUDA caching
     allocator may hold at most N GiB; --tiny-wan: the wan-1.3b config is TINY_WAN (--tiny runs)."""
     if argv[:1] == ["--cap-gib"]:
         cap, argv = float(argv[1]), argv[2:]
@@ -327,8 +326,8 @@ OUT = ""  # the --out folder, for the parts
 
 # ----------------------------------------------------------------------------------------------
 
-# what the parts import besides torch and tyro; on the GPU machine diffusers travels as a wheel and
-# needs packages of that machine's own (requests, regex, filelock, huggingface_hub)
+# what the parts import besides torch and tyro; where diffusers travels as a wheel (tools/gpu_wheels.sh)
+# it needs packages of that machine's own (requests, regex, filelock, huggingface_hub)
 NEEDED = ("numpy", "einops", "tqdm", "safetensors", "PIL", "imageio", "transformers", "diffusers")
 
 
