@@ -26,12 +26,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # the repository root
 def seed_of(*parts) -> int:
     """A 63-bit seed from any tuple, e.g. (seed, step, prompt, k): the same on every rank and for
     any batch layout, so a sample's noise depends only on which sample it is."""
+    # sha256, not hash(): Python salts str hashes per process, so ranks and resumes would disagree;
+    # >> 1: a non-negative 63-bit int, which fits a signed int64 wherever it is passed or stored
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 def find_file(path):
     """`path` as given, else relative to this repository, so `assets/...` works from any cwd."""
     alt = os.path.join(HERE, path)
+    # the path as given wins; the repository's copy only when the given one does not exist
     return path if os.path.exists(path) or not os.path.exists(alt) else alt
 
 
@@ -68,6 +71,7 @@ def write_atomic(path, write):
     The temporary name keeps the extension (a.mp4 -> a.astrolabe-tmp123.mp4): writers pick formats
     by it. Returns what write(tmp) returns."""
     root, ext = os.path.splitext(path)
+    # the pid in the name: two processes writing the same path never share a temporary
     tmp = f"{root}.astrolabe-tmp{os.getpid()}{ext}"
     result = write(tmp)
     if os.path.isdir(path):  # os.replace cannot overwrite a folder: move the old one aside first
@@ -75,7 +79,7 @@ def write_atomic(path, write):
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old)
-    else:
+    else:  # a file: os.replace is atomic on one filesystem (the temporary sits beside `path`)
         os.replace(tmp, path)
     return result
 
@@ -88,7 +92,7 @@ class UsageError(Exception):
 
 def log(*args):
     """print on rank 0 only (torchrun sets RANK), flushed at once."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun: every rank says the same; one copy is enough
         print(*args, flush=True)
 
 
@@ -108,6 +112,7 @@ def run_cli(main, parse, fixable, interrupted):
                 args = parse()
         main(args)
     except (UsageError, *fixable) as e:
+        # "error: " on each line: a message listing several problems stays readable and greppable
         if rank0:
             print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr, flush=True)
         sys.exit(2)
@@ -124,8 +129,8 @@ def gather(x, world):
     """(n_local, ...) on every rank -> (N, ...) in global sample order (rank 0's rows first)."""
     if world == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x.contiguous())
+    out = [torch.empty_like(x) for _ in range(world)]  # every rank holds the same n_local rows
+    dist.all_gather(out, x.contiguous())  # NCCL / gloo need contiguous memory
     return torch.cat(out)
 
 
@@ -134,10 +139,12 @@ def all_reduce_grads(params, stats, world):
     summed. Returns the summed stats; the averaged gradients are written back into p.grad."""
     if world == 1:
         return stats
+    # a parameter no loss reached has no grad on this rank but may have one on another: send zeros
     grads = [p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten() for p in params]
+    # one flat buffer, one collective: hundreds of small all-reduces cost a round trip each
     flat = torch.cat(grads + [stats])
-    dist.all_reduce(flat)
-    i = 0
+    dist.all_reduce(flat)  # sums over ranks
+    i = 0  # where the next parameter's gradient starts in `flat`
     for p in params:
         p.grad = flat[i:i + p.numel()].view_as(p) / world
         i += p.numel()
@@ -152,7 +159,9 @@ def all_reduce_step(params, parts, world):
     names = ("loss", "kl", "kl_all", "theta_old")  # the order of each part's entries
     zero = torch.zeros((), device=parts[0][0].device)
     sums = [sum((part[i] for part in parts), zero) for i in range(len(names))]  # in order: as one += after another
+    # counted, not only summed: one NaN micro-batch makes the summed loss NaN without saying how many
     nonfinite = sum(float(not torch.isfinite(part[0])) for part in parts)
+    # the micro-batch count travels too: the means divide by the count over every rank
     total = all_reduce_grads(params, torch.stack(sums + [zero + nonfinite, zero + len(parts)]), world)
     count = total[-1]  # micro-batches over all ranks
     stats = {name: (total[i] / count).item() for i, name in enumerate(names)}
@@ -171,6 +180,7 @@ class NonFiniteGuard:
 
     def skip(self, stats, step):
         """True when step `step` (0-based) must be skipped, from all_reduce_step's statistics."""
+        # the count is all-reduced, so every rank reaches the same verdict and no rank waits alone
         self.skipped = stats["nonfinite"] > 0
         self.bad_steps = self.bad_steps + 1 if self.skipped else 0
         if self.skipped:
@@ -193,15 +203,15 @@ def rss_mb(field_name="VmRSS"):
     """Resident memory of this process (MiB) from /proc (Linux); VmHWM is its peak."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(field_name):
+            if line.startswith(field_name):  # e.g. "VmRSS:   123456 kB"
                 return int(line.split()[1]) / 1024
-    return 0.0
+    return 0.0  # no such field (not Linux): the probes report 0 rather than fail a run
 
 
 def reset_peak(device):
     """Start a peak-memory measurement; returns the baseline (MiB)."""
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # kernels still queued would allocate after the reset
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2 ** 20
     if os.path.exists("/proc/self/clear_refs"):
@@ -234,8 +244,12 @@ class StepClock:
         self.mem0 = reset_peak(device)  # the step's baseline; its peak is measured from here
 
     def lap(self, name):
+        # CUDA runs kernels after the host queued them: wait for them, else this part's queued work
+        # would be timed in the next part's lap (once per lap: 3 waits per step)
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
         now = time.time()
-        self.laps[name], self.last = now - self.last, now
+        self.laps[name], self.last = now - self.last, now  # seconds since the previous lap or the start
 
     def row(self, mem_start):
         """time/<part>_s, time/step_s, mem/peak_mb (above the step's start) and mem/total_mb (above
@@ -254,6 +268,7 @@ def save_video(path, video, fps=16):
     """Write (F, 3, H, W) floats in [0, 1] as an H.264 mp4 (imageio + its bundled ffmpeg).
     Written to a temporary file first and renamed, so a crash never leaves half a video."""
     import imageio.v2 as imageio  # its ffmpeg starts only when a video is written
+    # round, not truncate: truncation would darken every frame by half a level on average
     frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (F, H, W, 3)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # yuv420p: plays in every player; macro_block_size=1: imageio never resizes the frames
@@ -267,6 +282,7 @@ def save_strip(path, videos, labels=None, frames=8, scale=2):
     row, printed on a white band above it."""
     rows = []
     for v in videos:
+        # evenly spaced frames, first and last included, each at most once
         idx = torch.linspace(0, len(v) - 1, min(frames, len(v))).round().long()
         rows.append(torch.cat(list(v[idx]), dim=-1))  # (3, H, frames * W)
     band = 14 if labels else 0  # pixels of label text above each row
@@ -274,6 +290,7 @@ def save_strip(path, videos, labels=None, frames=8, scale=2):
     img = Image.new("RGB", (width, len(rows) * (row_h + band)), "white")
     draw = ImageDraw.Draw(img)
     for i, row in enumerate(rows):
+        # nearest-neighbour upscaling: every pixel becomes a scale x scale block, nothing is blurred
         row = row.clamp(0, 1).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
         arr = (row * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         top = i * (row_h + band)
@@ -290,7 +307,7 @@ def save_curve(path, series, title="reward", size=(560, 320)):
     d = ImageDraw.Draw(img)
     xs = [x for v in series.values() for x in v[0]]
     ys = [y for v in series.values() for y in v[1]]
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)  # a single step still spans one unit: no division by 0
     pad = 0.05 * ((max(ys) - min(ys)) or 1)  # 5% head room above and below the data
     y0, y1 = min(ys) - pad, max(ys) + pad
 
@@ -301,7 +318,7 @@ def save_curve(path, series, title="reward", size=(560, 320)):
         return H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
     d.rectangle([m, m, W - m, H - m], outline="black")
     d.text((m, 8), title, fill="black")
-    for y in (y0, (y0 + y1) / 2, y1):
+    for y in (y0, (y0 + y1) / 2, y1):  # three y ticks: bottom, middle, top
         d.text((4, py(y) - 6), f"{y:.3f}", fill="black")
     d.text((m, H - m + 6), f"{x0:g}", fill="black")
     d.text((W - m - 20, H - m + 6), f"{x1:g}", fill="black")
@@ -331,9 +348,10 @@ def init_distributed():
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, "cuda" if cuda else "cpu"
+    # NCCL runs only on GPUs; gloo lets the torchrun tests run two ranks on a CPU
     dist.init_process_group("nccl" if cuda else "gloo")
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
-    if cuda:
+    if cuda:  # else every rank's kernels and NCCL buffers land on GPU 0
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
 

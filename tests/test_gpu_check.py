@@ -1,7 +1,8 @@
 """
 tools/gpu_check.py before a GPU session: its small mode (--tiny, the same parts at small shapes)
 runs end to end on a CPU and every part reports; a part past its budget is stopped and recorded
-while the check goes on; a package that cannot be imported stops it before any part, in one line.
+while the check goes on; a package that cannot be imported stops it before any part, in one line;
+train.py's step clock on CUDA times each part's queued kernels in that part's lap.
 
 Test:  OMP_NUM_THREADS=1 python -m pytest tests/test_gpu_check.py -q      (CPU, ~45 s)
 """
@@ -9,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -16,6 +18,7 @@ pytest.importorskip("diffusers")  # the real presets' VAE and umT5 stand-ins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+import common
 import gpu_check
 
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
@@ -67,3 +70,23 @@ def test_a_package_that_cannot_be_imported_stops_it_before_any_part(tmp_path):
     assert res["error"] == ["diffusers: No package metadata was found for requests"]
     assert res["env"]["transformers"] and "diffusers" not in res["env"]
     assert not list((tmp_path / "out").glob("part_*.json"))  # no part ran
+
+
+def test_a_step_clock_lap_on_cuda_counts_the_kernels_still_queued(monkeypatch):
+    # CUDA without a GPU: a fake clock, and a synchronize that "runs" the queued kernels by advancing it
+    clock_now, queued = [100.0], [0.0]
+
+    def synchronize():
+        clock_now[0] += queued[0]
+        queued[0] = 0.0
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(time=lambda: clock_now[0]))
+    monkeypatch.setattr(common.torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(common.torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(common.torch.cuda, "memory_allocated", lambda: 0)
+    monkeypatch.setattr(common.torch.cuda, "max_memory_allocated", lambda: 0)
+    clock = common.StepClock("cuda:0")
+    queued[0] = 5.0  # the rollout queued 5 s of kernels and the host ran ahead
+    clock.lap("rollout")
+    clock.lap("reward")  # nothing queued
+    row = clock.row(0.0)
+    assert row["time/rollout_s"] == 5.0 and row["time/reward_s"] == 0.0 and row["time/step_s"] == 5.0
