@@ -45,7 +45,8 @@ PREFIXES = ("model.", "_fsdp_wrapped_module.", "diffusion_model.", "module.", "_
 
 def read_tensors(path, what="a checkpoint"):
     """The raw contents of a .safetensors or torch file, or one ValueError naming the file."""
-    path = os.fspath(path)
+    path = os.fspath(path)  # a pathlib.Path too; endswith below needs a str
+    # the two commonest mistakes, each in words before torch's own error could bury them
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     if os.path.isdir(path):
@@ -71,10 +72,12 @@ def check_keys(model, sd, path, what, hint="", skip=()):
     # shapes only: comparing keys and shapes never touches the (possibly meta) tensors themselves
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not any(s in k for s in skip)}
     have = {k: tuple(v.shape) for k, v in sd.items()}
+    # three lists, because each points to a different cause: a wrapper prefix or another model
+    # (missing / unexpected), or another size of the same model (mis-shaped)
     missing = [k for k in want if k not in have]
     unexpected = [k for k in have if k not in want]
     shaped = [f"{k}: file {have[k]} vs model {want[k]}" for k in want if k in have and have[k] != want[k]]
-    if not (missing or unexpected or shaped):
+    if not (missing or unexpected or shaped):  # the file fits exactly
         return
     cause = f"\n  likely cause: {hint}" if hint else ""
     # the first few of each kind: enough to recognise the layout, short enough to read
@@ -100,7 +103,7 @@ def strip_prefixes(sd):
 
 def generator_state_dict(obj, path, ema):
     """Pick the generator state dict out of a checkpoint container (ema: generator_ema)."""
-    if not isinstance(obj, dict):
+    if not isinstance(obj, dict):  # e.g. a bare tensor or a list of them, saved with torch.save
         raise ValueError(f"{path} holds a {type(obj).__name__}; expected a dict of tensors")
     if "generator_ema" in obj or "generator" in obj:  # Self-Forcing, Causal Forcing, LongLive
         want = "generator_ema" if ema else "generator"
@@ -125,6 +128,7 @@ def generator_state_dict(obj, path, ema):
 
 def _guess_mismatch(cfg, sd):
     """The likely cause when a generator file does not fit the model: which file it is instead."""
+    # from the most specific sign to the least: LoRA keys, no Wan keys at all, Wan of another size
     if any("lora_A" in k for k in sd):
         return "this looks like a LoRA file; pass it as lora="
     if "patch_embedding.weight" not in sd:
@@ -152,6 +156,7 @@ def load_checkpoint(model, path, *, ema=True, lora=None, lora_adapter="default")
     """
     sd = generator_state_dict(read_tensors(path), path, ema)
     check_keys(model, sd, path, "the model", hint=_guess_mismatch(model.cfg, sd), skip=(".lora.",))
+    # built on meta: assign the file's tensors as the parameters (a copy into a meta tensor keeps no data)
     meta = any(v.is_meta for k, v in model.state_dict().items() if ".lora." not in k)
     # strict=False can only skip our adapters: check_keys has vouched for every other key
     model.load_state_dict(sd, strict=False, assign=meta)
@@ -175,6 +180,7 @@ def save_adapter(model, name, folder):
     + adapter_config.json (PEFT layout) and pytorch_lora_weights.safetensors (original-Wan layout
     with per-layer alpha: WanPipeline.load_lora_weights(folder), or the file in ComfyUI's loras/)."""
     os.makedirs(folder, exist_ok=True)
+    # safetensors refuses non-contiguous tensors (a transposed view); the file's bytes come from the CPU
     sd = {k: v.cpu().contiguous() for k, v in adapter_state_dict(model, name).items()}
     write_atomic(os.path.join(folder, "adapter_model.safetensors"),
                  lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
@@ -196,6 +202,7 @@ def adapter_weights_file(path):
     """The weights file of an adapter path: the path itself, or a folder's first ADAPTER_FILES entry."""
     if not os.path.isdir(path):
         return path
+    # the first present in ADAPTER_FILES' order: a folder of ours holds PEFT's file and the Wan one
     found = [os.path.join(path, f) for f in ADAPTER_FILES if os.path.isfile(os.path.join(path, f))]
     if not found:
         raise FileNotFoundError(f"no {', '.join(ADAPTER_FILES)} in {path}")
@@ -214,7 +221,7 @@ def adapter_rank_alpha(path):
         with open(cfg) as f:
             config = json.load(f)
         return config.get("r"), config.get("lora_alpha"), cfg
-    if weights.endswith(".safetensors"):
+    if weights.endswith(".safetensors"):  # a torch .pt / .bin would have to be unpickled whole
         try:
             with safe_open(weights, "pt") as f:  # the header only, plus one 0-d tensor
                 a = next((k for k in f.keys() if k.endswith(".alpha")), None)
@@ -266,9 +273,10 @@ def write_run(path, model, opt, state, export="default", keep=0):
     checkpoint intact. keep > 0: afterwards only the newest `keep` checkpoints of the lineage beside
     it remain (runs.prune: another run's ckpt_* folders are neither counted nor deleted)."""
     def write(tmp):
+        # a folder left by a crashed write under the same process id: start empty, not on its files
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        ad = {}
+        ad = {}  # every adapter in one file, keys "<adapter>/<PEFT key>" (load_run splits them)
         for name in adapter_names(model):
             for k, v in adapter_state_dict(model, name).items():
                 ad[f"{name}/{k}"] = v.cpu().contiguous()
@@ -289,6 +297,7 @@ def load_run(path, model, opt):
     returns state.json's dict."""
     ad = load_file(os.path.join(path, "adapters.safetensors"))  # {"<adapter>/<PEFT key>": tensor}
     for name in adapter_names(model):  # the model decides which adapters matter (a run without --selective has no ref)
+        # this adapter's keys, its "<adapter>/" prefix removed
         sd = {k[len(name) + 1:]: v for k, v in ad.items() if k.startswith(name + "/")}
         if not sd:
             raise ValueError(f"{path}: no adapter {name!r} in adapters.safetensors")
@@ -299,7 +308,7 @@ def load_run(path, model, opt):
     # rebuild AdamW's nested state from "i.name" keys; param_groups (lr, betas, ...) came from the JSON
     osd = {"state": {}, "param_groups": state.pop("param_groups")}
     for k, v in flat.items():
-        i, name = k.split(".", 1)
+        i, name = k.split(".", 1)  # "12.exp_avg" -> parameter 12's "exp_avg"
         osd["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(osd)
     return state
@@ -313,6 +322,7 @@ def resume_run(path, model, opt, args, compensator, dynref, guard):
     compensator.load_state_dict(state["compensator"])
     dynref.load_state_dict(state["dynref"])
     guard.bad_steps = state["bad_steps"]
+    # after load_run, which restored the saved values: a resume may change --lr deliberately
     for group in opt.param_groups:
         group["lr"], group["weight_decay"] = args.lr, args.weight_decay
     log(f"resumed from {path} at step {state['step']}")
@@ -332,6 +342,8 @@ def fingerprint(path):
     path = find_file(path)
     if os.path.isdir(path) or not os.path.exists(path):  # a missing one is check_args' to report
         return "folder" if os.path.isdir(path) else "missing"
+    # the size catches truncation; three samples catch another file of the same size (the weights
+    # differ everywhere), without reading a 28 GB file whole on every start
     size, h = os.path.getsize(path), hashlib.sha256()
     with open(path, "rb") as f:
         for at in (0, max(0, size // 2 - 2 ** 19), max(0, size - 2 ** 20)):
