@@ -2,7 +2,8 @@
 Device placement on a GPU, checked without one: the rollout (model, KV cache, sampler, LoRA
 adapters, a streaming history) and the NFT update (three x0 predictions, the loss, gradient
 clipping, the optimizer step, the θ_old / EMA / reference adapters) run with the model on a *fake*
-CUDA device.
+CUDA device; so does the real-model path (a Wan-layout checkpoint loaded as train.py loads it, umT5,
+the Wan VAE decoding whole, block by block and in tiles), on small random files.
 PyTorch's FakeTensorMode gives tensors a device, shape and dtype but no data, and raises, as CUDA
 would, when a tensor made on the CPU meets one on the GPU (0-dim CPU scalars excepted, as on
 CUDA). Here only the tensors on "cuda" are fake: everything on the CPU (seeds, generators, the
@@ -26,10 +27,14 @@ from torch.utils import _pytree as pytree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import gpu_check  # random Wan files in the real layouts, at a small width
 import train
+from checkpoints import load_base
+from frozen import FrozenParts
 from lora import adapter_params, copy_adapter, lerp_adapter, use_adapter
 from model import CONFIGS, CausalWanModel, randomize_head
-from streaming import rollout_histories, rollout_windows
+from streaming import rollout, rollout_histories, rollout_windows
 
 
 def _names_cuda(x):
@@ -120,6 +125,31 @@ def test_an_rl_step_keeps_every_tensor_on_the_gpu(flags):
     cpu = rl_step_on("cpu", args)  # the same step for real on the CPU: the same shapes, a loss, a gradient
     assert {k: tuple(v.shape) for k, v in cpu.items()} == {k: tuple(v.shape) for k, v in out.items()}
     assert torch.isfinite(cpu["loss"]) and cpu["grad_norm"] > 0
+
+
+def test_the_real_model_path_keeps_every_tensor_on_the_gpu(tmp_path):
+    # a Wan-layout generator (Wan's blocks at width 64), a narrow Wan2.1 VAE and a one-layer umT5, as
+    # train.py's real presets load them: --ckpt, --vae and --text-encoder
+    pytest.importorskip("diffusers")
+    gen = gpu_check.write_random_files(str(tmp_path), gpu_check.TINY_WAN, "cpu", gpu_check.TINY_VAE)
+    args = train.parse_args(["self-forcing", "--ckpt", gen, "--vae", str(tmp_path), "--text-encoder", str(tmp_path),
+                             "--prompts", "a fox in the snow", "--rewards", "colorfulness=1", "--height", "64",
+                             "--width", "64", "--num-frames", "6", "--bf16", "off"])
+    prompts = ["a fox in the snow", "a cat in the snow"]
+    with FakeGPU():
+        frozen = FrozenParts(args, prompts, "cuda")  # umT5 embeds on the GPU, the rows wait on the CPU
+        ctx = frozen.embed(prompts)  # (B, Lt, Dt)
+        model = load_base(args, "cuda", torch.float32, cfg=gpu_check.TINY_WAN)  # meta, assigned, moved
+        lat = rollout(model, ctx, [1, 2], 6, args)  # (B, F, C, h, w): 6 latent frames of 8 x 8
+        whole = frozen.decode(lat)  # (B, Fp, 3, Hp, Wp)
+        stream = frozen.vae.stream()  # sample.py's block-by-block decode
+        blocks = torch.cat([stream.push(lat[:, :3]), stream.push(lat[:, 3:])], dim=1)
+        frozen.vae.tile(32)  # --vae-tile: diffusers' tiled decode
+        tiled = frozen.decode(lat)
+    for name, t in {"ctx": ctx, "lat": lat, "whole": whole, "blocks": blocks, "tiled": tiled}.items():
+        assert isinstance(t, FakeTensor) and t.device.type == "cuda", name
+    assert lat.shape == (2, 6, 16, 8, 8)
+    assert whole.shape == tiled.shape == (2, 21, 3, 64, 64) and blocks.shape == (2, 21, 3, 64, 64)
 
 
 def test_the_fake_gpu_catches_a_cpu_tensor_meeting_a_gpu_one():
