@@ -46,7 +46,7 @@ PREFIXES = ("model.", "_fsdp_wrapped_module.", "diffusion_model.", "module.", "_
 def read_tensors(path, what="a checkpoint"):
     """The raw contents of a .safetensors or torch file, or one ValueError naming the file."""
     path = os.fspath(path)  # a pathlib.Path too; endswith below needs a str
-    # the two commonest mistakes, each in words before torch's own error could bury them
+    # a missing file and a folder, each said in words before torch's own error could bury them
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} not found: {path}")
     if os.path.isdir(path):

@@ -211,7 +211,7 @@ def rss_mb(field_name="VmRSS"):
 def reset_peak(device):
     """Start a peak-memory measurement; returns the baseline (MiB)."""
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize()  # kernels still queued would allocate after the reset
+        torch.cuda.synchronize()  # start once earlier work has finished, as StepClock's laps do
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2 ** 20
     if os.path.exists("/proc/self/clear_refs"):
