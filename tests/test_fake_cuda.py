@@ -13,7 +13,7 @@ gradients are set as backward would place them; the CPU twin runs backward), aut
 a CUDA driver: these runs are float32; bf16 + autocast is tested on the CPU, tests/test_scale.py),
 kernels and memory (tools/gpu_check.py).
 
-Test:  python -m pytest tests/test_fake_cuda.py -q      (CPU, ~10 s)
+Test:  python -m pytest tests/test_fake_cuda.py -q      (CPU, ~21 s on 2 cores)
 Shape legend: n samples, T window frames, C channels, H, W pixels (the tiny model works in pixels).
 """
 import os
